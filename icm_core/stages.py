@@ -1,0 +1,167 @@
+"""The method's stages as functions over artifact folders: what the CLI and the Prefect tasks call.
+
+Each stage reads its inputs from files, writes its outputs atomically under ``out``, and returns a
+small JSON-ready reference (paths, sha256, metrics). Nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from icm_core.adapters import adapter_sha256, load_adapter, merge_adapter, write_adapter
+from icm_core.base_model import load_base_model, load_tokenizer, model_identity
+from icm_core.config import (
+    CVAEConfig,
+    DataConfig,
+    EvalConfig,
+    LoraTrainConfig,
+    ModelConfig,
+    SampleConfig,
+    TaskVectorConfig,
+)
+from icm_core.data import Category, read_documents, read_splits, sample_blocks, split_documents, token_blocks, write_splits
+from icm_core.evaluate import evaluate_lm
+from icm_core.generator import build_dataset, load_generator, save_generator, train_generator
+from icm_core.io import load_tensors, save_tensors, write_json
+from icm_core.lora_train import load_trajectory_checkpoints, read_trajectory, train_lora
+from icm_core.task_vectors import TextEncoder, hidden_state_task_vector, text_task_vector
+
+
+def prepare_data(category: Category, data_cfg: DataConfig, out: str | Path) -> dict[str, Any]:
+    """Read a category's documents and write deterministic train/val/test splits to ``out``."""
+    splits = split_documents(read_documents(category, data_cfg), data_cfg)
+    summary = write_splits(splits, out)
+    return {"category": category.name, "folder": str(out), **summary}
+
+
+def finetune_lora(
+    data_dir: str | Path,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    lora_cfg: LoraTrainConfig,
+    out: str | Path,
+    on_step=None,
+) -> dict[str, Any]:
+    """Fine-tune a LoRA adapter on a category's train split; save its trajectory and final adapter."""
+    tokenizer = load_tokenizer(model_cfg)
+    blocks = token_blocks(read_splits(data_dir).train, tokenizer, data_cfg.seq_len)
+    base = load_base_model(model_cfg)
+    started = time.perf_counter()
+    trajectory = train_lora(base, blocks, lora_cfg, out, model_identity(model_cfg), on_step=on_step)
+    return {
+        "folder": str(out),
+        "adapter_dir": str(trajectory.adapter_dir),
+        "adapter_sha256": adapter_sha256(trajectory.adapter_dir),
+        "checkpoints": trajectory.files,
+        "final_loss": trajectory.losses[-1],
+        "train_blocks": int(blocks.shape[0]),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def compute_task_vector(
+    category: Category,
+    data_dir: str | Path,
+    trajectory_dir: str | Path | None,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    tv_cfg: TaskVectorConfig,
+    out_path: str | Path,
+) -> dict[str, Any]:
+    """Compute a category's task vector (Eq. 1 on train samples, or its description embedding)."""
+    if tv_cfg.source == "description":
+        vector = text_task_vector(category.description, TextEncoder(tv_cfg.text_encoder))
+    else:
+        tokenizer = load_tokenizer(model_cfg)
+        # Samples come from the train split only: test text never shapes the condition.
+        blocks = token_blocks(read_splits(data_dir).train, tokenizer, tv_cfg.sample_tokens)
+        blocks = sample_blocks(blocks, tv_cfg.num_samples, tv_cfg.seed)
+        model = load_base_model(model_cfg)
+        if tv_cfg.hidden_from == "finetuned":
+            if trajectory_dir is None:
+                raise ValueError("task_vector.hidden_from='finetuned' needs the category's trajectory")
+            model = load_adapter(model, read_trajectory(trajectory_dir).adapter_dir, model_identity(model_cfg))
+        vector = hidden_state_task_vector(model, blocks)
+    digest = save_tensors(
+        out_path, {"task_vector": vector}, {"category": category.name, "config": tv_cfg.model_dump(mode="json")}
+    )
+    return {"path": str(out_path), "sha256": digest, "dim": int(vector.shape[0])}
+
+
+def load_task_vector(path: str | Path) -> torch.Tensor:
+    tensors, _ = load_tensors(path)
+    if "task_vector" not in tensors:
+        raise ValueError(f"{path}: no 'task_vector' tensor in this file")
+    return tensors["task_vector"]
+
+
+def train_generator_stage(
+    trajectory_dirs: dict[str, str | Path],
+    task_vector_paths: dict[str, str | Path],
+    cvae_cfg: CVAEConfig,
+    out_path: str | Path,
+    device: str = "cpu",
+    on_epoch=None,
+) -> dict[str, Any]:
+    """Train one CVAE on the trajectories of all categories and save the generator artifact."""
+    checkpoints = {name: load_trajectory_checkpoints(folder) for name, folder in trajectory_dirs.items()}
+    vectors = {name: load_task_vector(path) for name, path in task_vector_paths.items()}
+    dataset = build_dataset(checkpoints, vectors)
+    adapter_configs = {name: read_trajectory(folder).adapter_config for name, folder in trajectory_dirs.items()}
+    first = next(iter(adapter_configs.values()))
+    generator, history, seconds = train_generator(dataset, cvae_cfg, first, device=device, on_epoch=on_epoch)
+    digest = save_generator(out_path, generator, {"history": history})
+    return {
+        "path": str(out_path),
+        "sha256": digest,
+        "bytes": Path(out_path).stat().st_size,
+        "num_checkpoints": int(dataset.weights.shape[0]),
+        "flat_length": dataset.layout.total,
+        "final_recon": history[-1]["recon"],
+        "seconds": seconds,
+    }
+
+
+def sample_adapter(
+    generator_path: str | Path,
+    out_dir: str | Path,
+    sample_cfg: SampleConfig,
+    category: str | None = None,
+    task_vector: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """Generate an adapter folder for a known category or for a given task vector."""
+    generator = load_generator(generator_path)
+    started = time.perf_counter()
+    if task_vector is not None:
+        state = generator.generate(task_vector, sample_cfg)
+    elif category is not None:
+        state = generator.generate_for(category, sample_cfg)
+    else:
+        raise ValueError("sample_adapter needs a category or a task vector")
+    seconds = time.perf_counter() - started
+    write_adapter(out_dir, state, generator.adapter_config)
+    return {"adapter_dir": str(out_dir), "adapter_sha256": adapter_sha256(out_dir), "seconds": seconds}
+
+
+def evaluate_adapter(
+    data_dir: str | Path,
+    adapter_dir: str | Path | None,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    eval_cfg: EvalConfig,
+    out_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """PPL/BPC on the category's test split of the base model merged with ``adapter_dir`` (None: base model)."""
+    tokenizer = load_tokenizer(model_cfg)
+    model = load_base_model(model_cfg)
+    if adapter_dir is not None:
+        model = merge_adapter(model, adapter_dir, model_identity(model_cfg))
+    score = evaluate_lm(model, tokenizer, read_splits(data_dir).test, data_cfg.seq_len, eval_cfg).as_dict()
+    result = {"adapter_dir": str(adapter_dir) if adapter_dir else None, **score}
+    if out_path is not None:
+        write_json(out_path, result)
+    return result

@@ -1,0 +1,180 @@
+"""Artifact references, manifests and the cache policy that ties Prefect's cache to files on disk.
+
+Every stage writes its files into ``<root>/<stage>/<category>/<key>/`` and finishes by writing
+``manifest.json`` (atomically, last) with the sha256 of each file. A stage output is *valid* when
+its manifest exists and every file still matches. Tasks pass :class:`ArtifactRef` (folder + manifest
+hash + small metadata) to each other, never tensors.
+
+:class:`ArtifactCachePolicy` computes the cache key from what determines a stage's output (the stage
+name, its config, the hashes of its input artifacts, the artifacts root, and the icm_core code) and,
+before Prefect looks the key up, checks the output's manifest: if a file is missing or corrupted,
+the stale cache record is dropped so the task runs again instead of handing out a broken artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import CachePolicy
+from pydantic import BaseModel, ConfigDict
+
+import icm_core
+from icm_core.config import config_fingerprint
+from icm_core.io import ArtifactError, read_json, sha256_file, write_json
+from icm_core.layout import stage_dir
+
+
+logger = logging.getLogger("icm_lora.artifacts")
+
+MANIFEST = "manifest.json"
+
+
+class ArtifactRef(BaseModel):
+    """A small, serialisable handle to one stage output folder."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: str
+    category: str | None = None
+    key: str
+    path: str
+    sha256: str
+    meta: dict[str, Any] = {}
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.path)
+
+    def file(self, name: str) -> Path:
+        return Path(self.path) / name
+
+
+@cache
+def code_fingerprint() -> str:
+    """sha256 over icm_core's version and source files: editing the method invalidates cached stages
+    (Prefect's TASK_SOURCE would only see the thin task wrappers)."""
+    digest = hashlib.sha256(icm_core.__version__.encode())
+    package = Path(icm_core.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def canonical(value: Any) -> Any:
+    """What of a task input goes into a cache key: refs by content hash, configs by their fields."""
+    if isinstance(value, ArtifactRef):
+        return {"artifact": value.stage, "sha256": value.sha256}
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {str(k): canonical(v) for k, v in sorted(value.items())}
+    if isinstance(value, list | tuple):
+        return [canonical(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def stage_key(stage: str, inputs: dict[str, Any]) -> str:
+    """Cache key of a stage: stage name + canonical inputs + icm_core code fingerprint."""
+    return config_fingerprint(stage, {k: canonical(v) for k, v in sorted(inputs.items())}, code_fingerprint())
+
+
+def output_dir(root: str | Path, stage: str, key: str, category: str | None) -> Path:
+    return stage_dir(Path(root).resolve(), stage, key, category)
+
+
+def write_manifest(folder: Path, meta: dict[str, Any]) -> str:
+    """Hash every file under ``folder`` (except the manifest) and write the manifest last; return its hash."""
+    files = {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    }
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    write_json(folder / MANIFEST, {"files": files, "sha256": digest, "meta": meta})
+    return digest
+
+
+def verify_manifest(folder: Path) -> dict[str, Any]:
+    """Return the manifest if every listed file exists and matches; raise ArtifactError naming the bad file."""
+    manifest = read_json(folder / MANIFEST)
+    for name, expected in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing")
+        if sha256_file(path) != expected:
+            raise ArtifactError(f"{path}: sha256 mismatch, file is corrupted")
+    return manifest
+
+
+def valid_output(folder: Path) -> dict[str, Any] | None:
+    """The manifest of a complete, uncorrupted output folder, or None."""
+    if not (folder / MANIFEST).is_file():
+        return None
+    try:
+        return verify_manifest(folder)
+    except (ArtifactError, KeyError, json.JSONDecodeError) as exc:
+        logger.warning("invalid artifact, will recompute: %s", exc)
+        return None
+
+
+def ref_for(stage: str, category: str | None, key: str, folder: Path, manifest: dict[str, Any]) -> ArtifactRef:
+    return ArtifactRef(
+        stage=stage, category=category, key=key, path=str(folder), sha256=manifest["sha256"], meta=manifest["meta"]
+    )
+
+
+def reset_folder(folder: Path) -> None:
+    """Remove a partial output left by a crashed run before writing it again."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+
+
+class ArtifactCachePolicy(CachePolicy):
+    """Cache key = stage + inputs (refs by hash) + code; invalid artifacts drop their cache record.
+
+    ``category_arg`` names the task parameter that holds the category name (or a Category), so the
+    policy can locate the output folder; ``exclude`` lists parameters that do not change the output.
+    """
+
+    def __init__(self, stage: str, category_arg: str | None = "category", exclude: tuple[str, ...] = ()):
+        super().__init__()
+        self.stage = stage
+        self.category_arg = category_arg
+        self.exclude = exclude
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
+        used = {k: v for k, v in inputs.items() if k not in self.exclude}
+        key = stage_key(self.stage, used)
+        category = category_name(inputs.get(self.category_arg)) if self.category_arg else None
+        folder = output_dir(inputs["root"], self.stage, key, category)
+        if valid_output(folder) is None:
+            drop_cache_record(task_ctx, key)
+        return key
+
+
+def category_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value if isinstance(value, str) else value.name
+
+
+def drop_cache_record(task_ctx, key: str) -> None:
+    """Delete Prefect's result record for ``key`` so a missing or corrupted artifact is recomputed."""
+    store = getattr(task_ctx, "result_store", None)
+    for storage in (getattr(store, "metadata_storage", None), getattr(store, "result_storage", None)):
+        basepath = getattr(storage, "basepath", None)
+        if basepath:
+            record = Path(basepath).expanduser() / key
+            if record.is_file():
+                record.unlink()
+                logger.warning("dropped cache record %s: its artifact is missing or corrupted", key)

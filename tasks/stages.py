@@ -1,0 +1,227 @@
+"""Prefect tasks: thin wrappers around ``icm_core.stages`` with cache keys, retries and references.
+
+Each task (1) derives its key from its inputs exactly as :class:`ArtifactCachePolicy` does, (2) reuses
+the output folder when its manifest is valid (this also resumes work a killed run finished but
+could not record), otherwise (3) runs the ``icm_core`` stage into the folder and writes the manifest
+last. Heavy stages hold a per-device slot so a process never runs two of them on one device at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from icm_core import stages
+from icm_core.base_model import resolve_device
+from icm_core.config import CVAEConfig, DataConfig, EvalConfig, LoraTrainConfig, ModelConfig, SampleConfig, TaskVectorConfig
+from icm_core.data import Category
+from tasks.artifacts import (
+    ArtifactCachePolicy,
+    ArtifactRef,
+    output_dir,
+    ref_for,
+    reset_folder,
+    stage_key,
+    valid_output,
+    write_manifest,
+)
+
+
+_device_locks: dict[str, threading.Lock] = {}
+_device_locks_guard = threading.Lock()
+
+
+@contextmanager
+def device_slot(device: str):
+    """One heavy stage per device per process: fanned-out tasks queue here instead of oversubscribing."""
+    name = str(resolve_device(device))
+    with _device_locks_guard:
+        lock = _device_locks.setdefault(name, threading.Lock())
+    with lock:
+        yield
+
+
+def run_stage(
+    stage: str,
+    category: str | None,
+    inputs: dict[str, Any],
+    build: Callable[[Path], dict[str, Any]],
+) -> ArtifactRef:
+    """Reuse a valid output folder for these inputs, or build it and write its manifest."""
+    key = stage_key(stage, inputs)
+    folder = output_dir(inputs["root"], stage, key, category)
+    manifest = valid_output(folder)
+    if manifest is None:
+        reset_folder(folder)
+        meta = build(folder)
+        write_manifest(folder, meta)
+        manifest = valid_output(folder)
+        if manifest is None:  # pragma: no cover - only if the disk changed under us
+            raise RuntimeError(f"{folder}: output failed verification right after writing")
+    else:
+        get_run_logger().info("%s: reusing complete artifact %s", stage, folder)
+    return ref_for(stage, category, key, folder, manifest)
+
+
+TASK_DEFAULTS: dict[str, Any] = {"persist_result": True, "result_serializer": "json"}
+
+
+@task(name="prepare-data", task_run_name="data-{category.name}", cache_policy=ArtifactCachePolicy("data"), **TASK_DEFAULTS)
+def prepare_data_task(category: Category, source_sha256: str, data_cfg: DataConfig, root: str) -> ArtifactRef:
+    """Split a category's text into train / val / test."""
+    inputs = {"category": category, "source_sha256": source_sha256, "data_cfg": data_cfg, "root": root}
+    return run_stage(
+        "data", category.name, inputs, lambda out: stages.prepare_data(category, data_cfg, out / "splits")
+    )
+
+
+@task(
+    name="finetune-lora",
+    task_run_name="lora-{category}",
+    cache_policy=ArtifactCachePolicy("lora"),
+    retries=1,
+    retry_delay_seconds=5,
+    **TASK_DEFAULTS,
+)
+def finetune_task(
+    category: str, data: ArtifactRef, model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraTrainConfig, root: str
+) -> ArtifactRef:
+    """Fine-tune the category's LoRA adapter and keep its trajectory."""
+    logger = get_run_logger()
+    inputs = {
+        "category": category, "data": data, "model_cfg": model_cfg, "data_cfg": data_cfg, "lora_cfg": lora_cfg,
+        "root": root,
+    }
+
+    def on_step(step: int, loss: float) -> None:
+        if step % 10 == 0 or step == lora_cfg.steps:
+            logger.info("lora-%s step %d/%d loss %.4f", category, step, lora_cfg.steps, loss)
+
+    def build(out: Path) -> dict[str, Any]:
+        with device_slot(model_cfg.device):
+            result = stages.finetune_lora(data.file("splits"), model_cfg, data_cfg, lora_cfg, out, on_step=on_step)
+        return {k: result[k] for k in ("checkpoints", "final_loss", "train_blocks", "seconds", "adapter_sha256")}
+
+    return run_stage("lora", category, inputs, build)
+
+
+@task(
+    name="task-vector",
+    task_run_name="task-vector-{category.name}",
+    cache_policy=ArtifactCachePolicy("task_vectors"),
+    retries=1,
+    **TASK_DEFAULTS,
+)
+def task_vector_task(
+    category: Category,
+    data: ArtifactRef,
+    lora: ArtifactRef | None,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    tv_cfg: TaskVectorConfig,
+    root: str,
+) -> ArtifactRef:
+    """Compute the category's task vector (Eq. 1, or its description embedding)."""
+    inputs = {
+        "category": category, "data": data, "lora": lora, "model_cfg": model_cfg, "data_cfg": data_cfg,
+        "tv_cfg": tv_cfg, "root": root,
+    }
+
+    def build(out: Path) -> dict[str, Any]:
+        with device_slot(model_cfg.device):
+            result = stages.compute_task_vector(
+                category, data.file("splits"), lora.folder if lora else None, model_cfg, data_cfg, tv_cfg,
+                out / "task_vector.safetensors",
+            )
+        return {"dim": result["dim"]}
+
+    return run_stage("task_vectors", category.name, inputs, build)
+
+
+@task(
+    name="train-generator",
+    task_run_name="train-cvae",
+    cache_policy=ArtifactCachePolicy("generator", category_arg=None),
+    retries=1,
+    **TASK_DEFAULTS,
+)
+def train_generator_task(
+    loras: dict[str, ArtifactRef], task_vectors: dict[str, ArtifactRef], cvae_cfg: CVAEConfig, device: str, root: str
+) -> ArtifactRef:
+    """Train one CVAE on the trajectories of all categories."""
+    logger = get_run_logger()
+    inputs = {"loras": loras, "task_vectors": task_vectors, "cvae_cfg": cvae_cfg, "device": device, "root": root}
+
+    def on_epoch(epoch: int, row: dict) -> None:
+        if epoch % max(1, cvae_cfg.epochs // 10) == 0 or epoch == cvae_cfg.epochs:
+            logger.info("cvae epoch %d/%d recon %.5f kld %.3f", epoch, cvae_cfg.epochs, row["recon"], row["kld"])
+
+    def build(out: Path) -> dict[str, Any]:
+        with device_slot(device):
+            result = stages.train_generator_stage(
+                {name: ref.folder for name, ref in loras.items()},
+                {name: ref.file("task_vector.safetensors") for name, ref in task_vectors.items()},
+                cvae_cfg,
+                out / "generator.safetensors",
+                device=str(resolve_device(device)),
+                on_epoch=on_epoch,
+            )
+        return {k: result[k] for k in ("bytes", "num_checkpoints", "flat_length", "final_recon", "seconds")}
+
+    return run_stage("generator", None, inputs, build)
+
+
+@task(
+    name="sample-adapter",
+    task_run_name="sample-{category}",
+    cache_policy=ArtifactCachePolicy("adapters"),
+    **TASK_DEFAULTS,
+)
+def sample_adapter_task(category: str, generator: ArtifactRef, sample_cfg: SampleConfig, root: str) -> ArtifactRef:
+    """Generate the category's adapter from the generator (no real checkpoint involved)."""
+    inputs = {"category": category, "generator": generator, "sample_cfg": sample_cfg, "root": root}
+
+    def build(out: Path) -> dict[str, Any]:
+        result = stages.sample_adapter(generator.file("generator.safetensors"), out / "adapter", sample_cfg, category)
+        return {"seconds": result["seconds"], "adapter_sha256": result["adapter_sha256"]}
+
+    return run_stage("adapters", category, inputs, build)
+
+
+@task(
+    name="evaluate",
+    task_run_name="eval-{category}-{method}",
+    cache_policy=ArtifactCachePolicy("eval"),
+    retries=1,
+    **TASK_DEFAULTS,
+)
+def evaluate_task(
+    category: str,
+    method: str,
+    data: ArtifactRef,
+    adapter: ArtifactRef | None,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    eval_cfg: EvalConfig,
+    root: str,
+) -> ArtifactRef:
+    """PPL / BPC of the base model merged with ``adapter`` (None: the base model) on the test split."""
+    inputs = {
+        "category": category, "method": method, "data": data, "adapter": adapter, "model_cfg": model_cfg,
+        "data_cfg": data_cfg, "eval_cfg": eval_cfg, "root": root,
+    }
+
+    def build(out: Path) -> dict[str, Any]:
+        adapter_dir = adapter.file("adapter") if adapter is not None else None
+        with device_slot(model_cfg.device):
+            score = stages.evaluate_adapter(
+                data.file("splits"), adapter_dir, model_cfg, data_cfg, eval_cfg, out / "metrics.json"
+            )
+        return {"method": method, **{k: score[k] for k in ("ppl", "bpc", "tokens", "chars", "nll_nats")}}
+
+    return run_stage("eval", category, inputs, build)

@@ -1,0 +1,277 @@
+"""Tests of the conditional VAE: shapes, loss, overfitting, multi-task sampling, determinism."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from icm_core.config import OFFICIAL_CHANNELS, CVAEConfig
+from icm_core.cvae import ConditionalVAE, cvae_loss, padded_length, reconstruction_error, train_cvae
+
+
+# Small channel plans keep the whole file fast on 2 CPU cores.
+PLANS: dict[int, tuple[int, ...]] = {
+    1: (4,),
+    3: (4, 8, 4),
+    6: (4, 8, 8, 8, 8, 4),
+    12: OFFICIAL_CHANNELS,
+}
+
+
+@pytest.fixture(autouse=True)
+def _two_threads() -> None:
+    torch.set_num_threads(2)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Z-score each row, as the pipeline normalises LoRA weights."""
+    return (x - x.mean(dim=1, keepdim=True)) / x.std(dim=1, keepdim=True)
+
+
+# --------------------------------------------------------------------------------------------- padding
+
+
+@pytest.mark.parametrize(
+    ("length", "depth", "expected"),
+    [
+        (1, 0, 1),
+        (1, 1, 2),
+        (1000, 3, 1000),
+        (1001, 3, 1008),
+        (4096, 12, 4096),
+        (4097, 12, 8192),
+        (1000, 12, 4096),
+        (5000, 12, 8192),
+        (30720, 12, 32768),
+        (30720, 4, 30720),
+    ],
+)
+def test_padded_length(length: int, depth: int, expected: int) -> None:
+    assert padded_length(length, depth) == expected
+
+
+def test_padded_length_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        padded_length(0, 3)
+    with pytest.raises(ValueError):
+        padded_length(10, -1)
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("depth", [1, 3, 6, 12])
+@pytest.mark.parametrize("length", [1000, 4096, 5000])
+def test_output_shapes(depth: int, length: int) -> None:
+    cfg = CVAEConfig(channels=PLANS[depth], latent_dim=8)
+    model = ConditionalVAE(length, 5, cfg)
+    assert model.padded_len == padded_length(length, depth)
+    assert model.last_len == model.padded_len // 2**depth
+    x = torch.randn(2, length)
+    cond = torch.randn(2, 5)
+
+    x_hat, mu, logvar = model(x, cond)  # training mode: reparameterised z
+    assert x_hat.shape == (2, length)
+    assert mu.shape == logvar.shape == (2, 8)
+
+    model.eval()
+    x_hat, _, _ = model(x, cond)
+    assert x_hat.shape == (2, length)
+    assert model.decode(torch.randn(3, 8), torch.randn(3, 5)).shape == (3, length)
+    assert model.sample(torch.randn(4, 5)).shape == (4, length)
+
+
+def test_official_plan_on_short_input() -> None:
+    """The 12-layer official plan pads 1000 to 4096, so its last feature map has length 1."""
+    model = ConditionalVAE(1000, 7, CVAEConfig())
+    assert model.padded_len == 4096
+    assert model.last_len == 1
+    assert len(model.encoder) == 12
+    assert len(model.decoder) == 11
+    x_hat, mu, _ = model(torch.randn(2, 1000), torch.randn(2, 7))
+    assert x_hat.shape == (2, 1000)
+    assert mu.shape == (2, 256)
+
+
+def test_rebuild_from_stored_attributes() -> None:
+    cfg = CVAEConfig(channels=(4, 8), latent_dim=3)
+    model = ConditionalVAE(100, 6, cfg)
+    clone = ConditionalVAE(model.input_len, model.cond_dim, model.cfg)
+    clone.load_state_dict(model.state_dict())
+    assert (model.input_len, model.cond_dim, model.cfg) == (100, 6, cfg)
+
+
+def test_shape_validation() -> None:
+    model = ConditionalVAE(100, 6, CVAEConfig(channels=(4, 8), latent_dim=3))
+    with pytest.raises(ValueError):
+        model(torch.randn(2, 99), torch.randn(2, 6))
+    with pytest.raises(ValueError):
+        model(torch.randn(2, 100), torch.randn(2, 5))
+    with pytest.raises(ValueError):
+        model(torch.randn(2, 100), torch.randn(3, 6))
+    with pytest.raises(ValueError):
+        model.decode(torch.randn(2, 4), torch.randn(2, 6))
+    with pytest.raises(ValueError):
+        model.sample(torch.randn(2, 7))
+
+
+def test_sample_is_reproducible_with_generator() -> None:
+    model = ConditionalVAE(200, 4, CVAEConfig(channels=(4, 8), latent_dim=3)).eval()
+    cond = torch.randn(2, 4)
+    a = model.sample(cond, generator=torch.Generator().manual_seed(7))
+    b = model.sample(cond, generator=torch.Generator().manual_seed(7))
+    c = model.sample(cond, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+def test_loss_hand_computed() -> None:
+    x_hat = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    x = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    mu = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    logvar = torch.tensor([[0.0, math.log(2.0)], [0.0, 0.0]])
+    loss, recon, kld = cvae_loss(x_hat, x, mu, logvar, kld_weight=0.1)
+    # Per-sample MSE: (1 + 4) / 2 = 2.5 and (4 + 9) / 2 = 6.5; batch mean 4.5.
+    assert recon.item() == pytest.approx(4.5)
+    # Sample 1: -0.5 * [(1 + 0 - 1 - 1) + (1 + ln2 - 0 - 2)] = 1 - ln2 / 2; sample 2: 0. Batch mean:
+    expected_kld = (1.0 - math.log(2.0) / 2) / 2
+    assert kld.item() == pytest.approx(expected_kld)
+    assert loss.item() == pytest.approx(4.5 + 0.1 * expected_kld)
+
+
+def test_loss_is_per_sample_not_cross_batch() -> None:
+    """Each reconstruction is compared with its own target only (no [B, B, L] broadcast)."""
+    x = torch.randn(3, 10)
+    zeros = torch.zeros(3, 4)
+    _, recon, kld = cvae_loss(x.clone(), x, zeros, zeros, kld_weight=1.0)
+    assert recon.item() == 0.0
+    assert kld.item() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("x_hat_shape", "x_shape"),
+    [((4, 10), (4, 1, 10)), ((4, 1, 10), (4, 10)), ((4, 10), (1, 10)), ((4, 10), (4, 9))],
+)
+def test_loss_rejects_shape_mismatch(x_hat_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> None:
+    zeros = torch.zeros(4, 3)
+    with pytest.raises(ValueError):
+        cvae_loss(torch.randn(x_hat_shape), torch.randn(x_shape), zeros, zeros, kld_weight=0.005)
+
+
+# -------------------------------------------------------------------------------------------- training
+
+
+def test_overfits_a_single_checkpoint() -> None:
+    """The p-diff family can fail to overfit one long vector (p-diff issue #27); this one must not."""
+    gen = torch.Generator().manual_seed(11)
+    x = _unit(torch.randn(1, 3000, generator=gen))
+    cond = torch.randn(1, 16, generator=gen)
+    # Depth 3 with 16 last channels keeps a bottleneck map of 376 x 16 values (> 3000), enough to store
+    # an arbitrary vector; the paper's KL weight is kept.
+    cfg = CVAEConfig(channels=(8, 16, 16), latent_dim=8, epochs=300, lr=3e-3, batch_size=1, kld_weight=0.005)
+    model, history = train_cvae(x, cond, cfg)
+    assert not model.training
+    error = reconstruction_error(model, x, cond)
+    assert error < 0.01, f"eval-mode reconstruction MSE {error:.5f} >= 0.01 (history tail {history[-1]})"
+
+
+def test_multi_task_sampling_follows_the_condition() -> None:
+    """One model, three tasks: z ~ N(0, I) under task k's condition decodes to task k's weights."""
+    gen = torch.Generator().manual_seed(5)
+    x = _unit(torch.randn(3, 3000, generator=gen))
+    cond = torch.randn(3, 16, generator=gen)
+    cond = cond / cond.norm(dim=1, keepdim=True)
+    # A strong KL weight drives the posterior to the prior, so the decoder must read the task from the
+    # condition and learns to ignore z: that is what makes prior sampling land on the right task.
+    cfg = CVAEConfig(channels=(8, 16), latent_dim=4, epochs=300, lr=1e-2, batch_size=3, kld_weight=1.0)
+    model, _ = train_cvae(x, cond, cfg)
+    draws = torch.stack([model.sample(cond, generator=torch.Generator().manual_seed(s)) for s in range(5)])
+    per_task = (draws - x).pow(2).mean(dim=2)  # [draws, tasks]
+    assert per_task.max().item() < 0.05, per_task
+    # And a task's condition does not produce another task's weights.
+    swapped = (draws - x.roll(1, dims=0)).pow(2).mean(dim=2)
+    assert swapped.min().item() > 1.0
+
+
+def test_training_is_deterministic_and_scoped() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = _unit(torch.randn(5, 400, generator=gen))
+    cond = torch.randn(5, 6, generator=gen)
+    cfg = CVAEConfig(channels=(4, 8, 8), latent_dim=4, epochs=4, batch_size=2, input_noise=0.01)
+
+    torch.manual_seed(99)
+    before = torch.rand(3)
+    torch.manual_seed(99)
+    first, hist_a = train_cvae(x, cond, cfg)
+    after = torch.rand(3)
+    # train_cvae seeds inside a forked RNG, so the caller's random stream is untouched.
+    assert torch.equal(before, after)
+
+    second, hist_b = train_cvae(x, cond, cfg)
+    state_a, state_b = first.state_dict(), second.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+    assert hist_a == hist_b
+
+    other, _ = train_cvae(x, cond, cfg.model_copy(update={"seed": cfg.seed + 1}))
+    assert not torch.equal(other.state_dict()["to_latent.weight"], state_a["to_latent.weight"])
+
+
+def test_history_and_schedule() -> None:
+    x = _unit(torch.randn(4, 300))
+    cond = torch.randn(4, 3)
+    cfg = CVAEConfig(channels=(4, 4), latent_dim=2, epochs=6, batch_size=2, lr=1e-3, lr_min=1e-5)
+    seen: list[tuple[int, dict]] = []
+    model, history = train_cvae(x, cond, cfg, on_epoch=lambda epoch, row: seen.append((epoch, row)))
+    assert [epoch for epoch, _ in seen] == list(range(6))
+    assert [row for _, row in seen] == history
+    for row in history:
+        assert set(row) == {"epoch", "loss", "recon", "kld", "lr"}
+        assert row["loss"] == pytest.approx(row["recon"] + cfg.kld_weight * row["kld"], rel=1e-5)
+    lrs = [row["lr"] for row in history]
+    assert lrs == sorted(lrs, reverse=True)
+    assert lrs[0] == pytest.approx(1e-3, rel=0.05)
+    # 2 steps per epoch, 12 steps: the last step runs just above lr_min.
+    assert lrs[-1] < 1e-4
+
+
+def test_trailing_single_sample_batch_is_merged() -> None:
+    """With 3 samples and batch 2, a naive split leaves a 1-sample batch; with a last feature map of
+    length 1 that is a single value per channel, which BatchNorm cannot train on."""
+    x = _unit(torch.randn(3, 16))
+    cond = torch.randn(3, 2)
+    cfg = CVAEConfig(channels=(2, 2, 2, 2), latent_dim=2, epochs=2, batch_size=2)
+    model, history = train_cvae(x, cond, cfg)
+    assert model.last_len == 1
+    assert len(history) == 2
+
+
+def test_single_untrainable_sample_is_rejected() -> None:
+    cfg = CVAEConfig(channels=(2, 2, 2, 2), latent_dim=2, epochs=1, batch_size=2)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        train_cvae(torch.randn(1, 16), torch.randn(1, 2), cfg)
+
+
+def test_train_rejects_mismatched_inputs() -> None:
+    cfg = CVAEConfig(channels=(2,), latent_dim=2, epochs=1)
+    with pytest.raises(ValueError):
+        train_cvae(torch.randn(3, 16), torch.randn(2, 2), cfg)
+    with pytest.raises(ValueError):
+        train_cvae(torch.randn(3, 16, 1), torch.randn(3, 2), cfg)
+
+
+def test_reconstruction_error_restores_mode() -> None:
+    model = ConditionalVAE(50, 3, CVAEConfig(channels=(2, 4), latent_dim=2)).train()
+    x = torch.randn(5, 50)
+    cond = torch.randn(5, 3)
+    error = reconstruction_error(model, x, cond, batch_size=2)
+    assert model.training
+    model.eval()
+    x_hat, _, _ = model(x, cond)
+    assert error == pytest.approx((x_hat - x).pow(2).mean().item(), rel=1e-5)

@@ -1,0 +1,139 @@
+"""Tests of icm_core.evaluate: PPL / BPC against a hand computation on the tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from icm_core.config import EvalConfig
+from icm_core.evaluate import LMScore, eval_blocks, evaluate_lm, gain_recovered, score_blocks
+from tests import helpers
+
+
+TEXTS = [helpers.SAMPLE_TEXT, "   ", helpers.OTHER_TEXT, "caf\u00e9 na\u00efve \u2014 r\u00e9sum\u00e9"]
+SEQ_LEN = 16
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_cfg):
+    from icm_core.base_model import load_base_model
+
+    return load_base_model(tiny_model_cfg)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_cfg):
+    from icm_core.base_model import load_tokenizer
+
+    return load_tokenizer(tiny_model_cfg)
+
+
+def _hand_score(model, tokenizer, texts, seq_len, max_tokens):
+    """PPL / BPC computed independently: logits -> log-softmax -> NLL of targets 1..T-1 per block."""
+    text = "\n\n".join(t for t in texts if t.strip())
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n_blocks = min(len(ids) // seq_len, max(1, max_tokens // seq_len))
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for b in range(n_blocks):
+            block = torch.tensor(ids[b * seq_len : (b + 1) * seq_len]).unsqueeze(0)
+            logp = torch.log_softmax(model(input_ids=block).logits[0].double(), dim=-1)
+            for t in range(1, seq_len):
+                nll -= logp[t - 1, block[0, t]].item()
+                tokens += 1
+    # Char tokenizer: every predicted token covers exactly one character.
+    chars = tokens
+    return nll, tokens, chars, math.exp(nll / tokens), nll / math.log(2) / chars, text
+
+
+def test_tokenizer_is_character_level(tokenizer, char_tokenizer):
+    text = "ab c\n\u00e9!"
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert enc["input_ids"] == char_tokenizer(text, add_special_tokens=False)["input_ids"]  # saved == built
+    assert len(enc["input_ids"]) == len(text)
+    assert enc["offset_mapping"] == [(i, i + 1) for i in range(len(text))]
+    assert enc["input_ids"][5] == tokenizer.unk_token_id
+    assert tokenizer.eos_token == helpers.EOS and tokenizer.pad_token == helpers.PAD
+
+
+def test_loaded_base_equals_built_model(model, tokenizer):
+    built = helpers.tiny_model()
+    ids = torch.tensor([tokenizer("hello world", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, built(input_ids=ids).logits)
+    assert not model.training
+    assert model.config.vocab_size == len(tokenizer)
+
+
+@pytest.mark.parametrize("max_tokens, batch_size", [(4096, 8), (4096, 3), (48, 2)])
+def test_matches_hand_computation(model, tokenizer, max_tokens, batch_size):
+    nll, tokens, chars, ppl, bpc, text = _hand_score(model, tokenizer, TEXTS, SEQ_LEN, max_tokens)
+    score = evaluate_lm(model, tokenizer, TEXTS, SEQ_LEN, EvalConfig(max_tokens=max_tokens, batch_size=batch_size))
+    assert isinstance(score, LMScore)
+    n_blocks = min(len(text) // SEQ_LEN, max(1, max_tokens // SEQ_LEN))
+    assert score.tokens == tokens == n_blocks * (SEQ_LEN - 1)
+    assert score.chars == chars
+    assert score.nll_nats == pytest.approx(nll, rel=1e-5)
+    assert score.ppl == pytest.approx(ppl, rel=1e-5)
+    assert score.bpc == pytest.approx(bpc, rel=1e-5)
+    # Characters == tokens, so BPC * ln 2 is the mean NLL per token, i.e. ln PPL.
+    assert score.bpc * math.log(2) == pytest.approx(score.nll_nats / score.tokens, rel=1e-12)
+    assert score.bpc * math.log(2) == pytest.approx(math.log(score.ppl), rel=1e-12)
+    assert set(score.as_dict()) == {"nll_nats", "tokens", "chars", "ppl", "bpc"}
+
+
+def test_model_mode_is_restored(model, tokenizer):
+    model.train()
+    try:
+        evaluate_lm(model, tokenizer, TEXTS, SEQ_LEN, EvalConfig(max_tokens=32))
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_eval_blocks_shapes_and_max_tokens(tokenizer):
+    blocks = eval_blocks(TEXTS, tokenizer, SEQ_LEN, max_tokens=4096)
+    text = "\n\n".join(t for t in TEXTS if t.strip())
+    assert blocks.input_ids.shape == (len(text) // SEQ_LEN, SEQ_LEN)
+    assert blocks.target_chars.shape == (len(text) // SEQ_LEN, SEQ_LEN - 1)
+    assert bool((blocks.target_chars == 1).all())
+    # The joined text (blank lines between non-empty documents) is what gets scored.
+    first = tokenizer(text, add_special_tokens=False)["input_ids"][:SEQ_LEN]
+    assert blocks.input_ids[0].tolist() == first
+    assert eval_blocks(TEXTS, tokenizer, SEQ_LEN, max_tokens=40).input_ids.shape[0] == 2
+    assert eval_blocks(TEXTS, tokenizer, SEQ_LEN, max_tokens=1).input_ids.shape[0] == 1
+    with pytest.raises(ValueError, match="fewer than one block"):
+        eval_blocks(["short"], tokenizer, SEQ_LEN, max_tokens=4096)
+
+
+def test_multi_character_tokens_count_gaps():
+    """With word tokens, each target covers the gap before it plus its own characters."""
+    words = ["alpha", "beta", "gamma", "delta"]
+    tokenizer = helpers.word_tokenizer(words)
+    text = "alpha  beta gamma\tdelta alpha beta"
+    blocks = eval_blocks([text], tokenizer, seq_len=3, max_tokens=100)
+    assert blocks.input_ids.shape == (2, 3)
+    # ends: alpha 5, beta 11, gamma 17, delta 23, alpha 29, beta 34
+    assert blocks.target_chars.tolist() == [[6, 6], [6, 5]]
+    assert int(blocks.target_chars.sum()) == (11 - 5) + (17 - 11) + (29 - 23) + (34 - 29)
+
+
+def test_score_blocks_bpc_uses_characters(model, tokenizer):
+    blocks = eval_blocks(TEXTS, tokenizer, SEQ_LEN, max_tokens=64)
+    doubled = type(blocks)(blocks.input_ids, blocks.target_chars * 2)
+    a, b = score_blocks(model, blocks), score_blocks(model, doubled)
+    assert a.nll_nats == b.nll_nats and a.ppl == b.ppl
+    assert b.chars == 2 * a.chars
+    assert b.bpc == pytest.approx(a.bpc / 2, rel=1e-12)
+
+
+def test_gain_recovered():
+    assert gain_recovered(10.0, 5.0, 7.5) == pytest.approx(0.5)
+    assert gain_recovered(10.0, 5.0, 5.0) == pytest.approx(1.0)
+    assert gain_recovered(10.0, 5.0, 10.0) == pytest.approx(0.0)
+    assert gain_recovered(10.0, 5.0, 4.0) == pytest.approx(1.2)  # better than the LoRA it imitates
+    assert gain_recovered(10.0, 5.0, 12.0) == pytest.approx(-0.4)  # worse than the base model
+    assert gain_recovered(10.0, 12.0, 11.0) == pytest.approx(0.5)  # fine-tuning hurt; half of that too
+    assert gain_recovered(10.0, 10.0, 9.0) is None
