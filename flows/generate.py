@@ -28,8 +28,16 @@ def latest_generator(root: str | Path) -> Path:
 
 
 @task(name="generate-adapter", task_run_name="generate-{label}", cache_policy=None, persist_result=False)
-def generate_task(generator: str, out: str, sample_cfg: SampleConfig, label: str, category: str | None,
-                  description: str | None, task_vector_file: str | None, text_encoder: str) -> dict[str, Any]:
+def generate_task(
+    generator: str,
+    out: str,
+    sample_cfg: SampleConfig,
+    label: str,
+    category: str | None,
+    description: str | None,
+    task_vector_file: str | None,
+    text_encoder: str,
+) -> dict[str, Any]:
     if task_vector_file:
         vector = load_task_vector(task_vector_file)
     elif description:
@@ -76,7 +84,9 @@ def generate_adapter(
     generator_path = str(generator or latest_generator(root))
     label = category or ("description" if description else Path(task_vector_file).stem)
     out_dir = out or str(Path(root) / "generated" / label / "adapter")
-    result = generate_task(generator_path, out_dir, sample, label, category, description, task_vector_file, text_encoder)
+    result = generate_task(
+        generator_path, out_dir, sample, label, category, description, task_vector_file, text_encoder
+    )
     create_link_artifact(
         # Artifact keys allow only lowercase letters, digits and dashes; a task-vector file's stem may hold more.
         key="generated-" + (re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "adapter"),
@@ -99,8 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="artifacts")
     args = parser.parse_args(argv)
     result = generate_adapter(
-        category=args.category, description=args.description, task_vector_file=args.task_vector_file,
-        out=args.out, generator=args.generator, sample=SampleConfig(seed=args.seed), root=args.root,
+        category=args.category,
+        description=args.description,
+        task_vector_file=args.task_vector_file,
+        out=args.out,
+        generator=args.generator,
+        sample=SampleConfig(seed=args.seed),
+        root=args.root,
     )
     print(result["adapter_dir"])
     return 0

@@ -101,7 +101,9 @@ def icm_pipeline(
     cfg = config
 
     data = gather(
-        prepare_data_task.map(categories, [source_fingerprint(c) for c in categories], unmapped(cfg.data), unmapped(root)),
+        prepare_data_task.map(
+            categories, [source_fingerprint(c) for c in categories], unmapped(cfg.data), unmapped(root)
+        ),
         names,
         "prepare-data",
     )

@@ -99,7 +99,11 @@ def cmd_train_generator(args):
 
     _print(
         train_generator_stage(
-            _pairs(args.lora, "--lora"), _pairs(args.task_vector, "--task-vector"), cfg.cvae, args.out, on_epoch=on_epoch
+            _pairs(args.lora, "--lora"),
+            _pairs(args.task_vector, "--task-vector"),
+            cfg.cvae,
+            args.out,
+            on_epoch=on_epoch,
         )
     )
 
@@ -137,10 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
         "one CVAE generator for all categories, sample PEFT adapters and evaluate PPL/BPC.",
     )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="YAML/JSON run config with sections model, data, lora, task_vector, cvae, "
-                        "sample, eval (default: the built-in CPU demo settings)")
-    common.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override one config field, e.g. --set lora.steps=20 (repeatable)")
+    common.add_argument(
+        "--config",
+        help="YAML/JSON run config with sections model, data, lora, task_vector, cvae, "
+        "sample, eval (default: the built-in CPU demo settings)",
+    )
+    common.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field, e.g. --set lora.steps=20 (repeatable)",
+    )
     common.add_argument("--categories", help="YAML/JSON category file (default: the five built-in demo categories)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -151,32 +163,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("categories", cmd_categories, "List the categories (built-in demo set or --categories file).")
     add("config", cmd_config, "Print the effective run config (defaults + --config + --set) as JSON.")
-    p = add("prepare-data", cmd_prepare_data, "Read one category's text and write deterministic train/val/test splits.")
+    p = add(
+        "prepare-data", cmd_prepare_data, "Read one category's text and write deterministic train/val/test splits."
+    )
     p.add_argument("--category", required=True)
     p.add_argument("--out", required=True, help="output folder for the splits")
-    p = add("finetune", cmd_finetune, "Fine-tune a LoRA adapter on a category's train split and save the last "
-            "checkpoints (the trajectory) plus the final adapter.")
+    p = add(
+        "finetune",
+        cmd_finetune,
+        "Fine-tune a LoRA adapter on a category's train split and save the last "
+        "checkpoints (the trajectory) plus the final adapter.",
+    )
     p.add_argument("--data", required=True, help="folder written by prepare-data")
     p.add_argument("--out", required=True, help="output trajectory folder")
-    p = add("task-vector", cmd_task_vector, "Compute a category's task vector: mean last-layer last-token hidden "
-            "state over train samples (paper Eq. 1), or the embedding of its description.")
+    p = add(
+        "task-vector",
+        cmd_task_vector,
+        "Compute a category's task vector: mean last-layer last-token hidden "
+        "state over train samples (paper Eq. 1), or the embedding of its description.",
+    )
     p.add_argument("--category", required=True)
     p.add_argument("--data", required=True, help="folder written by prepare-data")
     p.add_argument("--lora", help="trajectory folder (needed when task_vector.hidden_from=finetuned)")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p = add("train-generator", cmd_train_generator, "Train one CVAE on the trajectories of all categories, "
-            "conditioned on their task vectors.")
+    p = add(
+        "train-generator",
+        cmd_train_generator,
+        "Train one CVAE on the trajectories of all categories, conditioned on their task vectors.",
+    )
     p.add_argument("--lora", action="append", required=True, metavar="CATEGORY=DIR", help="trajectory (repeatable)")
-    p.add_argument("--task-vector", action="append", required=True, metavar="CATEGORY=FILE",
-                   help="task vector file (repeatable)")
+    p.add_argument(
+        "--task-vector", action="append", required=True, metavar="CATEGORY=FILE", help="task vector file (repeatable)"
+    )
     p.add_argument("--out", required=True, help="output generator .safetensors file")
     p = add("sample", cmd_sample, "Draw z ~ N(0, I), decode with a task vector and write a PEFT adapter folder.")
     p.add_argument("--generator", required=True)
     p.add_argument("--category", help="a category the generator was trained on")
     p.add_argument("--task-vector", help="a task vector .safetensors file instead of a category name")
     p.add_argument("--out", required=True, help="output adapter folder")
-    p = add("evaluate", cmd_evaluate, "Merge an adapter into the base model and report PPL and BPC on the "
-            "category's test split (no --adapter: the base model).")
+    p = add(
+        "evaluate",
+        cmd_evaluate,
+        "Merge an adapter into the base model and report PPL and BPC on the "
+        "category's test split (no --adapter: the base model).",
+    )
     p.add_argument("--data", required=True)
     p.add_argument("--adapter")
     p.add_argument("--out", help="optional JSON output file")

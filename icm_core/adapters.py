@@ -109,9 +109,7 @@ def check_adapter_base(adapter_config: dict[str, Any], base_model_id: str, folde
     """Refuse an adapter made for another base model (its config names the base it was trained on)."""
     made_for = adapter_config.get("base_model_name_or_path")
     if made_for and made_for != base_model_id:
-        raise ValueError(
-            f"{folder}: adapter was made for base model {made_for!r}, not {base_model_id!r}"
-        )
+        raise ValueError(f"{folder}: adapter was made for base model {made_for!r}, not {base_model_id!r}")
 
 
 def load_adapter(base_model, folder: str | Path, base_model_id: str | None = None):

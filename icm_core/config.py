@@ -133,7 +133,8 @@ class TaskVectorConfig(StageConfig):
         "'description': a sentence-encoder embedding of the category's one-line description.",
     )
     hidden_from: Literal["finetuned", "base"] = Field(
-        "finetuned", description="Model whose hidden states are averaged: the category's fine-tuned model (paper) or the base."
+        "finetuned",
+        description="Model whose hidden states are averaged: the category's fine-tuned model (paper) or the base.",
     )
     num_samples: int = Field(16, ge=1, description="Samples averaged in Eq. 1.")
     sample_tokens: int = Field(128, ge=2, description="Tokens per sample.")
@@ -183,7 +184,9 @@ class SampleConfig(StageConfig):
     """Drawing one adapter from the generator."""
 
     seed: int = Field(0, description="Seed of z ~ N(0, I).")
-    num_draws: int = Field(1, ge=1, description="Decoded draws averaged into the adapter (1 = the paper's single draw).")
+    num_draws: int = Field(
+        1, ge=1, description="Decoded draws averaged into the adapter (1 = the paper's single draw)."
+    )
 
 
 class EvalConfig(StageConfig):
@@ -243,7 +246,5 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ValueError(f"{where}: {problems}") from None

@@ -23,10 +23,18 @@ from icm_core.config import (
     SampleConfig,
     TaskVectorConfig,
 )
-from icm_core.data import Category, read_documents, read_splits, sample_blocks, split_documents, token_blocks, write_splits
+from icm_core.data import (
+    Category,
+    read_documents,
+    read_splits,
+    sample_blocks,
+    split_documents,
+    token_blocks,
+    write_splits,
+)
 from icm_core.evaluate import evaluate_lm
 from icm_core.generator import build_dataset, load_generator, save_generator, train_generator
-from icm_core.io import load_tensors, save_tensors, write_json
+from icm_core.io import load_tensors, save_tensors, sidecar_path, write_json
 from icm_core.lora_train import load_trajectory_checkpoints, read_trajectory, train_lora
 from icm_core.task_vectors import TextEncoder, hidden_state_task_vector, text_task_vector
 
@@ -93,7 +101,9 @@ def compute_task_vector(
 
 
 def load_task_vector(path: str | Path) -> torch.Tensor:
-    tensors, _ = load_tensors(path)
+    """Read a ``task_vector`` tensor from a safetensors file; a sidecar, when present, must match its sha256
+    (user-supplied files may come without one)."""
+    tensors, _ = load_tensors(path, verify=sidecar_path(path).is_file())
     if "task_vector" not in tensors:
         raise ValueError(f"{path}: no 'task_vector' tensor in this file")
     return tensors["task_vector"]

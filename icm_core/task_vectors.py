@@ -86,7 +86,9 @@ def text_task_vector(description: str, encoder: TextEncoder) -> torch.Tensor:
 def check_task_vector(vector: torch.Tensor, expected_dim: int, where: str | Path = "task vector") -> torch.Tensor:
     """Validate a task vector's shape and values against what a generator expects."""
     if vector.dim() != 1 or vector.shape[0] != expected_dim:
-        raise ValueError(f"{where}: task vector has shape {tuple(vector.shape)}, the generator expects ({expected_dim},)")
+        raise ValueError(
+            f"{where}: task vector has shape {tuple(vector.shape)}, the generator expects ({expected_dim},)"
+        )
     if not bool(torch.isfinite(vector).all()):
         raise ValueError(f"{where}: task vector contains NaN or Inf")
     return vector.float()

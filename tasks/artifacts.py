@@ -57,13 +57,13 @@ class ArtifactRef(BaseModel):
 
 @cache
 def code_fingerprint() -> str:
-    """sha256 over icm_core's version and source files: editing the method invalidates cached stages
-    (Prefect's TASK_SOURCE would only see the thin task wrappers)."""
+    """sha256 over icm_core's version and the source of icm_core and tasks: editing the method or a task
+    wrapper invalidates cached stages (Prefect's TASK_SOURCE would only see the task function itself)."""
     digest = hashlib.sha256(icm_core.__version__.encode())
-    package = Path(icm_core.__file__).parent
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode())
-        digest.update(path.read_bytes())
+    for package in (Path(icm_core.__file__).parent, Path(__file__).parent):
+        for path in sorted(package.rglob("*.py")):
+            digest.update(f"{package.name}/{path.relative_to(package).as_posix()}".encode())
+            digest.update(path.read_bytes())
     return digest.hexdigest()
 
 

@@ -20,9 +20,7 @@ METHODS = ("base", "lora", "icm_lora")
 METHOD_TITLES = {"base": "Original model", "lora": "Original LoRA", "icm_lora": "ICM-LoRA"}
 
 
-def result_rows(
-    evals: dict[str, dict[str, ArtifactRef]], adapters: dict[str, ArtifactRef]
-) -> list[dict[str, Any]]:
+def result_rows(evals: dict[str, dict[str, ArtifactRef]], adapters: dict[str, ArtifactRef]) -> list[dict[str, Any]]:
     """One row per category: PPL and BPC per method, gain recovered, and the generated adapter's folder."""
     rows = []
     for name in sorted(evals):

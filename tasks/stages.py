@@ -18,7 +18,15 @@ from prefect import get_run_logger, task
 
 from icm_core import stages
 from icm_core.base_model import resolve_device
-from icm_core.config import CVAEConfig, DataConfig, EvalConfig, LoraTrainConfig, ModelConfig, SampleConfig, TaskVectorConfig
+from icm_core.config import (
+    CVAEConfig,
+    DataConfig,
+    EvalConfig,
+    LoraTrainConfig,
+    ModelConfig,
+    SampleConfig,
+    TaskVectorConfig,
+)
 from icm_core.data import Category
 from tasks.artifacts import (
     ArtifactCachePolicy,
@@ -71,7 +79,12 @@ def run_stage(
 TASK_DEFAULTS: dict[str, Any] = {"persist_result": True, "result_serializer": "json"}
 
 
-@task(name="prepare-data", task_run_name="data-{category.name}", cache_policy=ArtifactCachePolicy("data"), **TASK_DEFAULTS)
+@task(
+    name="prepare-data",
+    task_run_name="data-{category.name}",
+    cache_policy=ArtifactCachePolicy("data"),
+    **TASK_DEFAULTS,
+)
 def prepare_data_task(category: Category, source_sha256: str, data_cfg: DataConfig, root: str) -> ArtifactRef:
     """Split a category's text into train / val / test."""
     inputs = {"category": category, "source_sha256": source_sha256, "data_cfg": data_cfg, "root": root}
@@ -89,12 +102,21 @@ def prepare_data_task(category: Category, source_sha256: str, data_cfg: DataConf
     **TASK_DEFAULTS,
 )
 def finetune_task(
-    category: str, data: ArtifactRef, model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraTrainConfig, root: str
+    category: str,
+    data: ArtifactRef,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    lora_cfg: LoraTrainConfig,
+    root: str,
 ) -> ArtifactRef:
     """Fine-tune the category's LoRA adapter and keep its trajectory."""
     logger = get_run_logger()
     inputs = {
-        "category": category, "data": data, "model_cfg": model_cfg, "data_cfg": data_cfg, "lora_cfg": lora_cfg,
+        "category": category,
+        "data": data,
+        "model_cfg": model_cfg,
+        "data_cfg": data_cfg,
+        "lora_cfg": lora_cfg,
         "root": root,
     }
 
@@ -128,14 +150,24 @@ def task_vector_task(
 ) -> ArtifactRef:
     """Compute the category's task vector (Eq. 1, or its description embedding)."""
     inputs = {
-        "category": category, "data": data, "lora": lora, "model_cfg": model_cfg, "data_cfg": data_cfg,
-        "tv_cfg": tv_cfg, "root": root,
+        "category": category,
+        "data": data,
+        "lora": lora,
+        "model_cfg": model_cfg,
+        "data_cfg": data_cfg,
+        "tv_cfg": tv_cfg,
+        "root": root,
     }
 
     def build(out: Path) -> dict[str, Any]:
         with device_slot(model_cfg.device):
             result = stages.compute_task_vector(
-                category, data.file("splits"), lora.folder if lora else None, model_cfg, data_cfg, tv_cfg,
+                category,
+                data.file("splits"),
+                lora.folder if lora else None,
+                model_cfg,
+                data_cfg,
+                tv_cfg,
                 out / "task_vector.safetensors",
             )
         return {"dim": result["dim"]}
@@ -212,8 +244,14 @@ def evaluate_task(
 ) -> ArtifactRef:
     """PPL / BPC of the base model merged with ``adapter`` (None: the base model) on the test split."""
     inputs = {
-        "category": category, "method": method, "data": data, "adapter": adapter, "model_cfg": model_cfg,
-        "data_cfg": data_cfg, "eval_cfg": eval_cfg, "root": root,
+        "category": category,
+        "method": method,
+        "data": data,
+        "adapter": adapter,
+        "model_cfg": model_cfg,
+        "data_cfg": data_cfg,
+        "eval_cfg": eval_cfg,
+        "root": root,
     }
 
     def build(out: Path) -> dict[str, Any]:

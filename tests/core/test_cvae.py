@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,8 +22,13 @@ PLANS: dict[int, tuple[int, ...]] = {
 
 
 @pytest.fixture(autouse=True)
-def _two_threads() -> None:
-    torch.set_num_threads(2)
+def _one_thread() -> Iterator[None]:
+    """These models are tiny: one thread avoids OpenMP spin-waiting, which makes small ops many times
+    slower when the 2 cores are shared with other processes. The caller's setting is restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

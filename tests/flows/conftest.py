@@ -9,88 +9,14 @@ only on a model and data small enough that one run takes seconds on two shared C
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.logging import disable_run_logger
 from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-from icm_core.config import CVAEConfig, DataConfig, EvalConfig, ModelConfig, RunConfig, TaskVectorConfig
-from tests import helpers
-
-
-CATEGORIES = ("recipes", "forecast")
-
-_RECIPE_DISHES = ["lentil soup", "apple crumble", "tomato risotto", "leek pie", "carrot cake", "bean stew",
-                  "onion tart", "pea salad"]
-_RECIPE_STEPS = [
-    "Warm a little olive oil in a heavy pan and soften the onion over a low heat for ten minutes.",
-    "Stir in the garlic and cook until it smells sweet, then add the stock and bring it to a simmer.",
-    "Season with salt and pepper, taste, and add a squeeze of lemon if it needs brightness.",
-    "Butter a shallow dish, spoon in the mixture and bake until golden at the edges.",
-    "Leave it to rest for five minutes before serving with crusty bread and a green salad.",
-    "Whisk the flour, sugar and butter together until the mixture looks like coarse crumbs.",
-]
-_SEA_AREAS = ["Viking", "Forties", "Cromarty", "Dogger", "Fisher", "Humber", "Thames", "Dover", "Wight",
-              "Portland", "Plymouth", "Biscay"]
-_WINDS = ["southwest 5 to 7", "westerly 4 or 5, occasionally 6", "northeast 3 or 4", "cyclonic 6 to gale 8",
-          "variable 3, becoming southerly 5"]
-_SEAS = ["moderate or rough", "slight or moderate", "rough or very rough", "moderate"]
-_WEATHER = ["rain then showers", "fair", "fog patches, then drizzle", "squally showers", "thundery rain"]
-_VISIBILITY = ["good, occasionally poor", "moderate or good", "very poor at first", "good"]
-
-
-def recipe_text() -> str:
-    """About 4,000 characters of plain cooking prose, one short recipe per paragraph."""
-    docs = []
-    for i, dish in enumerate(_RECIPE_DISHES):
-        steps = " ".join(_RECIPE_STEPS[(i + j) % len(_RECIPE_STEPS)] for j in range(4))
-        docs.append(f"How to make {dish} for {2 + i % 4} people. {steps}")
-    return "\n\n".join(docs) + "\n"
-
-
-def forecast_text() -> str:
-    """About 4,000 characters of a shipping forecast: terse, capitalised, numeric."""
-    docs = []
-    for i, area in enumerate(_SEA_AREAS):
-        docs.append(
-            f"{area}. Wind {_WINDS[i % len(_WINDS)]}. Sea state {_SEAS[i % len(_SEAS)]}. "
-            f"Weather {_WEATHER[i % len(_WEATHER)]}. Visibility {_VISIBILITY[i % len(_VISIBILITY)]}. "
-            f"Pressure {990 + 3 * i} millibars, {'rising slowly' if i % 2 else 'falling more slowly'}. "
-            f"Outlook for the next 24 hours: wind {_WINDS[(i + 2) % len(_WINDS)]}, "
-            f"sea state {_SEAS[(i + 1) % len(_SEAS)]}."
-        )
-    return "\n\n".join(docs) + "\n"
-
-
-def write_categories(folder: Path, texts: dict[str, str]) -> Path:
-    """Write one ``<name>.txt`` per category and a ``categories.yaml`` that points at them (relative paths)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for name, text in texts.items():
-        (folder / f"{name}.txt").write_text(text, encoding="utf-8")
-        entries.append({"name": name, "description": f"{name} text for the flow tests", "source": f"{name}.txt"})
-    path = folder / "categories.yaml"
-    path.write_text(yaml.safe_dump({"categories": entries}, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def tiny_run_config(model_dir: Path, **lora_overrides: Any) -> RunConfig:
-    """A RunConfig small enough that a whole pipeline run takes seconds on CPU."""
-    return RunConfig(
-        model=ModelConfig(name_or_path=str(model_dir), device="cpu", dtype="float32", num_threads=1),
-        data=DataConfig(seq_len=32, min_chars=500),
-        lora=helpers.lora_config(**{"steps": 4, "trajectory_size": 2, "checkpoint_every": 2, **lora_overrides}),
-        task_vector=TaskVectorConfig(num_samples=2, sample_tokens=16),
-        cvae=CVAEConfig(channels=(4, 8, 8, 4), latent_dim=8, epochs=3, batch_size=2),
-        eval=EvalConfig(max_tokens=128),
-    )
+from tests.flows.support import Workspace, forecast_text, recipe_text, tiny_run_config, write_categories
 
 
 @pytest.fixture(scope="session")
@@ -101,32 +27,6 @@ def prefect_api() -> Iterator[str]:
             yield PREFECT_API_URL.value()
 
 
-@dataclass
-class Workspace:
-    """A test's artifacts root, its Prefect result folder, its category file and its run config."""
-
-    root: Path
-    results: Path
-    categories_file: Path
-    config: RunConfig
-
-    def run(
-        self, config: RunConfig | None = None, categories_file: Path | None = None, root: Path | None = None,
-        **kwargs: Any,
-    ):
-        """Run the pipeline in this process (default: this workspace's config, categories and root); return
-        its final flow-run state."""
-        from flows.pipeline import icm_pipeline
-
-        return icm_pipeline(
-            config=config or self.config,
-            categories_file=str(categories_file or self.categories_file),
-            root=str(root or self.root),
-            return_state=True,
-            **kwargs,
-        )
-
-
 @pytest.fixture
 def workspace(prefect_api: str, tmp_path: Path, tiny_base_dir: Path) -> Iterator[Workspace]:
     """A fresh artifacts root with Prefect's result storage inside it (an empty cache for this test)."""
@@ -135,27 +35,3 @@ def workspace(prefect_api: str, tmp_path: Path, tiny_base_dir: Path) -> Iterator
     categories_file = write_categories(tmp_path / "data", {"recipes": recipe_text(), "forecast": forecast_text()})
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: results}):
         yield Workspace(root, results, categories_file, tiny_run_config(tiny_base_dir))
-
-
-def task_runs_of(state) -> list:
-    """The task runs of the flow run that ended in ``state``, read back through the Prefect API."""
-    flow_run_id = state.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-
-
-def states_by_name(state) -> dict[str, str]:
-    """``{task run name: state name}`` of a flow run (e.g. ``{"lora-recipes": "Cached", ...}``)."""
-    runs = task_runs_of(state)
-    names = [run.name for run in runs]
-    assert len(names) == len(set(names)), f"duplicate task run names: {sorted(names)}"
-    return {run.name: run.state.name for run in runs}
-
-
-def expected_task_runs(categories=CATEGORIES) -> set[str]:
-    names = {"train-cvae", "report"}
-    for c in categories:
-        names |= {f"data-{c}", f"lora-{c}", f"task-vector-{c}", f"sample-{c}"}
-        names |= {f"eval-{c}-{m}" for m in ("base", "lora", "icm_lora")}
-    return names
-

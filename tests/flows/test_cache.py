@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from tests.flows.conftest import CATEGORIES, expected_task_runs, states_by_name
+from tests.flows.support import CATEGORIES, expected_task_runs, states_by_name
 
 
 def sha256(path: Path) -> str:

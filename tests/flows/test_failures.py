@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flows.pipeline import CategoryFailed
-from tests.flows.conftest import recipe_text, write_categories
+from tests.flows.support import recipe_text, write_categories
 
 
 def test_failed_category_fails_flow_naming_it(workspace, tmp_path):

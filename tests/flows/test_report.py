@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-from tests.flows.conftest import CATEGORIES
+from tests.flows.support import CATEGORIES
 
 
 def artifacts_of(flow_run_id, key: str) -> list:

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
-from tests.flows.conftest import CATEGORIES, states_by_name
+from tests.flows.support import CATEGORIES, states_by_name
 
 
 REPO = Path(__file__).resolve().parents[2]
