@@ -103,15 +103,18 @@ class LoraTrainConfig(StageConfig):
         description="Adapt only the last N transformer layers (peft layers_to_transform); None adapts all layers. "
         "Fewer layers train faster on CPU because the backward pass stops early.",
     )
-    steps: int = Field(60, ge=1, description="Optimizer steps.")
+    steps: int = Field(50, ge=1, description="Optimizer steps.")
     batch_size: int = Field(4, ge=1, description="Blocks per step.")
-    lr: float = Field(2e-3, gt=0, description="AdamW learning rate (constant after warmup).")
+    lr: float = Field(3e-3, gt=0, description="AdamW peak learning rate (after warmup, cosine decay).")
+    final_lr_ratio: float = Field(
+        0.05, ge=0, le=1, description="Learning rate at the last step as a share of lr (end of the cosine decay)."
+    )
     warmup_steps: int = Field(5, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     trajectory_size: int = Field(
         10, ge=1, description="How many checkpoints from the end of training to keep (the generator's data)."
     )
-    checkpoint_every: int = Field(2, ge=1, description="Steps between trajectory checkpoints.")
+    checkpoint_every: int = Field(1, ge=1, description="Steps between trajectory checkpoints.")
     seed: int = Field(0, description="Seed for LoRA initialisation, dropout and batch order.")
 
     @model_validator(mode="after")
@@ -158,13 +161,19 @@ class CVAEConfig(StageConfig):
     kernel_size: int = Field(7, ge=1, description="Conv kernel size (odd).")
     latent_dim: int = Field(256, ge=1, description="Latent size.")
     kld_weight: float = Field(0.005, ge=0, description="Weight of the KL divergence in the loss (paper: 0.005).")
-    epochs: int = Field(400, ge=1, description="Passes over all checkpoints of all categories.")
+    epochs: int = Field(120, ge=1, description="Passes over all checkpoints of all categories.")
     batch_size: int = Field(8, ge=1, description="Checkpoints per batch.")
     lr: float = Field(2e-3, gt=0, description="AdamW learning rate, cosine-annealed to lr_min.")
     lr_min: float = Field(1e-5, ge=0, description="Final learning rate of the cosine schedule.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     input_noise: float = Field(
         0.0, ge=0, description="Std of Gaussian noise added to normalised weights during training (augmentation)."
+    )
+    normalization: Literal["tensor", "coordinate"] = Field(
+        "tensor",
+        description="'tensor': z-score each LoRA tensor by its own mean/std over all training checkpoints "
+        "(official). 'coordinate': subtract the per-coordinate mean over all training checkpoints first "
+        "(removes the shared LoRA-A initialisation; stored in the generator, one checkpoint's worth of bytes).",
     )
     seed: int = Field(2024, description="Seed of initialisation and batch order (official code: 2024).")
 
@@ -192,7 +201,7 @@ class SampleConfig(StageConfig):
 class EvalConfig(StageConfig):
     """Perplexity / bits-per-character evaluation on held-out test text."""
 
-    max_tokens: int = Field(4096, ge=16, description="Cap on test tokens evaluated per category.")
+    max_tokens: int = Field(2048, ge=16, description="Cap on test tokens evaluated per category.")
     batch_size: int = Field(8, ge=1, description="Blocks per forward pass.")
 
 

@@ -110,25 +110,43 @@ def unflatten_lora(vector: torch.Tensor, layout: LoraLayout) -> dict[str, torch.
 
 @dataclass(frozen=True)
 class NormStats:
-    """Per-tensor z-score statistics (one mean and std per layout key), as in the official code,
-    but computed over all training checkpoints of all categories and stored with the generator."""
+    """Normalisation statistics computed over all training checkpoints of all categories and stored with
+    the generator, so generation needs no real checkpoint.
+
+    * ``mean`` / ``std``: one per layout key (per-tensor z-score, as in the official code);
+    * ``center``: optional per-coordinate mean [L] subtracted first ("coordinate" normalisation). LoRA
+      A matrices start from one shared random initialisation; centring removes that shared part, so
+      the CVAE models what distinguishes checkpoints and categories instead of memorising a random
+      vector. It costs one checkpoint's worth of storage, counted in the generator's size.
+    """
 
     mean: torch.Tensor  # [num_keys]
     std: torch.Tensor  # [num_keys]
+    center: torch.Tensor | None = None  # [L]
 
     def expand(self, layout: LoraLayout) -> tuple[torch.Tensor, torch.Tensor]:
         sizes = torch.tensor([spec.numel for spec in layout.specs])
-        return self.mean.repeat_interleave(sizes), self.std.repeat_interleave(sizes)
+        mean = self.mean.repeat_interleave(sizes)
+        if self.center is not None:
+            mean = mean + self.center
+        return mean, self.std.repeat_interleave(sizes)
 
 
-def fit_norm_stats(vectors: torch.Tensor, layout: LoraLayout, eps: float = 1e-8) -> NormStats:
-    """Mean and std of every tensor key over all rows of ``vectors`` [N, L]."""
+def fit_norm_stats(vectors: torch.Tensor, layout: LoraLayout, center: bool = False, eps: float = 1e-8) -> NormStats:
+    """Per-key mean and std over all rows of ``vectors`` [N, L], after removing the per-coordinate
+    mean when ``center``."""
+    vectors = vectors.to(torch.float64)
+    center_vec = vectors.mean(0) if center else None
+    if center_vec is not None:
+        vectors = vectors - center_vec
     means, stds = [], []
     for spec in layout.specs:
-        block = vectors[:, spec.offset : spec.offset + spec.numel].to(torch.float64)
+        block = vectors[:, spec.offset : spec.offset + spec.numel]
         means.append(block.mean())
         stds.append(block.std(unbiased=False).clamp_min(eps))
-    return NormStats(torch.stack(means).float(), torch.stack(stds).float())
+    return NormStats(
+        torch.stack(means).float(), torch.stack(stds).float(), None if center_vec is None else center_vec.float()
+    )
 
 
 def normalize(vectors: torch.Tensor, stats: NormStats, layout: LoraLayout) -> torch.Tensor:

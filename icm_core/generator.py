@@ -141,7 +141,7 @@ def train_generator(
 ) -> tuple[Generator, list[dict], float]:
     """Normalise the dataset, train the CVAE on all categories at once; return (generator, history, seconds)."""
     # 1) Per-tensor z-score over all checkpoints of all categories; the stats travel with the generator.
-    norm = fit_norm_stats(dataset.weights, dataset.layout)
+    norm = fit_norm_stats(dataset.weights, dataset.layout, center=cfg.normalization == "coordinate")
     weights = normalize(dataset.weights, norm, dataset.layout)
     # 2) Condition normalisation, fitted on the distinct category vectors (not weighted by trajectory length).
     cond_norm = ConditionNorm.fit(torch.stack([dataset.task_vectors[n] for n in sorted(dataset.task_vectors)]))
@@ -164,6 +164,8 @@ def save_generator(path: str | Path, generator: Generator, extra_meta: dict[str,
     tensors = {f"cvae.{k}": v for k, v in generator.model.state_dict().items()}
     tensors["norm.mean"] = generator.norm.mean
     tensors["norm.std"] = generator.norm.std
+    if generator.norm.center is not None:
+        tensors["norm.center"] = generator.norm.center
     tensors["cond.mean"] = generator.cond_norm.mean
     for name, vector in generator.task_vectors.items():
         tensors[f"task_vector.{name}"] = vector
@@ -197,7 +199,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
     return Generator(
         model=model,
         layout=LoraLayout.from_json(meta["layout"]),
-        norm=NormStats(tensors["norm.mean"], tensors["norm.std"]),
+        norm=NormStats(tensors["norm.mean"], tensors["norm.std"], tensors.get("norm.center")),
         cond_norm=ConditionNorm(tensors["cond.mean"], float(meta["cond_scale"])),
         adapter_config=meta["adapter_config"],
         task_vectors=task_vectors,

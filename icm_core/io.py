@@ -161,20 +161,24 @@ def load_tensors(path: str | Path, verify: bool = True) -> tuple[dict[str, torch
     return tensors, meta
 
 
-_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
-
-
 def check_safetensors_file(path: str | Path) -> None:
-    """Refuse files that are not safetensors (pickles and zip-pickles in particular), naming the file."""
+    """Refuse files that are not safetensors (pickles and zip-pickles in particular), naming the file.
+
+    A safetensors file is an 8-byte little-endian header length followed by a JSON header; anything
+    else is rejected before any loader sees it.
+    """
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: file not found")
+    size = path.stat().st_size
     with open(path, "rb") as handle:
-        head = handle.read(16)
-    if any(head.startswith(magic) for magic in _PICKLE_MAGIC):
+        head = handle.read(9)
+    if len(head) >= 8:
+        header_len = int.from_bytes(head[:8], "little")
+        if 0 < header_len <= size - 8 and head[8:9] == b"{":
+            return
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         raise ArtifactError(f"{path}: this is a pickle file, not safetensors; pickles are never loaded")
     if len(head) < 8:
-        raise ArtifactError(f"{path}: truncated safetensors file ({len(head)} bytes)")
-    header_len = int.from_bytes(head[:8], "little")
-    if header_len <= 0 or header_len > path.stat().st_size - 8:
-        raise ArtifactError(f"{path}: not a valid safetensors file (bad header length)")
+        raise ArtifactError(f"{path}: truncated safetensors file ({size} bytes)")
+    raise ArtifactError(f"{path}: not a valid safetensors file (bad header)")

@@ -30,10 +30,18 @@ def checkpoint_steps(cfg: LoraTrainConfig) -> list[int]:
 
 
 def lr_at(step: int, cfg: LoraTrainConfig) -> float:
-    """Linear warmup, then constant: the last checkpoints sample the neighbourhood of one solution."""
+    """Linear warmup, then cosine decay from ``lr`` to ``lr * final_lr_ratio`` at the last step.
+
+    The decay makes the last checkpoints (the trajectory) samples around the solution training ends
+    at, as the paper's "last epochs" of a converged run are, rather than points along a steep descent:
+    their mean is then as good as the final adapter.
+    """
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr
+    span = max(1, cfg.steps - 1 - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.final_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass(frozen=True)

@@ -178,3 +178,16 @@ def test_write_json_is_deterministic_and_read_json_checks(tmp_path):
         read_json(bad)
     with pytest.raises(ArtifactError, match="not found"):
         read_json(tmp_path / "missing.json")
+
+
+def test_safetensors_whose_header_length_starts_like_a_pickle_is_accepted(tmp_path):
+    # A header of 0x80 + 256k bytes makes the file's first byte 0x80, a pickle's first byte too.
+    import struct
+
+    path = tmp_path / "t.safetensors"
+    header = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    header += b" " * (0x180 - len(header))
+    path.write_bytes(struct.pack("<Q", len(header)) + header + struct.pack("<f", 1.5))
+    assert path.read_bytes()[0] == 0x80
+    tensors, _ = load_tensors(path, verify=False)
+    assert tensors["x"].item() == 1.5

@@ -62,8 +62,13 @@ def test_checkpoint_steps_and_lr():
         range(42, 61, 2)
     )
     assert checkpoint_steps(helpers.lora_config(steps=5, checkpoint_every=1, trajectory_size=5)) == [1, 2, 3, 4, 5]
-    cfg = helpers.lora_config(lr=1.0, warmup_steps=4)
-    assert [lr_at(s, cfg) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cfg = helpers.lora_config(lr=1.0, warmup_steps=4, steps=13, final_lr_ratio=0.1)
+    # Linear warmup, then cosine decay from lr at the first step after warmup to lr * ratio at the last step.
+    assert [lr_at(s, cfg) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_at(12, cfg) == pytest.approx(0.1)
+    assert lr_at(8, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+    decay = [lr_at(s, cfg) for s in range(4, 13)]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
     assert lr_at(0, helpers.lora_config(lr=0.5, warmup_steps=0)) == 0.5
 
 
