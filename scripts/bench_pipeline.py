@@ -3,7 +3,8 @@
 1. cold ``make demo`` in a fresh clone of this repository (install + model conversion + full pipeline);
 2. warm ``make demo`` again in that clone (every task a cache hit);
 3. orchestration overhead: the pipeline on a fresh artifacts root (venv and converted model already there)
-   vs. the same stages called directly in one process (``icm-lora run``) on another fresh root.
+   vs. the same stages called directly in one process (``scripts/bench_core.py``, whose extra latency
+   measurement adds a few seconds to the direct side) on another fresh root.
 
     .venv/bin/python scripts/bench_pipeline.py [--repo .] [--workdir /tmp/icm-bench] [--skip-cold]
 
@@ -60,8 +61,13 @@ def main() -> None:
     results["pipeline_fresh_root_s"] = timed(
         [py, "-m", "flows.pipeline", "--root", "artifacts/bench-pipeline"], clone, logs / "pipeline.log", env
     )
+    # The direct run is scripts/bench_core.py: the same stages in one process, which also prints the
+    # library's own numbers (gain recovered, generation latency, generator size).
     results["direct_fresh_root_s"] = timed(
-        [py, "-m", "icm_core", "run", "--out", "artifacts/bench-direct"], clone, logs / "direct.log", env
+        [py, "scripts/bench_core.py", "--out", "artifacts/bench-direct", "--json", str(work / "core.json")],
+        clone,
+        logs / "direct.log",
+        env,
     )
     overhead = results["pipeline_fresh_root_s"] / results["direct_fresh_root_s"] - 1
     results["orchestration_overhead"] = overhead
