@@ -1,2 +1,3 @@
 """ICM-LoRA core."""
+
 __version__ = "0.1.0"

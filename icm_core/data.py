@@ -23,7 +23,6 @@ from __future__ import annotations
 import ast
 import bz2
 import html
-import importlib.util
 import json
 import random
 import re
@@ -37,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from icm_core.config import DataConfig, validate_category_name
-from icm_core.io import ArtifactError, read_json, sha256_file, sha256_text, write_json, write_text
+from icm_core.io import ArtifactError, package_folder, read_json, sha256_file, sha256_text, write_json, write_text
 
 
 if TYPE_CHECKING:  # torch is imported lazily: reading and splitting text does not need it
@@ -275,16 +274,13 @@ class _BuiltinSource:
 
 def _package_folder(package: str) -> Path:
     """Folder of an installed package, found without importing it."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_folder(package)
+    if folder is None:
         raise DataError(
             f"the built-in text needs the {package!r} package, which is not installed; "
             f"install it with `pip install {package}`"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return folder
 
 
 def _package_file(package: str, relative: str) -> Path:

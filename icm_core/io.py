@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,6 +33,20 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk_size), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def package_folder(package: str) -> Path | None:
+    """Folder of an installed package, found without importing it (some packages import heavy or
+    missing dependencies in their ``__init__``); None when it is not installed."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def sha256_text(text: str) -> str:
@@ -71,6 +86,35 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextmanager
+def atomic_folder(final_dir: str | Path, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder next to ``final_dir``; on success rename it into place.
+
+    An existing ``final_dir`` is replaced when ``replace`` (moved aside first, then removed), or kept
+    (and the new folder discarded) when not: for outputs that another process may have finished first.
+    On any exception the temporary folder is removed and ``final_dir`` is left untouched.
+    """
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
+    try:
+        yield tmp
+        if not final_dir.exists():
+            tmp.rename(final_dir)
+        elif replace:
+            old = final_dir.with_name(f".{final_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            final_dir.rename(old)
+            tmp.rename(final_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            shutil.rmtree(tmp)
+        _fsync_dir(final_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write(final_path: str | Path, write: Callable[[Path], None]) -> Path:

@@ -16,8 +16,16 @@ from tests import helpers
 
 CATEGORIES = ("recipes", "forecast")
 
-_RECIPE_DISHES = ["lentil soup", "apple crumble", "tomato risotto", "leek pie", "carrot cake", "bean stew",
-                  "onion tart", "pea salad"]
+_RECIPE_DISHES = [
+    "lentil soup",
+    "apple crumble",
+    "tomato risotto",
+    "leek pie",
+    "carrot cake",
+    "bean stew",
+    "onion tart",
+    "pea salad",
+]
 _RECIPE_STEPS = [
     "Warm a little olive oil in a heavy pan and soften the onion over a low heat for ten minutes.",
     "Stir in the garlic and cook until it smells sweet, then add the stock and bring it to a simmer.",
@@ -26,10 +34,27 @@ _RECIPE_STEPS = [
     "Leave it to rest for five minutes before serving with crusty bread and a green salad.",
     "Whisk the flour, sugar and butter together until the mixture looks like coarse crumbs.",
 ]
-_SEA_AREAS = ["Viking", "Forties", "Cromarty", "Dogger", "Fisher", "Humber", "Thames", "Dover", "Wight",
-              "Portland", "Plymouth", "Biscay"]
-_WINDS = ["southwest 5 to 7", "westerly 4 or 5, occasionally 6", "northeast 3 or 4", "cyclonic 6 to gale 8",
-          "variable 3, becoming southerly 5"]
+_SEA_AREAS = [
+    "Viking",
+    "Forties",
+    "Cromarty",
+    "Dogger",
+    "Fisher",
+    "Humber",
+    "Thames",
+    "Dover",
+    "Wight",
+    "Portland",
+    "Plymouth",
+    "Biscay",
+]
+_WINDS = [
+    "southwest 5 to 7",
+    "westerly 4 or 5, occasionally 6",
+    "northeast 3 or 4",
+    "cyclonic 6 to gale 8",
+    "variable 3, becoming southerly 5",
+]
 _SEAS = ["moderate or rough", "slight or moderate", "rough or very rough", "moderate"]
 _WEATHER = ["rain then showers", "fair", "fog patches, then drizzle", "squally showers", "thundery rain"]
 _VISIBILITY = ["good, occasionally poor", "moderate or good", "very poor at first", "good"]
@@ -92,7 +117,10 @@ class Workspace:
     config: RunConfig
 
     def run(
-        self, config: RunConfig | None = None, categories_file: Path | None = None, root: Path | None = None,
+        self,
+        config: RunConfig | None = None,
+        categories_file: Path | None = None,
+        root: Path | None = None,
         **kwargs: Any,
     ):
         """Run the pipeline in this process (default: this workspace's config, categories and root); return
@@ -129,4 +157,3 @@ def expected_task_runs(categories=CATEGORIES) -> set[str]:
         names |= {f"data-{c}", f"lora-{c}", f"task-vector-{c}", f"sample-{c}"}
         names |= {f"eval-{c}-{m}" for m in ("base", "lora", "icm_lora")}
     return names
-

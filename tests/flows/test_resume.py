@@ -58,8 +58,17 @@ def test_killed_run_resumes_with_same_metrics(workspace, prefect_api, tmp_path):
         "DO_NOT_TRACK": "1",
     }
     log = tmp_path / "killed-run.log"
-    command = [sys.executable, "-m", "flows.pipeline", "--root", str(workspace.root), "--config", str(config_file),
-               "--categories", str(workspace.categories_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "flows.pipeline",
+        "--root",
+        str(workspace.root),
+        "--config",
+        str(config_file),
+        "--categories",
+        str(workspace.categories_file),
+    ]
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
