@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from icm_core import __version__
+from icm_core.base_model import resolve_device
 from icm_core.config import RunConfig, config_fingerprint
 from icm_core.data import Category
 from icm_core.evaluate import gain_recovered
@@ -69,7 +70,10 @@ def run_all(
     log(f"training one CVAE on {len(categories)} categories ({cfg.cvae.epochs} epochs)")
     generator_path = stage_dir(root, "generator", key) / "generator.safetensors"
     generator_ref = timed(
-        "train_generator", lambda: train_generator_stage(lora_dirs, vector_paths, cfg.cvae, generator_path)
+        "train_generator",
+        lambda: train_generator_stage(
+            lora_dirs, vector_paths, cfg.cvae, generator_path, device=str(resolve_device(cfg.model.device))
+        ),
     )
     rows = []
     for category in categories:
