@@ -94,7 +94,8 @@ def cmd_train_generator(args):
     cfg = _config(args)
 
     def on_epoch(epoch: int, row: dict) -> None:
-        if epoch % 50 == 0 or epoch == cfg.cvae.epochs:
+        epoch += 1  # train_cvae counts epochs from 0
+        if epoch % 20 == 0 or epoch == cfg.cvae.epochs:
             print(f"epoch {epoch}/{cfg.cvae.epochs} recon {row['recon']:.5f} kld {row['kld']:.3f}", file=sys.stderr)
 
     _print(

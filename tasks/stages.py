@@ -190,6 +190,7 @@ def train_generator_task(
     inputs = {"loras": loras, "task_vectors": task_vectors, "cvae_cfg": cvae_cfg, "device": device, "root": root}
 
     def on_epoch(epoch: int, row: dict) -> None:
+        epoch += 1  # train_cvae counts epochs from 0
         if epoch % max(1, cvae_cfg.epochs // 10) == 0 or epoch == cvae_cfg.epochs:
             logger.info("cvae epoch %d/%d recon %.5f kld %.3f", epoch, cvae_cfg.epochs, row["recon"], row["kld"])
 
