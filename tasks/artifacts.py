@@ -13,10 +13,13 @@ the stale cache record is dropped so the task runs again instead of handing out 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -130,6 +133,20 @@ def ref_for(stage: str, category: str | None, key: str, folder: Path, manifest: 
     return ArtifactRef(
         stage=stage, category=category, key=key, path=str(folder), sha256=manifest["sha256"], meta=manifest["meta"]
     )
+
+
+@contextmanager
+def output_lock(folder: Path) -> Iterator[None]:
+    """Exclusive lock on one output folder, across threads and processes sharing the artifacts root
+    (``flock`` on ``.<key>.lock`` beside it), so concurrent runs never build the same output twice
+    or write into each other's half-built folder."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def reset_folder(folder: Path) -> None:

@@ -8,6 +8,7 @@ last. Heavy stages hold a per-device slot so a process never runs two of them on
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
 
 from icm_core import stages
 from icm_core.base_model import resolve_device
@@ -32,6 +34,7 @@ from tasks.artifacts import (
     ArtifactCachePolicy,
     ArtifactRef,
     output_dir,
+    output_lock,
     ref_for,
     reset_folder,
     stage_key,
@@ -54,25 +57,40 @@ def device_slot(device: str):
         yield
 
 
+def _log():
+    """The Prefect run logger inside a run, the module logger outside one."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("icm_lora.tasks")
+
+
 def run_stage(
     stage: str,
     category: str | None,
     inputs: dict[str, Any],
     build: Callable[[Path], dict[str, Any]],
 ) -> ArtifactRef:
-    """Reuse a valid output folder for these inputs, or build it and write its manifest."""
+    """Reuse a valid output folder for these inputs, or build it and write its manifest.
+
+    Building holds the folder's lock: a concurrent run with the same inputs waits, then finds the
+    finished folder and reuses it instead of training again.
+    """
     key = stage_key(stage, inputs)
     folder = output_dir(inputs["root"], stage, key, category)
     manifest = valid_output(folder)
     if manifest is None:
-        reset_folder(folder)
-        meta = build(folder)
-        write_manifest(folder, meta)
-        manifest = valid_output(folder)
-        if manifest is None:  # pragma: no cover - only if the disk changed under us
-            raise RuntimeError(f"{folder}: output failed verification right after writing")
-    else:
-        get_run_logger().info("%s: reusing complete artifact %s", stage, folder)
+        with output_lock(folder):
+            manifest = valid_output(folder)  # another run may have finished it while we waited
+            if manifest is None:
+                reset_folder(folder)
+                meta = build(folder)
+                write_manifest(folder, meta)
+                manifest = valid_output(folder)
+                if manifest is None:  # pragma: no cover - only if the disk changed under us
+                    raise RuntimeError(f"{folder}: output failed verification right after writing")
+                return ref_for(stage, category, key, folder, manifest)
+    _log().info("%s: reusing complete artifact %s", stage, folder)
     return ref_for(stage, category, key, folder, manifest)
 
 
