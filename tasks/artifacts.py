@@ -136,12 +136,15 @@ def ref_for(stage: str, category: str | None, key: str, folder: Path, manifest: 
 
 
 @contextmanager
-def output_lock(folder: Path) -> Iterator[None]:
+def output_lock(root: str | Path, folder: Path) -> Iterator[None]:
     """Exclusive lock on one output folder, across threads and processes sharing the artifacts root
-    (``flock`` on ``.<key>.lock`` beside it), so concurrent runs never build the same output twice
-    or write into each other's half-built folder."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "a+") as handle:
+    (``flock`` on ``<root>/.locks/<stage>-<category>-<key>.lock``), so concurrent runs never build the
+    same output twice or write into each other's half-built folder."""
+    root = Path(root).resolve()
+    lock_dir = root / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    name = "-".join(folder.resolve().relative_to(root).parts)
+    with open(lock_dir / f"{name}.lock", "a+") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield

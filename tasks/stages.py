@@ -80,7 +80,7 @@ def run_stage(
     folder = output_dir(inputs["root"], stage, key, category)
     manifest = valid_output(folder)
     if manifest is None:
-        with output_lock(folder):
+        with output_lock(inputs["root"], folder):
             manifest = valid_output(folder)  # another run may have finished it while we waited
             if manifest is None:
                 reset_folder(folder)

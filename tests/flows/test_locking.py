@@ -44,8 +44,8 @@ def test_concurrent_threads_build_once(tmp_path):
 
 def test_concurrent_processes_build_once(tmp_path):
     counter = tmp_path / "builds.txt"
-    queue: multiprocessing.Queue = multiprocessing.get_context("fork").Queue()
-    ctx = multiprocessing.get_context("fork")
+    queue: multiprocessing.Queue = multiprocessing.get_context("spawn").Queue()
+    ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_run, args=(str(tmp_path / "root"), str(counter), queue)) for _ in range(2)]
     for proc in procs:
         proc.start()
