@@ -9,6 +9,7 @@ folder under ``ModelConfig.cache_dir`` and reused from there.
 from __future__ import annotations
 
 import os
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ class ModelLoadError(RuntimeError):
     """The model id or path cannot be loaded; the message names it."""
 
 
+@cache
 def quiet_transformers() -> None:
     """Keep logs readable: no per-load progress bars or deprecation chatter from transformers / peft.
     Errors still surface as exceptions; set TRANSFORMERS_VERBOSITY=info to see everything again."""

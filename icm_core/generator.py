@@ -140,7 +140,8 @@ def train_generator(
     on_epoch: Callable[[int, dict], None] | None = None,
 ) -> tuple[Generator, list[dict], float]:
     """Normalise the dataset, train the CVAE on all categories at once; return (generator, history, seconds)."""
-    # 1) Per-tensor z-score over all checkpoints of all categories; the stats travel with the generator.
+    # 1) Per-tensor z-score (after per-coordinate centring with normalization='coordinate') over all
+    #    checkpoints of all categories; the stats travel with the generator.
     norm = fit_norm_stats(dataset.weights, dataset.layout, center=cfg.normalization == "coordinate")
     weights = normalize(dataset.weights, norm, dataset.layout)
     # 2) Condition normalisation, fitted on the distinct category vectors (not weighted by trajectory length).
