@@ -42,5 +42,5 @@ bench: install
 
 clean:
 	rm -rf artifacts/data artifacts/lora artifacts/task_vectors artifacts/generator artifacts/adapters \
-		artifacts/soup artifacts/pdiff artifacts/pdiff_adapters artifacts/ablations \
+		artifacts/soup artifacts/pdiff artifacts/pdiff_adapters artifacts/ablation_report \
 		artifacts/eval artifacts/report artifacts/.prefect artifacts/latest.json

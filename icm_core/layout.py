@@ -23,6 +23,7 @@ STAGES = (
     "pdiff_adapters",
     "eval",
     "report",
+    "ablation_report",
 )
 
 

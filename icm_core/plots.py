@@ -13,7 +13,7 @@ from icm_core.io import atomic_path
 from icm_core.reporting import METHOD_TITLES, methods_in
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -22,11 +22,11 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         # No timestamp in the file: equal inputs give equal PNG bytes.
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return Path(path)
 
 
@@ -48,7 +48,7 @@ def pca_2d(vectors: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
 
 def plot_task_vectors(vectors: Mapping[str, torch.Tensor], path: str | Path, title: str = "Task vectors") -> Path:
     """2-D PCA map of the task vectors, one labelled point per category."""
-    plt = _pyplot()
+    plt = pyplot()
     names = sorted(vectors)
     coords, shares = pca_2d(torch.stack([vectors[n].float().reshape(-1) for n in names]))
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
@@ -59,14 +59,14 @@ def plot_task_vectors(vectors: Mapping[str, torch.Tensor], path: str | Path, tit
     ax.set_ylabel(f"PC2 ({shares[1]:.0%} of variance)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training_curves(
     cvae_history: Sequence[Mapping[str, Any]], pdiff_history: Mapping[str, Sequence[Mapping[str, Any]]] | None, path
 ) -> Path:
     """ICM-LoRA CVAE reconstruction / KLD per epoch, and COND P-DIFF's autoencoder and DDPM losses."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = 1 + (2 if pdiff_history else 0)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), squeeze=False)
     ax = axes[0][0]
@@ -85,12 +85,12 @@ def plot_training_curves(
         axes[0][2].set(yscale="log", xlabel="step", title="COND P-DIFF latent DDPM (noise MSE)")
     for a in axes[0]:
         a.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_main_bars(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """Grouped bars: each method's PPL relative to the original model, per category (lower is better)."""
-    plt = _pyplot()
+    plt = pyplot()
     methods = methods_in(rows)
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(rows), 4.2))
     width = 0.8 / len(methods)
@@ -107,4 +107,4 @@ def plot_main_bars(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title("Held-out perplexity relative to the original model")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,0 +1,184 @@
+"""The ablation flow: the paper's Tables 4-6 reproduced on our categories with one command.
+
+    python -m flows.ablations                      # defaults below, CPU-sized
+    make ablations                                 # the same
+
+Each variant is a run of the pipeline flow (a subflow, cached like every run), so variants share every
+stage they have in common: the depth and task-vector variants reuse the rank-2 fine-tunes, a rerun is all
+cache hits, and a killed ablation resumes. Variants:
+
+* rank (Table 4): ``lora.rank`` in ``ranks``; one generator per rank; all methods (Model Soup, COND P-DIFF,
+  ICM-LoRA), with storage per rank;
+* depth (Table 5): the CVAE with ``depths`` conv layers, at each of ``depth_ranks``; ICM-LoRA only;
+* source (Table 6): task vectors from ``sources`` (``hidden_state``: Eq. 1; ``description``: the sentence
+  encoder's embedding of the category description, our stand-in for the paper's CLIP text encoder); ICM-LoRA only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.pipeline import icm_pipeline
+from icm_core.config import OFFICIAL_CHANNELS, RunConfig, config_fingerprint, load_run_config
+from icm_core.io import write_json
+from tasks.ablations import ablation_report_task, publish_ablations
+
+
+DEFAULT_CATEGORIES = ("news", "python-docs")
+"""Two categories, as the paper's ablations use two (dog and cat): the ablations cost ~4 pipeline runs."""
+
+
+def channel_plan(depth: int) -> tuple[int, ...]:
+    """The official channel plan shortened to ``depth`` layers: the first half of its up-ramp and the last half
+    of its down-ramp (4 -> 8, 16, 16, 8; 8 -> 8, 16, 32, 64, 64, 32, 16, 8; 12 -> the official plan)."""
+    if not 2 <= depth <= 2 * len(OFFICIAL_CHANNELS):
+        raise ValueError(f"depths: {depth} is outside 2..{2 * len(OFFICIAL_CHANNELS)}")
+    if depth == len(OFFICIAL_CHANNELS):
+        return OFFICIAL_CHANNELS
+    half = len(OFFICIAL_CHANNELS) // 2
+    up, down = OFFICIAL_CHANNELS[:half], OFFICIAL_CHANNELS[half:]
+    first, second = (depth + 1) // 2, depth // 2
+    if first > half:  # deeper than the official plan: repeat its widest layer in the middle
+        return (*up, *[up[-1]] * (depth - 2 * half), *down)
+    return (*up[:first], *down[half - second :])
+
+
+@dataclass(frozen=True)
+class Variant:
+    group: str
+    name: str
+    params: dict[str, Any]
+    config: RunConfig
+
+
+def ablation_variants(
+    base: RunConfig, ranks: list[int], depths: list[int], depth_ranks: list[int], sources: list[str]
+) -> list[Variant]:
+    """The variant configs, without duplicates (a depth-12 variant is the rank variant's own run)."""
+    icm_only = ("base", "lora", "icm_lora")
+    variants = []
+
+    def with_(config: RunConfig, methods: tuple[str, ...] | None = None, **sections: dict[str, Any]) -> RunConfig:
+        """A validated copy (model_copy would skip validation: a rank of 0 must fail here, not mid-run)."""
+        tree = config.model_dump(mode="json")
+        for section, values in sections.items():
+            tree[section].update(values)
+        if methods is not None:
+            tree["methods"] = list(methods)
+        return RunConfig.model_validate(tree)
+
+    for rank in ranks:
+        cfg = with_(base, lora={"rank": rank})
+        variants.append(Variant("rank", f"rank-{rank}", {"rank": rank}, cfg))
+    for rank in depth_ranks:
+        for depth in depths:
+            cfg = with_(base, icm_only, lora={"rank": rank}, cvae={"channels": list(channel_plan(depth))})
+            variants.append(Variant("depth", f"depth-{depth}-rank-{rank}", {"conv layers": depth, "rank": rank}, cfg))
+    for source in sources:
+        cfg = with_(base, icm_only, task_vector={"source": source})
+        variants.append(Variant("source", f"source-{source}", {"task vector": source}, cfg))
+    return variants
+
+
+@flow(name="icm-ablations", log_prints=True)
+def icm_ablations(
+    config: RunConfig = RunConfig(),  # noqa: B008 - pydantic default, shown as a form in the UI
+    categories_file: str | None = None,
+    only: list[str] | None = list(DEFAULT_CATEGORIES),  # noqa: B006 - a parameter default, never mutated
+    ranks: list[int] = [1, 2, 4, 8],  # noqa: B006
+    depths: list[int] = [4, 8, 12],  # noqa: B006
+    depth_ranks: list[int] = [2, 8],  # noqa: B006
+    sources: list[str] = ["hidden_state", "description"],  # noqa: B006
+    root: str = "artifacts",
+) -> dict[str, Any]:
+    """Run the ablation variants as pipeline subflows and write the ablation tables and figure.
+
+    Args:
+        config: The base run config every variant starts from (default: the CPU demo).
+        categories_file: Category file; default: the built-in demo categories.
+        only: Categories to use (default: news and python-docs); None uses all.
+        ranks: LoRA ranks of the rank ablation (Table 4).
+        depths: CVAE conv-layer counts of the depth ablation (Table 5).
+        depth_ranks: LoRA ranks at which the depths are compared.
+        sources: Task-vector sources of Table 6.
+        root: Artifacts root.
+    """
+    logger = get_run_logger()
+    variants = ablation_variants(config, ranks, depths, depth_ranks, sources)
+    done: dict[str, dict[str, Any]] = {}
+    results = []
+    for variant in variants:
+        fingerprint = config_fingerprint(variant.config)
+        if fingerprint not in done:
+            logger.info("ablation variant %s", variant.name)
+            run = icm_pipeline.with_options(flow_run_name=f"ablation-{variant.name}")
+            done[fingerprint] = run(
+                config=variant.config, categories_file=categories_file, only=only, root=root, publish=False
+            )
+        summary = done[fingerprint]
+        results.append(
+            {
+                "group": variant.group,
+                "name": variant.name,
+                "params": variant.params,
+                "rows": [{k: v for k, v in r.items() if k != "adapter_dir"} for r in summary["rows"]],
+                "storage": summary["storage"],
+                "flat_length": summary["generator_meta"]["flat_length"],
+                "report": summary["report"],
+            }
+        )
+    report = ablation_report_task(results, str(Path(root).resolve()))
+    publish_ablations(report)
+    out = {"report": str(report.file("ablations.md")), "summary": report.meta["summary"]}
+    write_json(Path(root) / "latest-ablations.json", out)
+    return out
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the ICM-LoRA ablations (paper Tables 4-6) as one Prefect flow.")
+    parser.add_argument("--config", help="YAML/JSON base run config")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
+    parser.add_argument("--categories", help="category file (default: the built-in demo categories)")
+    parser.add_argument("--only", default=",".join(DEFAULT_CATEGORIES), help="comma-separated categories ('' = all)")
+    parser.add_argument("--ranks", default="1,2,4,8", help="LoRA ranks (Table 4)")
+    parser.add_argument("--depths", default="4,8,12", help="CVAE conv-layer counts (Table 5)")
+    parser.add_argument("--depth-ranks", default="2,8", help="ranks at which depths are compared")
+    parser.add_argument("--sources", default="hidden_state,description", help="task-vector sources (Table 6)")
+    parser.add_argument("--root", default="artifacts", help="artifacts root (default: artifacts)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_run_config(args.config, args.set)
+        ranks, depths, depth_ranks = _ints(args.ranks), _ints(args.depths), _ints(args.depth_ranks)
+        sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+        ablation_variants(cfg, ranks, depths, depth_ranks, sources)  # validate before starting anything
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    only = [n.strip() for n in args.only.split(",") if n.strip()] or None
+    out = icm_ablations(
+        config=cfg,
+        categories_file=args.categories,
+        only=only,
+        ranks=ranks,
+        depths=depths,
+        depth_ranks=depth_ranks,
+        sources=sources,
+        root=args.root,
+    )
+    print(Path(out["report"]).read_text())
+    print(f"ablation report: {out['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

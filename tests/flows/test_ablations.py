@@ -1,0 +1,92 @@
+"""The ablation flow runs pipeline variants as subflows that share cached stages, and writes Tables 4-6."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flows.ablations import ablation_variants, channel_plan, icm_ablations
+from icm_core.config import OFFICIAL_CHANNELS, RunConfig
+from tests.flows.support import CATEGORIES, states_by_name
+
+
+def test_channel_plans():
+    assert channel_plan(12) == OFFICIAL_CHANNELS
+    assert channel_plan(4) == (8, 16, 16, 8)
+    assert len(channel_plan(8)) == 8 and channel_plan(8)[0] == channel_plan(8)[-1] == 8
+    with pytest.raises(ValueError, match="depths"):
+        channel_plan(1)
+
+
+def test_variants_are_validated_and_deduplicated():
+    variants = ablation_variants(RunConfig(), [1, 2], [4, 12], [2], ["hidden_state", "description"])
+    assert [v.name for v in variants] == [
+        "rank-1",
+        "rank-2",
+        "depth-4-rank-2",
+        "depth-12-rank-2",
+        "source-hidden_state",
+        "source-description",
+    ]
+    assert variants[2].config.cvae.channels == (8, 16, 16, 8) and variants[2].config.methods == (
+        "base",
+        "lora",
+        "icm_lora",
+    )
+    assert variants[3].config == variants[4].config  # run once, reported twice
+    with pytest.raises(ValueError, match="task_vector.source"):
+        ablation_variants(RunConfig(), [2], [], [], ["clip-vision"])
+
+
+def test_ablation_flow_writes_tables(workspace):
+    state = icm_ablations(
+        config=workspace.config,
+        categories_file=str(workspace.categories_file),
+        only=None,
+        ranks=[1, 2],
+        depths=[4],
+        depth_ranks=[2],
+        sources=["description"],
+        root=str(workspace.root),
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    out = state.result()
+    text = (workspace.root / "latest-ablations.json").read_text()
+    assert json.loads(text)["report"] == out["report"]
+    report = out["report"]
+    folder = workspace.root / "ablation_report"
+    [md] = folder.glob("*/ablations.md")
+    assert str(md) == report
+    body = md.read_text()
+    for heading in ("LoRA rank (paper Table 4)", "paper Table 5", "paper Table 6"):
+        assert heading in body
+    assert body.count("\n| 1 |") >= 2 and body.count("\n| 2 |") >= 2  # rank rows in Table 4 and storage
+    assert "| 4 | 2 |" in body and "| description |" in body
+    assert (md.parent / "gain_vs_rank.png").read_bytes()[:4] == b"\x89PNG"
+    summary = {row["variant"]: row for row in out["summary"]}
+    assert set(summary) == {"rank-1", "rank-2", "depth-4-rank-2", "source-description"}
+    assert summary["rank-2"]["lora_params"] == 2 * summary["rank-1"]["lora_params"]
+    for name in CATEGORIES:
+        # The depth variant changes only the CVAE: its LoRA PPL is the rank-2 run's.
+        assert summary["depth-4-rank-2"][f"ppl_lora_{name}"] == summary["rank-2"][f"ppl_lora_{name}"]
+        assert (
+            f"ppl_cond_pdiff_{name}" in summary["rank-1"] and f"ppl_cond_pdiff_{name}" not in summary["depth-4-rank-2"]
+        )
+
+    # The subflows share cached stages; a rerun of the whole ablation is all cache hits.
+    again = icm_ablations(
+        config=workspace.config,
+        categories_file=str(workspace.categories_file),
+        only=None,
+        ranks=[1, 2],
+        depths=[4],
+        depth_ranks=[2],
+        sources=["description"],
+        root=str(workspace.root),
+        return_state=True,
+    )
+    assert again.is_completed()
+    assert set(states_by_name(again).values()) == {"Cached"}
+    assert again.result()["summary"] == out["summary"]
