@@ -30,6 +30,7 @@ from icm_core.config import (
     TaskVectorConfig,
 )
 from icm_core.data import Category
+from icm_core.faults import fault_point
 from tasks.artifacts import (
     ArtifactCachePolicy,
     ArtifactRef,
@@ -85,10 +86,12 @@ def run_stage(
             if manifest is None:
                 reset_folder(folder)
                 meta = build(folder)
+                fault_point("stage.before_manifest", folder)
                 write_manifest(folder, meta)
                 manifest = valid_output(folder)
                 if manifest is None:  # pragma: no cover - only if the disk changed under us
                     raise RuntimeError(f"{folder}: output failed verification right after writing")
+                fault_point("stage.after_manifest", folder)
                 return ref_for(stage, category, key, folder, manifest)
     _log().info("%s: reusing complete artifact %s", stage, folder)
     return ref_for(stage, category, key, folder, manifest)
