@@ -14,8 +14,8 @@ writing it would leave it.
 ``ICM_FAULT_MARKER=<file>``: the line ``<point> <target>`` is appended (and fsynced) just before the
 kill, so a test can prove the kill happened at the point it asked for.
 
-``ICM_FAULT_TRACE=<file>``: every hit of every point appends ``<pid> <point> <target>``; tests count
-lines in it (how many times a stage body ran across processes, say).
+``ICM_FAULT_TRACE=<file>``: every hit of every point appends ``<unix time> <pid> <point> <target>``;
+tests count lines in it (how many times a stage body ran across processes, say).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import fnmatch
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 
@@ -35,8 +36,10 @@ POINTS: dict[str, str] = {
     "io.before_rename": "a file's temporary copy is fully written, not yet renamed into place (target: final path)",
     "io.before_sidecar": "a tensor file is in place, its sha256 sidecar not yet written (target: tensor file)",
     "io.folder_before_rename": "a folder's temporary copy is complete, not yet renamed into place (target: folder)",
+    "stage.before_build": "a stage holds its output's lock and starts building it (target: output folder)",
     "stage.before_manifest": "a stage's files are all written, its manifest not yet (target: output folder)",
     "stage.after_manifest": "a stage's manifest is written, Prefect has not yet recorded the result (target: folder)",
+    "stage.reuse": "a stage found its output complete and is about to reuse it (target: output folder)",
     "lora.step": "after each LoRA optimizer step (target: trajectory folder)",
     "cvae.epoch": "after each CVAE training epoch (no target)",
     "evaluate.batch": "after each evaluation batch (no target)",
@@ -61,7 +64,7 @@ def fault_point(name: str, target: str | Path | None = None, temp: str | Path | 
         return
     where = Path(target).as_posix() if target is not None else ""
     if trace:
-        _append(trace, f"{os.getpid()} {name} {where}\n")
+        _append(trace, f"{time.time():.6f} {os.getpid()} {name} {where}\n")
     if not spec:
         return
     point, pattern, nth, torn = parse_spec(spec)

@@ -85,6 +85,7 @@ def run_stage(
             manifest = valid_output(folder)  # another run may have finished it while we waited
             if manifest is None:
                 reset_folder(folder)
+                fault_point("stage.before_build", folder)
                 meta = build(folder)
                 fault_point("stage.before_manifest", folder)
                 write_manifest(folder, meta)
@@ -93,6 +94,7 @@ def run_stage(
                     raise RuntimeError(f"{folder}: output failed verification right after writing")
                 fault_point("stage.after_manifest", folder)
                 return ref_for(stage, category, key, folder, manifest)
+    fault_point("stage.reuse", folder)
     _log().info("%s: reusing complete artifact %s", stage, folder)
     return ref_for(stage, category, key, folder, manifest)
 
