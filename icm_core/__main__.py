@@ -116,7 +116,16 @@ def cmd_sample(args):
     vector = load_task_vector(args.task_vector) if args.task_vector else None
     if vector is None and not args.category:
         raise ValueError("sample: give --category or --task-vector")
-    _print(sample_adapter(args.generator, args.out, cfg.sample, category=args.category, task_vector=vector))
+    _print(
+        sample_adapter(
+            args.generator,
+            args.out,
+            cfg.sample,
+            category=args.category,
+            task_vector=vector,
+            task_vector_source=args.task_vector,
+        )
+    )
 
 
 def cmd_evaluate(args):

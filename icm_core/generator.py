@@ -114,10 +114,13 @@ class Generator:
         return self.model.cond_dim
 
     @torch.no_grad()
-    def generate(self, task_vector: torch.Tensor, cfg: SampleConfig | None = None) -> dict[str, torch.Tensor]:
-        """z ~ N(0, I) + task vector -> LoRA state dict (peft key names)."""
+    def generate(
+        self, task_vector: torch.Tensor, cfg: SampleConfig | None = None, where: str | Path = "task vector"
+    ) -> dict[str, torch.Tensor]:
+        """z ~ N(0, I) + task vector -> LoRA state dict (peft key names). ``where`` names the vector's source
+        (its file, say) in errors."""
         cfg = cfg or SampleConfig()
-        task_vector = check_task_vector(task_vector, self.cond_dim)
+        task_vector = check_task_vector(task_vector, self.cond_dim, where)
         rng = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.model.eval()
         device = next(self.model.parameters()).device

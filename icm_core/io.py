@@ -207,7 +207,15 @@ def load_tensors(path: str | Path, verify: bool = True) -> tuple[dict[str, torch
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
         raise ArtifactError(f"{path}: cannot read safetensors ({exc})") from exc
+    check_finite(tensors, path)
     return tensors, meta
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Refuse weights with NaN or Inf (a diverged run, a broken export), naming the file and the tensor."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{where}: tensor {name!r} contains NaN or Inf")
 
 
 def check_safetensors_file(path: str | Path) -> None:

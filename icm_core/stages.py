@@ -142,12 +142,14 @@ def sample_adapter(
     sample_cfg: SampleConfig,
     category: str | None = None,
     task_vector: torch.Tensor | None = None,
+    task_vector_source: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Generate an adapter folder for a known category or for a given task vector."""
+    """Generate an adapter folder for a known category or for a given task vector (``task_vector_source``,
+    its file, is named in errors)."""
     generator = load_generator(generator_path)
     started = time.perf_counter()
     if task_vector is not None:
-        state = generator.generate(task_vector, sample_cfg)
+        state = generator.generate(task_vector, sample_cfg, where=task_vector_source or "task vector")
     elif category is not None:
         state = generator.generate_for(category, sample_cfg)
     else:

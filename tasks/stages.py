@@ -19,7 +19,7 @@ from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 
 from icm_core import stages
-from icm_core.base_model import resolve_device
+from icm_core.base_model import ModelLoadError, resolve_device
 from icm_core.config import (
     CVAEConfig,
     DataConfig,
@@ -31,6 +31,7 @@ from icm_core.config import (
 )
 from icm_core.data import Category
 from icm_core.faults import fault_point
+from icm_core.io import ArtifactError
 from tasks.artifacts import (
     ArtifactCachePolicy,
     ArtifactRef,
@@ -101,6 +102,14 @@ def run_stage(
 
 TASK_DEFAULTS: dict[str, Any] = {"persist_result": True, "result_serializer": "json"}
 
+BAD_INPUT_ERRORS = (ValueError, ModelLoadError, ArtifactError, FloatingPointError)
+"""Failures that a retry would only repeat later: bad input, a broken artifact, a diverged run."""
+
+
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry transient failures (I/O, out of memory), not bad input."""
+    return not isinstance(state.data, BAD_INPUT_ERRORS)
+
 
 @task(
     name="prepare-data",
@@ -121,6 +130,7 @@ def prepare_data_task(category: Category, source_sha256: str, data_cfg: DataConf
     task_run_name="lora-{category}",
     cache_policy=ArtifactCachePolicy("lora"),
     retries=1,
+    retry_condition_fn=retry_unless_bad_input,
     retry_delay_seconds=5,
     **TASK_DEFAULTS,
 )
@@ -160,6 +170,7 @@ def finetune_task(
     task_run_name="task-vector-{category.name}",
     cache_policy=ArtifactCachePolicy("task_vectors"),
     retries=1,
+    retry_condition_fn=retry_unless_bad_input,
     **TASK_DEFAULTS,
 )
 def task_vector_task(
@@ -203,6 +214,7 @@ def task_vector_task(
     task_run_name="train-cvae",
     cache_policy=ArtifactCachePolicy("generator", category_arg=None),
     retries=1,
+    retry_condition_fn=retry_unless_bad_input,
     **TASK_DEFAULTS,
 )
 def train_generator_task(
@@ -254,6 +266,7 @@ def sample_adapter_task(category: str, generator: ArtifactRef, sample_cfg: Sampl
     task_run_name="eval-{category}-{method}",
     cache_policy=ArtifactCachePolicy("eval"),
     retries=1,
+    retry_condition_fn=retry_unless_bad_input,
     **TASK_DEFAULTS,
 )
 def evaluate_task(
