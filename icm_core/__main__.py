@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
-        print(f"icm-lora {args.command}: error: {exc}", file=sys.stderr)
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # str(KeyError) adds quotes
+        print(f"icm-lora {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -46,9 +46,12 @@ class GeneratorDataset:
 
 
 def build_dataset(
-    checkpoints: Mapping[str, Sequence[Mapping[str, torch.Tensor]]], task_vectors: Mapping[str, torch.Tensor]
+    checkpoints: Mapping[str, Sequence[Mapping[str, torch.Tensor]]],
+    task_vectors: Mapping[str, torch.Tensor],
+    sources: Mapping[str, Sequence[str | Path]] | None = None,
 ) -> GeneratorDataset:
-    """Flatten every checkpoint of every category; all must share one layout (same keys and ranks)."""
+    """Flatten every checkpoint of every category; all must share one layout (same keys and ranks).
+    ``sources`` (the checkpoint files, per category) names the offending file in errors."""
     if not checkpoints:
         raise ValueError("no categories: the generator needs at least one trajectory")
     missing = sorted(set(checkpoints) - set(task_vectors))
@@ -67,7 +70,10 @@ def build_dataset(
         if not checkpoints[name]:
             raise ValueError(f"category {name!r}: empty trajectory")
         for i, state in enumerate(checkpoints[name]):
-            check_layout(state, layout, where=f"category {name!r} checkpoint {i}")
+            where = f"category {name!r} checkpoint {i}"
+            if sources is not None:
+                where = f"{sources[name][i]} ({where})"
+            check_layout(state, layout, where=where)
             rows.append(flatten_lora(state, layout)[0])
             conds.append(task_vectors[name].float())
             owners.append(name)

@@ -120,7 +120,9 @@ def train_generator_stage(
     """Train one CVAE on the trajectories of all categories and save the generator artifact."""
     checkpoints = {name: load_trajectory_checkpoints(folder) for name, folder in trajectory_dirs.items()}
     vectors = {name: load_task_vector(path) for name, path in task_vector_paths.items()}
-    dataset = build_dataset(checkpoints, vectors)
+    trajectories = {name: read_trajectory(folder) for name, folder in trajectory_dirs.items()}
+    files = {name: [t.folder / f for f in t.files] for name, t in trajectories.items()}  # named in layout errors
+    dataset = build_dataset(checkpoints, vectors, sources=files)
     adapter_configs = {name: read_trajectory(folder).adapter_config for name, folder in trajectory_dirs.items()}
     first = next(iter(adapter_configs.values()))
     generator, history, seconds = train_generator(dataset, cvae_cfg, first, device=device, on_epoch=on_epoch)

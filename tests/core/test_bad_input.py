@@ -238,17 +238,17 @@ def non_utf8_text(inputs, tmp):
 def checkpoints_with_different_ranks(inputs, tmp):
     lora = copy_tree(inputs.lora, tmp / "lora")
     other = load_file(str(sorted(inputs.lora_rank4.glob("checkpoint-*.safetensors"))[-1]))
-    replace_checkpoint(lora, 1, other)
+    path = replace_checkpoint(lora, 1, other)
     out = tmp / "generator.safetensors"
-    return train_generator_args(inputs, lora, out), ["'mill' checkpoint 1", "different LoRA ranks"], [out]
+    return train_generator_args(inputs, lora, out), [str(path), "'mill' checkpoint 1", "different LoRA ranks"], [out]
 
 
 def checkpoints_with_different_target_modules(inputs, tmp):
     lora = copy_tree(inputs.lora, tmp / "lora")
     other = load_file(str(sorted(inputs.lora_q_only.glob("checkpoint-*.safetensors"))[-1]))
-    replace_checkpoint(lora, 1, other)
+    path = replace_checkpoint(lora, 1, other)
     out = tmp / "generator.safetensors"
-    return train_generator_args(inputs, lora, out), ["'mill' checkpoint 1", "different target modules"], [out]
+    return train_generator_args(inputs, lora, out), [str(path), "different target modules"], [out]
 
 
 def nan_in_checkpoint(inputs, tmp):
@@ -388,7 +388,7 @@ def truncated_generator(inputs, tmp):
 def unknown_category(inputs, tmp):
     out = tmp / "adapter"
     argv = ["sample", "--config", str(inputs.config), "--generator", str(inputs.generator), "--category", "../mill"]
-    return argv + ["--out", str(out)], ["'../mill'", "not known to this generator"], [out]
+    return argv + ["--out", str(out)], ["category '../mill' is not known to this generator"], [out]
 
 
 CASES: dict[str, Case] = {
