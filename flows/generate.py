@@ -44,7 +44,9 @@ def generate_task(
         vector = text_task_vector(description, TextEncoder(text_encoder))
     else:
         vector = None
-    return sample_adapter(generator, out, sample_cfg, category=category, task_vector=vector)
+    return sample_adapter(
+        generator, out, sample_cfg, category=category, task_vector=vector, task_vector_source=task_vector_file
+    )
 
 
 def _run_name() -> str:

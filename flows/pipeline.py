@@ -221,7 +221,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     only = [n.strip() for n in args.only.split(",")] if args.only else None
-    summary = icm_pipeline(config=cfg, categories_file=args.categories, only=only, root=args.root)
+    try:
+        select_categories(args.categories, only)  # a bad category file fails here, before any flow run starts
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = icm_pipeline(config=cfg, categories_file=args.categories, only=only, root=args.root)
+    except (ValueError, RuntimeError, OSError) as exc:  # CategoryFailed, DataError, ModelLoadError, ArtifactError
+        print(f"error: pipeline run failed: {exc}", file=sys.stderr)
+        return 1
     print()
     print(format_table(summary["rows"]))
     print()

@@ -116,7 +116,16 @@ def cmd_sample(args):
     vector = load_task_vector(args.task_vector) if args.task_vector else None
     if vector is None and not args.category:
         raise ValueError("sample: give --category or --task-vector")
-    _print(sample_adapter(args.generator, args.out, cfg.sample, category=args.category, task_vector=vector))
+    _print(
+        sample_adapter(
+            args.generator,
+            args.out,
+            cfg.sample,
+            category=args.category,
+            task_vector=vector,
+            task_vector_source=args.task_vector,
+        )
+    )
 
 
 def cmd_evaluate(args):
@@ -223,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
-        print(f"icm-lora {args.command}: error: {exc}", file=sys.stderr)
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # str(KeyError) adds quotes
+        print(f"icm-lora {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -10,11 +10,12 @@ from typing import Any
 import torch
 
 from icm_core.config import LoraTrainConfig
-from icm_core.io import ArtifactError, atomic_folder, check_safetensors_file, sha256_file
+from icm_core.io import ArtifactError, atomic_folder, check_finite, check_safetensors_file, sha256_file
 
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_WEIGHTS = "adapter_model.bin"
 
 
 def lora_config_for(model: torch.nn.Module, cfg: LoraTrainConfig, base_model_id: str):
@@ -82,8 +83,21 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not config_path.is_file():
         raise ArtifactError(f"{config_path}: missing; not a PEFT adapter folder")
+    if not weights_path.is_file() and (folder / PICKLE_WEIGHTS).is_file():
+        raise ArtifactError(
+            f"{folder / PICKLE_WEIGHTS}: adapter weights are a pickle; pickles are never loaded. Convert them to "
+            f"{ADAPTER_WEIGHTS} (safetensors) first"
+        )
     check_safetensors_file(weights_path)
-    return load_file(str(weights_path)), json.loads(config_path.read_text())
+    try:
+        weights = load_file(str(weights_path))
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{config_path}: not valid JSON ({exc})") from exc
+    except Exception as exc:  # safetensors raises its own error types
+        raise ArtifactError(f"{weights_path}: cannot read safetensors ({exc})") from exc
+    check_finite(weights, weights_path)
+    return weights, config
 
 
 def adapter_sha256(folder: str | Path) -> str:

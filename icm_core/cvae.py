@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from icm_core.config import CVAEConfig
+from icm_core.faults import fault_point
 
 
 __all__ = [
@@ -383,6 +384,7 @@ def train_cvae(
             if not all(math.isfinite(row[key]) for key in ("loss", "recon", "kld")):
                 raise FloatingPointError(f"CVAE training diverged at epoch {epoch}: {row}")
             history.append(row)
+            fault_point("cvae.epoch")
             if on_epoch is not None:
                 on_epoch(epoch, row)
 

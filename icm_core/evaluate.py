@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from icm_core.config import EvalConfig
+from icm_core.faults import fault_point
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ def score_blocks(model: torch.nn.Module, blocks: EvalBlocks, batch_size: int = 8
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
             nll_total += nll.item()
             token_total += batch[:, 1:].numel()
+            fault_point("evaluate.batch")
     finally:
         model.train(was_training)
     chars = int(blocks.target_chars.sum())

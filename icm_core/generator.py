@@ -46,9 +46,12 @@ class GeneratorDataset:
 
 
 def build_dataset(
-    checkpoints: Mapping[str, Sequence[Mapping[str, torch.Tensor]]], task_vectors: Mapping[str, torch.Tensor]
+    checkpoints: Mapping[str, Sequence[Mapping[str, torch.Tensor]]],
+    task_vectors: Mapping[str, torch.Tensor],
+    sources: Mapping[str, Sequence[str | Path]] | None = None,
 ) -> GeneratorDataset:
-    """Flatten every checkpoint of every category; all must share one layout (same keys and ranks)."""
+    """Flatten every checkpoint of every category; all must share one layout (same keys and ranks).
+    ``sources`` (the checkpoint files, per category) names the offending file in errors."""
     if not checkpoints:
         raise ValueError("no categories: the generator needs at least one trajectory")
     missing = sorted(set(checkpoints) - set(task_vectors))
@@ -67,7 +70,10 @@ def build_dataset(
         if not checkpoints[name]:
             raise ValueError(f"category {name!r}: empty trajectory")
         for i, state in enumerate(checkpoints[name]):
-            check_layout(state, layout, where=f"category {name!r} checkpoint {i}")
+            where = f"category {name!r} checkpoint {i}"
+            if sources is not None:
+                where = f"{sources[name][i]} ({where})"
+            check_layout(state, layout, where=where)
             rows.append(flatten_lora(state, layout)[0])
             conds.append(task_vectors[name].float())
             owners.append(name)
@@ -114,10 +120,13 @@ class Generator:
         return self.model.cond_dim
 
     @torch.no_grad()
-    def generate(self, task_vector: torch.Tensor, cfg: SampleConfig | None = None) -> dict[str, torch.Tensor]:
-        """z ~ N(0, I) + task vector -> LoRA state dict (peft key names)."""
+    def generate(
+        self, task_vector: torch.Tensor, cfg: SampleConfig | None = None, where: str | Path = "task vector"
+    ) -> dict[str, torch.Tensor]:
+        """z ~ N(0, I) + task vector -> LoRA state dict (peft key names). ``where`` names the vector's source
+        (its file, say) in errors."""
         cfg = cfg or SampleConfig()
-        task_vector = check_task_vector(task_vector, self.cond_dim)
+        task_vector = check_task_vector(task_vector, self.cond_dim, where)
         rng = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.model.eval()
         device = next(self.model.parameters()).device

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from icm_core.faults import fault_point
+
 
 class ArtifactError(RuntimeError):
     """An artifact is missing, truncated, corrupted or of the wrong kind. The message names the file."""
@@ -66,6 +68,7 @@ def atomic_path(final_path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp_name)
     try:
         yield tmp_path
+        fault_point("io.before_rename", final_path, temp=tmp_path)
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, final_path)
@@ -101,6 +104,7 @@ def atomic_folder(final_dir: str | Path, replace: bool = True) -> Iterator[Path]
     tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
     try:
         yield tmp
+        fault_point("io.folder_before_rename", final_dir)
         if not final_dir.exists():
             tmp.rename(final_dir)
         elif replace:
@@ -170,6 +174,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ArtifactError(f"{path}: tensor {name!r} contains NaN or Inf; refusing to save it")
     atomic_write(path, lambda tmp: save_file(contiguous, str(tmp)))
+    fault_point("io.before_sidecar", path)
     digest = sha256_file(path)
     write_json(sidecar_path(path), {"file": path.name, "sha256": digest, "meta": meta or {}})
     return digest
@@ -202,7 +207,15 @@ def load_tensors(path: str | Path, verify: bool = True) -> tuple[dict[str, torch
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
         raise ArtifactError(f"{path}: cannot read safetensors ({exc})") from exc
+    check_finite(tensors, path)
     return tensors, meta
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Refuse weights with NaN or Inf (a diverged run, a broken export), naming the file and the tensor."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{where}: tensor {name!r} contains NaN or Inf")
 
 
 def check_safetensors_file(path: str | Path) -> None:

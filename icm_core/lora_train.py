@@ -17,6 +17,7 @@ import torch
 
 from icm_core.adapters import adapter_config_dict, lora_config_for, lora_state_dict, write_adapter
 from icm_core.config import LoraTrainConfig
+from icm_core.faults import fault_point
 from icm_core.io import ArtifactError, load_tensors, read_json, save_tensors, verify_file, write_json
 
 
@@ -109,6 +110,7 @@ def train_lora(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         losses.append(loss.item())
+        fault_point("lora.step", out_dir)
         if on_step is not None:
             on_step(step, loss.item())
         # 3) Keep the last checkpoints: they are the generator's training data.

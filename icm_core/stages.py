@@ -124,7 +124,9 @@ def train_generator_stage(
     """Train one CVAE on the trajectories of all categories and save the generator artifact."""
     checkpoints = {name: load_trajectory_checkpoints(folder) for name, folder in trajectory_dirs.items()}
     vectors = {name: load_task_vector(path) for name, path in task_vector_paths.items()}
-    dataset = build_dataset(checkpoints, vectors)
+    trajectories = {name: read_trajectory(folder) for name, folder in trajectory_dirs.items()}
+    files = {name: [t.folder / f for f in t.files] for name, t in trajectories.items()}  # named in layout errors
+    dataset = build_dataset(checkpoints, vectors, sources=files)
     adapter_configs = {name: read_trajectory(folder).adapter_config for name, folder in trajectory_dirs.items()}
     first = next(iter(adapter_configs.values()))
     generator, history, seconds = train_generator(dataset, cvae_cfg, first, device=device, on_epoch=on_epoch)
@@ -146,12 +148,14 @@ def sample_adapter(
     sample_cfg: SampleConfig,
     category: str | None = None,
     task_vector: torch.Tensor | None = None,
+    task_vector_source: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Generate an adapter folder for a known category or for a given task vector."""
+    """Generate an adapter folder for a known category or for a given task vector (``task_vector_source``,
+    its file, is named in errors)."""
     generator = load_generator(generator_path)
     started = time.perf_counter()
     if task_vector is not None:
-        state = generator.generate(task_vector, sample_cfg)
+        state = generator.generate(task_vector, sample_cfg, where=task_vector_source or "task vector")
     elif category is not None:
         state = generator.generate_for(category, sample_cfg)
     else:

@@ -19,7 +19,7 @@ from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 
 from icm_core import stages
-from icm_core.base_model import resolve_device
+from icm_core.base_model import ModelLoadError, resolve_device
 from icm_core.config import (
     CVAEConfig,
     DataConfig,
@@ -32,6 +32,8 @@ from icm_core.config import (
     TaskVectorConfig,
 )
 from icm_core.data import Category
+from icm_core.faults import fault_point
+from icm_core.io import ArtifactError
 from tasks.artifacts import (
     ArtifactCachePolicy,
     ArtifactRef,
@@ -86,17 +88,29 @@ def run_stage(
             manifest = valid_output(folder)  # another run may have finished it while we waited
             if manifest is None:
                 reset_folder(folder)
+                fault_point("stage.before_build", folder)
                 meta = build(folder)
+                fault_point("stage.before_manifest", folder)
                 write_manifest(folder, meta)
                 manifest = valid_output(folder)
                 if manifest is None:  # pragma: no cover - only if the disk changed under us
                     raise RuntimeError(f"{folder}: output failed verification right after writing")
+                fault_point("stage.after_manifest", folder)
                 return ref_for(stage, category, key, folder, manifest)
+    fault_point("stage.reuse", folder)
     _log().info("%s: reusing complete artifact %s", stage, folder)
     return ref_for(stage, category, key, folder, manifest)
 
 
 TASK_DEFAULTS: dict[str, Any] = {"persist_result": True, "result_serializer": "json"}
+
+BAD_INPUT_ERRORS = (ValueError, ModelLoadError, ArtifactError, FloatingPointError)
+"""Failures that a retry would only repeat later: bad input, a broken artifact, a diverged run."""
+
+
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry transient failures (I/O, out of memory), not bad input."""
+    return not isinstance(state.data, BAD_INPUT_ERRORS)
 
 
 @task(
@@ -118,6 +132,7 @@ def prepare_data_task(category: Category, source_sha256: str, data_cfg: DataConf
     task_run_name="lora-{category}",
     cache_policy=ArtifactCachePolicy("lora"),
     retries=1,
+    retry_condition_fn=retry_unless_bad_input,
     retry_delay_seconds=5,
     **TASK_DEFAULTS,
 )
@@ -157,6 +172,7 @@ def finetune_task(
     task_run_name="task-vector-{category.name}",
     cache_policy=ArtifactCachePolicy("task_vectors"),
     retries=1,
+    retry_condition_fn=retry_unless_bad_input,
     **TASK_DEFAULTS,
 )
 def task_vector_task(
@@ -200,6 +216,7 @@ def task_vector_task(
     task_run_name="train-cvae",
     cache_policy=ArtifactCachePolicy("generator", category_arg=None),
     retries=1,
+    retry_condition_fn=retry_unless_bad_input,
     **TASK_DEFAULTS,
 )
 def train_generator_task(
@@ -327,6 +344,7 @@ def sample_pdiff_task(category: str, pdiff: ArtifactRef, sample_cfg: SampleConfi
     task_run_name="eval-{category}-{method}",
     cache_policy=ArtifactCachePolicy("eval"),
     retries=1,
+    retry_condition_fn=retry_unless_bad_input,
     **TASK_DEFAULTS,
 )
 def evaluate_task(
