@@ -30,9 +30,11 @@ from icm_core.config import (
     TaskVectorConfig,
 )
 from icm_core.data import Category
+from icm_core.io import ArtifactError
 from tasks.artifacts import (
     ArtifactCachePolicy,
     ArtifactRef,
+    localize,
     output_dir,
     output_lock,
     ref_for,
@@ -41,6 +43,7 @@ from tasks.artifacts import (
     valid_output,
     write_manifest,
 )
+from tasks.store import fetch, is_remote, publish, remote_manifest
 
 
 _device_locks: dict[str, threading.Lock] = {}
@@ -76,12 +79,17 @@ def run_stage(
     Building holds the folder's lock: a concurrent run with the same inputs waits, then finds the
     finished folder and reuses it instead of training again.
     """
+    root = inputs["root"]
     key = stage_key(stage, inputs)
-    folder = output_dir(inputs["root"], stage, key, category)
+    folder = output_dir(root, stage, key, category)
     manifest = valid_output(folder)
     if manifest is None:
-        with output_lock(inputs["root"], folder):
+        with output_lock(root, folder):
             manifest = valid_output(folder)  # another run may have finished it while we waited
+            if manifest is None and is_remote(root) and _fetch_published(root, folder):
+                manifest = valid_output(folder)
+                _log().info("%s: fetched published artifact %s from %s", stage, folder.name, root)
+                return ref_for(stage, category, key, folder, manifest)
             if manifest is None:
                 reset_folder(folder)
                 meta = build(folder)
@@ -89,9 +97,22 @@ def run_stage(
                 manifest = valid_output(folder)
                 if manifest is None:  # pragma: no cover - only if the disk changed under us
                     raise RuntimeError(f"{folder}: output failed verification right after writing")
+                if is_remote(root):
+                    publish(root, folder, manifest)
                 return ref_for(stage, category, key, folder, manifest)
+    if is_remote(root) and remote_manifest(root, folder) is None:
+        publish(root, folder, manifest)  # built here before the remote copy was lost (or never published)
     _log().info("%s: reusing complete artifact %s", stage, folder)
     return ref_for(stage, category, key, folder, manifest)
+
+
+def _fetch_published(root: str, folder: Path) -> bool:
+    """Fetch a published output; a corrupted remote copy is logged and rebuilt (then republished)."""
+    try:
+        return fetch(root, folder)
+    except ArtifactError as exc:
+        _log().warning("rebuilding: %s", exc)
+        return False
 
 
 TASK_DEFAULTS: dict[str, Any] = {"persist_result": True, "result_serializer": "json"}
@@ -144,7 +165,8 @@ def finetune_task(
 
     def build(out: Path) -> dict[str, Any]:
         with device_slot(model_cfg.device):
-            result = stages.finetune_lora(data.file("splits"), model_cfg, data_cfg, lora_cfg, out, on_step=on_step)
+            splits = localize(data, root).file("splits")
+            result = stages.finetune_lora(splits, model_cfg, data_cfg, lora_cfg, out, on_step=on_step)
         return {k: result[k] for k in ("checkpoints", "final_loss", "train_blocks", "seconds", "adapter_sha256")}
 
     return run_stage("lora", category, inputs, build)
@@ -178,11 +200,12 @@ def task_vector_task(
     }
 
     def build(out: Path) -> dict[str, Any]:
+        splits, lora_dir = localize(data, root).file("splits"), lora and localize(lora, root).folder
         with device_slot(model_cfg.device):
             result = stages.compute_task_vector(
                 category,
-                data.file("splits"),
-                lora.folder if lora else None,
+                splits,
+                lora_dir,
                 model_cfg,
                 data_cfg,
                 tv_cfg,
@@ -213,10 +236,12 @@ def train_generator_task(
             logger.info("cvae epoch %d/%d recon %.5f kld %.3f", epoch, cvae_cfg.epochs, row["recon"], row["kld"])
 
     def build(out: Path) -> dict[str, Any]:
+        lora_dirs = {name: localize(ref, root).folder for name, ref in loras.items()}
+        vector_files = {n: localize(ref, root).file("task_vector.safetensors") for n, ref in task_vectors.items()}
         with device_slot(device):
             result = stages.train_generator_stage(
-                {name: ref.folder for name, ref in loras.items()},
-                {name: ref.file("task_vector.safetensors") for name, ref in task_vectors.items()},
+                lora_dirs,
+                vector_files,
                 cvae_cfg,
                 out / "generator.safetensors",
                 device=str(resolve_device(device)),
@@ -238,7 +263,8 @@ def sample_adapter_task(category: str, generator: ArtifactRef, sample_cfg: Sampl
     inputs = {"category": category, "generator": generator, "sample_cfg": sample_cfg, "root": root}
 
     def build(out: Path) -> dict[str, Any]:
-        result = stages.sample_adapter(generator.file("generator.safetensors"), out / "adapter", sample_cfg, category)
+        generator_file = localize(generator, root).file("generator.safetensors")
+        result = stages.sample_adapter(generator_file, out / "adapter", sample_cfg, category)
         return {"seconds": result["seconds"], "adapter_sha256": result["adapter_sha256"]}
 
     return run_stage("adapters", category, inputs, build)
@@ -274,10 +300,11 @@ def evaluate_task(
     }
 
     def build(out: Path) -> dict[str, Any]:
-        adapter_dir = adapter.file("adapter") if adapter is not None else None
+        adapter_dir = localize(adapter, root).file("adapter") if adapter is not None else None
+        splits = localize(data, root).file("splits")
         with device_slot(model_cfg.device):
             score = stages.evaluate_adapter(
-                data.file("splits"), adapter_dir, model_cfg, data_cfg, eval_cfg, out / "metrics.json"
+                splits, adapter_dir, model_cfg, data_cfg, eval_cfg, out / "metrics.json"
             )
         return {"method": method, **{k: score[k] for k in ("ppl", "bpc", "tokens", "chars", "nll_nats")}}
 
