@@ -9,13 +9,17 @@ last. Heavy stages hold a per-device slot so a process never runs two of them on
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import get_run_logger, task
+from prefect.concurrency.sync import concurrency
 from prefect.exceptions import MissingContextError
 
 from icm_core import stages
@@ -50,14 +54,41 @@ _device_locks: dict[str, threading.Lock] = {}
 _device_locks_guard = threading.Lock()
 
 
+GPU_LIMIT_ENV = "ICM_GPU_LIMIT"
+"""Name template of the Prefect global concurrency limit per GPU (``{host}``, ``{index}``: the physical GPU
+index, after CUDA_VISIBLE_DEVICES); ``off`` disables it. Default ``gpu-{host}-{index}``."""
+
+
+def gpu_limit_name(device: torch.device) -> str | None:
+    """The global concurrency limit that guards ``device`` across processes, or None (CPU, or disabled)."""
+    template = os.environ.get(GPU_LIMIT_ENV, "gpu-{host}-{index}").strip()
+    if device.type != "cuda" or template in ("", "off"):
+        return None
+    index = device.index or 0
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    physical = visible[index] if index < len(visible) else str(index)
+    return template.format(host=socket.gethostname().split(".")[0], index=physical)
+
+
 @contextmanager
 def device_slot(device: str):
-    """One heavy stage per device per process: fanned-out tasks queue here instead of oversubscribing."""
-    name = str(resolve_device(device))
+    """One heavy stage per device at a time: fanned-out tasks queue here instead of oversubscribing it.
+
+    Within a process a lock per device does it. A GPU is also guarded across processes and machines (Dask
+    or Ray workers, several Prefect workers on one host) by a Prefect global concurrency limit named
+    :func:`gpu_limit_name` (create it with ``prefect gcl create gpu-<host>-<index> --limit 1``; while it
+    does not exist Prefect only warns and the per-process lock is the only guard).
+    """
+    resolved = resolve_device(device)
     with _device_locks_guard:
-        lock = _device_locks.setdefault(name, threading.Lock())
+        lock = _device_locks.setdefault(str(resolved), threading.Lock())
+    limit = gpu_limit_name(resolved)
     with lock:
-        yield
+        if limit is None:
+            yield
+            return
+        with concurrency(limit, occupy=1, strict=False):
+            yield
 
 
 def _log():

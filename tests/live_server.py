@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +74,29 @@ class LiveServer:
         )
         env.update(extra)
         return env
+
+    @contextmanager
+    def connected(self, settings: dict | None = None) -> Iterator[None]:
+        """Talk to this server from this process (flow runs, events, logs), then to whatever came before.
+
+        Prefect's event and log workers are per-process singletons bound to the API they first talked to
+        (the flow tests' temporary server, say); they are drained on the way in and out so they reconnect.
+        """
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        def reconnect() -> None:
+            EventsWorker.drain_all()
+            APILogWorker.drain_all()
+
+        reconnect()
+        try:
+            with temporary_settings({PREFECT_API_URL: self.api_url, **(settings or {})}):
+                yield
+                reconnect()  # deliver this server's events and logs while it is still the API
+        finally:
+            reconnect()
 
     def spawn(self, args: list[str], log: Path, **env: str) -> subprocess.Popen:
         """Start a long-running subprocess (e.g. a worker) that is stopped with the server."""

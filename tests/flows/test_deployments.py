@@ -66,7 +66,6 @@ def test_gpu_and_cpu_pools():
 def test_deploy_all_against_a_local_server(live_server, monkeypatch):
     """`prefect deploy --all --no-prompt` registers every deployment, its pool, schedule and trigger."""
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     monkeypatch.chdir(REPO)
     specs = deployments()
@@ -74,7 +73,7 @@ def test_deploy_all_against_a_local_server(live_server, monkeypatch):
         live_server.cli("work-pool", "create", pool, "--type", "process", "--overwrite")
     live_server.cli("deploy", "--all", "--no-prompt", timeout=300)
 
-    with temporary_settings({PREFECT_API_URL: live_server.api_url}), get_client(sync_client=True) as client:
+    with live_server.connected(), get_client(sync_client=True) as client:
         created = []
         try:
             for spec in specs:

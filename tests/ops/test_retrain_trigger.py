@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
 from flows.pipeline import icm_pipeline
 from flows.registry import scan_categories
@@ -46,9 +46,9 @@ def test_new_category_retrains_only_that_category(live_server, tiny_base_dir, tm
     add_category(registry, "recipes", recipe_text())
     add_category(registry, "forecast", forecast_text())
     config = tiny_run_config(tiny_base_dir)
-    settings = {PREFECT_API_URL: live_server.api_url, PREFECT_RESULTS_LOCAL_STORAGE_PATH: results}
+    settings = {PREFECT_RESULTS_LOCAL_STORAGE_PATH: results}
 
-    with temporary_settings(settings):
+    with live_server.connected(settings):
         # 1. The existing categories are trained, and the scan records them as the baseline.
         first = icm_pipeline(config=config, categories_file=str(registry), root=str(root), return_state=True)
         assert first.is_completed(), first.message
@@ -64,7 +64,7 @@ def test_new_category_retrains_only_that_category(live_server, tiny_base_dir, tm
         PREFECT_WORKER_QUERY_SECONDS="1",
     )
     try:
-        with temporary_settings(settings):
+        with live_server.connected(settings):
             # 3. A category appears in the registry; the next scan emits icm.category.added.
             add_category(registry, "inventory", inventory_text())
             assert scan_categories(registry=str(registry), root=str(root))["added"] == ["inventory"]
