@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import uuid
 
 import fsspec
 import pytest
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
+from flows.generate import latest_generator
 from icm_core.io import ArtifactError, read_json
 from tasks.artifacts import ArtifactRef, localize
 from tasks.store import CACHE_ENV, local_root, normalize_root
@@ -51,6 +53,13 @@ def test_fresh_machine_reuses_published_artifacts(workspace, tmp_path, monkeypat
     assert after == before
     assert len(list(machine_b.glob("*/**/manifest.json"))) == len(manifests)  # fetched and verified
     assert metrics(second) == metrics(first)
+
+    # A third machine generates adapters from the latest generator on the shared root (the second machine's
+    # disk, where latest.json's path points, is not there).
+    shutil.rmtree(machine_b)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "machine-c"))
+    generator = latest_generator(url)
+    assert generator.is_file() and generator.is_relative_to(local_root(url))
 
 
 def test_corrupted_remote_output_is_rejected(tmp_path, monkeypatch):
