@@ -20,6 +20,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 from prefect import flow, unmapped
@@ -68,12 +69,33 @@ def stage_seconds(root: Path, stage: str) -> dict[str, float]:
     }
 
 
-def timed(label: str, fn) -> float:
+def timed(label: str, fn) -> tuple[float, Any]:
     started = time.perf_counter()
-    fn()
+    result = fn()
     seconds = time.perf_counter() - started
     print(f"{label:<58} {seconds:8.1f} s", flush=True)
-    return seconds
+    return seconds, result
+
+
+def executed_stages(state) -> str:
+    """Seconds per stage of the task runs that executed (not cache hits) in a flow run and its subflows."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+        )
+        ids = [flow_run_id, *(child.id for child in children)]
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=200)
+    totals: dict[str, list[float]] = {}
+    for run in runs:
+        stage = (run.task_key or "").rsplit("-", 1)[0].removesuffix("_task")
+        if run.state_name == "Completed" and stage and stage != "icm_pipeline":  # not the subflow's own run
+            totals.setdefault(stage, []).append(run.total_run_time.total_seconds())
+    ranked = sorted(totals.items(), key=lambda kv: -sum(kv[1]))
+    return ", ".join(f"{stage} {len(t)}x {sum(t):.1f} s" for stage, t in ranked)
 
 
 @flow(name="bench-finetune-fanout")
@@ -117,21 +139,24 @@ def main() -> None:
     registry, root = work / "registry", work / "incremental"
     write_registry(registry, existing)
     timed(f"initial run, {args.n} categories", lambda: icm_pipeline(config, str(registry), None, str(root)))
+    # (the first run also starts the temporary Prefect server when PREFECT_API_URL is not set)
     scan_categories(registry=str(registry), root=str(root), baseline=True)
     write_registry(registry, [*existing, new])
     assert scan_categories(registry=str(registry), root=str(root))["added"] == [new]
-    incremental = timed(
+    incremental, state = timed(
         f"add '{new}' to {args.n}: incremental retrain",
-        lambda: retrain_categories(new, "added", str(registry), str(root), config),
+        lambda: retrain_categories(new, "added", str(registry), str(root), config, return_state=True),
     )
+    print(f"  executed: {executed_stages(state)}")
     lora = stage_seconds(root, "lora")
     newest_generator = max(root.glob("generator/*/manifest.json"), key=lambda p: p.stat().st_mtime)
     generator_seconds = json.loads(newest_generator.read_text())["meta"]["seconds"]
     full_root = work / "full"
-    full = timed(
+    full, state = timed(
         f"full rerun, {args.n + 1} categories, fresh root",
-        lambda: icm_pipeline(config, str(registry), None, str(full_root)),
+        lambda: icm_pipeline(config, str(registry), None, str(full_root), return_state=True),
     )
+    print(f"  executed: {executed_stages(state)}")
     full_lora = stage_seconds(full_root, "lora")
     print(f"  in the incremental run: fine-tune of '{new}' {lora[new]:.1f} s, generator {generator_seconds:.1f} s")
     print(f"  fine-tunes in the full rerun: {sum(full_lora.values()):.1f} s for {len(full_lora)} categories")
