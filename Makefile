@@ -9,6 +9,7 @@ BIN := $(VENV)/bin
 FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 UV := $(BIN)/uv pip install --python $(BIN)/python $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 PYTEST_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -16,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean chromium
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +32,12 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/python -m flows.pipeline $(ARGS)
 
-test: install
+# The UI test renders Prefect's pages in Debian's headless Chromium (~36 s to install here).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
+
+test: install chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
@@ -42,5 +48,5 @@ bench: install
 
 clean:
 	rm -rf artifacts/data artifacts/lora artifacts/task_vectors artifacts/generator artifacts/adapters \
-		artifacts/soup artifacts/pdiff artifacts/pdiff_adapters artifacts/ablation_report \
-		artifacts/eval artifacts/report artifacts/.prefect artifacts/latest.json
+		artifacts/soup artifacts/pdiff artifacts/pdiff_adapters artifacts/ablation_report artifacts/latest-ablations.json \
+		artifacts/eval artifacts/report artifacts/.prefect artifacts/latest.json artifacts/registry-state.json

@@ -14,17 +14,24 @@ from prefect.artifacts import create_link_artifact
 
 from icm_core.adapters import adapter_sha256
 from icm_core.config import SampleConfig, TaskVectorConfig
-from icm_core.io import read_json
 from icm_core.stages import load_task_vector, sample_adapter
 from icm_core.task_vectors import TextEncoder, text_task_vector
+from tasks.store import fetch, is_remote, local_root, read_root_json
 
 
 def latest_generator(root: str | Path) -> Path:
-    """The generator of the latest pipeline run under ``root``."""
-    latest = Path(root) / "latest.json"
-    if not latest.is_file():
-        raise FileNotFoundError(f"{latest}: no pipeline run recorded here; pass generator= explicitly")
-    return Path(read_json(latest)["generator"])
+    """The generator of the latest pipeline run under ``root`` (a folder, or an fsspec URL: then this machine's
+    staging copy, fetched and verified when the run happened elsewhere)."""
+    latest = read_root_json(str(root), "latest.json")
+    if latest is None:
+        raise FileNotFoundError(f"{root}/latest.json: no pipeline run recorded here; pass generator= explicitly")
+    path = Path(latest["generator"])
+    if is_remote(str(root)) and not path.is_file():
+        folder = local_root(str(root)) / "generator" / path.parent.name
+        if not (folder / path.name).is_file() and not fetch(str(root), folder):
+            raise FileNotFoundError(f"{root}: the latest generator ({path.parent.name}) is not published")
+        path = folder / path.name
+    return path
 
 
 @task(name="generate-adapter", task_run_name="generate-{label}", cache_policy=None, persist_result=False)
@@ -85,7 +92,7 @@ def generate_adapter(
         raise ValueError("give exactly one of category, description, task_vector_file")
     generator_path = str(generator or latest_generator(root))
     label = category or ("description" if description else Path(task_vector_file).stem)
-    out_dir = out or str(Path(root) / "generated" / label / "adapter")
+    out_dir = out or str(local_root(root) / "generated" / label / "adapter")
     result = generate_task(
         generator_path, out_dir, sample, label, category, description, task_vector_file, text_encoder
     )

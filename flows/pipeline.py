@@ -16,15 +16,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.futures import PrefectFuture, wait
 
+from flows.runtime import RUNNERS, device_from_env, make_task_runner
 from icm_core.config import METHOD_NAMES, RunConfig, load_run_config
-from icm_core.data import Category, builtin_categories, load_category_file, source_fingerprint
-from icm_core.io import write_json
+from icm_core.data import Category, builtin_categories, source_fingerprint
+from icm_core.registry import load_registry
 from icm_core.runner import format_table
 from tasks.artifacts import ArtifactRef
 from tasks.report import publish_report, report_task
@@ -39,6 +39,7 @@ from tasks.stages import (
     train_generator_task,
     train_pdiff_task,
 )
+from tasks.store import normalize_root, write_root_json
 
 
 class CategoryFailed(RuntimeError):
@@ -59,7 +60,7 @@ def gather(futures: Sequence[PrefectFuture], labels: Sequence[str], stage: str) 
 
 
 def select_categories(categories_file: str | None, only: Sequence[str] | None) -> list[Category]:
-    categories = load_category_file(categories_file) if categories_file else builtin_categories()
+    categories = load_registry(categories_file) if categories_file else builtin_categories()
     names = [c.name for c in categories]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -94,17 +95,19 @@ def icm_pipeline(
 
     Args:
         config: All stage configs (model, data, lora, task_vector, cvae, sample, eval); defaults are the CPU demo.
-        categories_file: YAML/JSON file with a ``categories:`` list; default: the five built-in demo categories.
+        categories_file: YAML/JSON file with a ``categories:`` list, or a folder of such files (a category
+            registry); default: the five built-in demo categories.
         only: Run just these category names.
-        root: Artifacts root (local folder).
+        root: Artifacts root: a local folder, or an fsspec URL (``s3://...``, ``file:///shared/...``) that
+            workers on several machines share.
         publish: Publish the results as Prefect UI artifacts (tables, report, figures, links).
     """
     logger = get_run_logger()
     categories = select_categories(categories_file, only)
     names = [c.name for c in categories]
-    root = str(Path(root).resolve())
-    logger.info("categories: %s; artifacts under %s", ", ".join(names), root)
-    cfg = config
+    root = normalize_root(root)
+    cfg = device_from_env(config)
+    logger.info("categories: %s; artifacts under %s; device %s", ", ".join(names), root, cfg.model.device)
 
     data = gather(
         prepare_data_task.map(
@@ -203,7 +206,7 @@ def icm_pipeline(
         "report_dir": str(report.folder),
         "storage": report.meta["storage"],
     }
-    write_json(Path(root) / "latest.json", summary)
+    write_root_json(root, "latest.json", summary)
     return summary
 
 
@@ -213,11 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
     parser.add_argument("--categories", help="category file (default: the five built-in demo categories)")
     parser.add_argument("--only", help="comma-separated category names")
-    parser.add_argument("--root", default="artifacts", help="artifacts root (default: artifacts)")
+    parser.add_argument("--root", default="artifacts", help="artifacts folder or fsspec URL")
+    parser.add_argument("--runner", choices=RUNNERS, default="threads", help="task runner (default: threads)")
+    parser.add_argument("--runner-address", help="Dask scheduler / Ray address (default: start a local cluster)")
+    parser.add_argument("--workers", type=int, help="local cluster size / thread pool size")
     args = parser.parse_args(argv)
     try:
         cfg = load_run_config(args.config, args.set)
-    except ValueError as exc:
+        runner = make_task_runner(args.runner, args.runner_address, args.workers)
+    except (ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     only = [n.strip() for n in args.only.split(",")] if args.only else None
@@ -227,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        summary = icm_pipeline(config=cfg, categories_file=args.categories, only=only, root=args.root)
+        summary = icm_pipeline.with_options(task_runner=runner)(
+            config=cfg, categories_file=args.categories, only=only, root=args.root
+        )
     except (ValueError, RuntimeError, OSError) as exc:  # CategoryFailed, DataError, ModelLoadError, ArtifactError
         print(f"error: pipeline run failed: {exc}", file=sys.stderr)
         return 1

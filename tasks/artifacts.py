@@ -31,6 +31,7 @@ import icm_core
 from icm_core.config import config_fingerprint
 from icm_core.io import ArtifactError, read_json, sha256_file, write_json
 from icm_core.layout import stage_dir
+from tasks.store import fetch, is_remote, local_root
 
 
 logger = logging.getLogger("icm_lora.artifacts")
@@ -110,7 +111,8 @@ def stage_key(stage: str, inputs: dict[str, Any]) -> str:
 
 
 def output_dir(root: str | Path, stage: str, key: str, category: str | None) -> Path:
-    return stage_dir(Path(root).resolve(), stage, key, category)
+    """This machine's folder for one stage output (for an fsspec root: its local staging folder)."""
+    return stage_dir(local_root(root), stage, key, category)
 
 
 def write_manifest(folder: Path, meta: dict[str, Any]) -> str:
@@ -154,12 +156,36 @@ def ref_for(stage: str, category: str | None, key: str, folder: Path, manifest: 
     )
 
 
+def localize(ref: ArtifactRef | None, root: str) -> ArtifactRef | None:
+    """``ref`` as seen from this machine.
+
+    For a local root that is ``ref`` itself. For an fsspec root the producing task may have run on
+    another machine: the output is looked up in this machine's staging folder and fetched (and verified)
+    from the root when it is not there yet.
+
+    Raises:
+        ArtifactError: The output is neither here nor published, or its content differs from ``ref``.
+    """
+    if ref is None or not is_remote(root):
+        return ref
+    folder = output_dir(root, ref.stage, ref.key, ref.category)
+    with output_lock(root, folder):
+        manifest = valid_output(folder)
+        if manifest is None or manifest["sha256"] != ref.sha256:
+            if not fetch(root, folder):
+                raise ArtifactError(f"{ref.stage} output {folder.name} ({ref.category}): not here and not at {root}")
+            manifest = verify_manifest(folder)
+    if manifest["sha256"] != ref.sha256:
+        raise ArtifactError(f"{folder}: content differs from the reference passed to this task")
+    return ref.model_copy(update={"path": str(folder)})
+
+
 @contextmanager
 def output_lock(root: str | Path, folder: Path) -> Iterator[None]:
     """Exclusive lock on one output folder, across threads and processes sharing the artifacts root
     (``flock`` on ``<root>/.locks/<stage>-<category>-<key>.lock``), so concurrent runs never build the
     same output twice or write into each other's half-built folder."""
-    root = Path(root).resolve()
+    root = local_root(root)
     lock_dir = root / ".locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
     name = "-".join(folder.resolve().relative_to(root).parts)

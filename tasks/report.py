@@ -35,7 +35,7 @@ from icm_core.reporting import (
     storage_table,
 )
 from icm_core.stages import load_task_vector
-from tasks.artifacts import ArtifactCachePolicy, ArtifactRef
+from tasks.artifacts import ArtifactCachePolicy, ArtifactRef, localize
 from tasks.stages import TASK_DEFAULTS, run_stage
 
 
@@ -165,6 +165,12 @@ def report_task(
 ) -> ArtifactRef:
     """Write results.json / results.csv / storage.csv / report.md and the figures for all categories."""
     soups = soups or {}
+    # On an fsspec root the inputs may have been built on other machines: read this machine's copies.
+    generator, pdiff = localize(generator, root), localize(pdiff, root)
+    adapters, data, loras, task_vectors, soups = (
+        {name: localize(ref, root) for name, ref in refs.items()} if refs else refs
+        for refs in (adapters, data, loras, task_vectors, soups)
+    )
     inputs = {
         "evals": evals,
         "adapters": adapters,

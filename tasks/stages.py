@@ -9,13 +9,17 @@ last. Heavy stages hold a per-device slot so a process never runs two of them on
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import get_run_logger, task
+from prefect.concurrency.sync import concurrency
 from prefect.exceptions import MissingContextError
 
 from icm_core import stages
@@ -37,6 +41,7 @@ from icm_core.io import ArtifactError
 from tasks.artifacts import (
     ArtifactCachePolicy,
     ArtifactRef,
+    localize,
     output_dir,
     output_lock,
     ref_for,
@@ -45,20 +50,48 @@ from tasks.artifacts import (
     valid_output,
     write_manifest,
 )
+from tasks.store import fetch, is_remote, publish, remote_manifest
 
 
 _device_locks: dict[str, threading.Lock] = {}
 _device_locks_guard = threading.Lock()
 
 
+GPU_LIMIT_ENV = "ICM_GPU_LIMIT"
+"""Name template of the Prefect global concurrency limit per GPU (``{host}``, ``{index}``: the physical GPU
+index, after CUDA_VISIBLE_DEVICES); ``off`` disables it. Default ``gpu-{host}-{index}``."""
+
+
+def gpu_limit_name(device: torch.device) -> str | None:
+    """The global concurrency limit that guards ``device`` across processes, or None (CPU, or disabled)."""
+    template = os.environ.get(GPU_LIMIT_ENV, "gpu-{host}-{index}").strip()
+    if device.type != "cuda" or template in ("", "off"):
+        return None
+    index = device.index or 0
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    physical = visible[index] if index < len(visible) else str(index)
+    return template.format(host=socket.gethostname().split(".")[0], index=physical)
+
+
 @contextmanager
 def device_slot(device: str):
-    """One heavy stage per device per process: fanned-out tasks queue here instead of oversubscribing."""
-    name = str(resolve_device(device))
+    """One heavy stage per device at a time: fanned-out tasks queue here instead of oversubscribing it.
+
+    Within a process a lock per device does it. A GPU is also guarded across processes and machines (Dask
+    or Ray workers, several Prefect workers on one host) by a Prefect global concurrency limit named
+    :func:`gpu_limit_name` (create it with ``prefect gcl create gpu-<host>-<index> --limit 1``; while it
+    does not exist Prefect only warns and the per-process lock is the only guard).
+    """
+    resolved = resolve_device(device)
     with _device_locks_guard:
-        lock = _device_locks.setdefault(name, threading.Lock())
+        lock = _device_locks.setdefault(str(resolved), threading.Lock())
+    limit = gpu_limit_name(resolved)
     with lock:
-        yield
+        if limit is None:
+            yield
+            return
+        with concurrency(limit, occupy=1, strict=False):
+            yield
 
 
 def _log():
@@ -80,12 +113,17 @@ def run_stage(
     Building holds the folder's lock: a concurrent run with the same inputs waits, then finds the
     finished folder and reuses it instead of training again.
     """
+    root = inputs["root"]
     key = stage_key(stage, inputs)
-    folder = output_dir(inputs["root"], stage, key, category)
+    folder = output_dir(root, stage, key, category)
     manifest = valid_output(folder)
     if manifest is None:
-        with output_lock(inputs["root"], folder):
+        with output_lock(root, folder):
             manifest = valid_output(folder)  # another run may have finished it while we waited
+            if manifest is None and is_remote(root) and _fetch_published(root, folder):
+                manifest = valid_output(folder)
+                _log().info("%s: fetched published artifact %s from %s", stage, folder.name, root)
+                return ref_for(stage, category, key, folder, manifest)
             if manifest is None:
                 reset_folder(folder)
                 fault_point("stage.before_build", folder)
@@ -96,10 +134,23 @@ def run_stage(
                 if manifest is None:  # pragma: no cover - only if the disk changed under us
                     raise RuntimeError(f"{folder}: output failed verification right after writing")
                 fault_point("stage.after_manifest", folder)
+                if is_remote(root):
+                    publish(root, folder, manifest)
                 return ref_for(stage, category, key, folder, manifest)
     fault_point("stage.reuse", folder)
+    if is_remote(root) and remote_manifest(root, folder) is None:
+        publish(root, folder, manifest)  # built here before the remote copy was lost (or never published)
     _log().info("%s: reusing complete artifact %s", stage, folder)
     return ref_for(stage, category, key, folder, manifest)
+
+
+def _fetch_published(root: str, folder: Path) -> bool:
+    """Fetch a published output; a corrupted remote copy is logged and rebuilt (then republished)."""
+    try:
+        return fetch(root, folder)
+    except ArtifactError as exc:
+        _log().warning("rebuilding: %s", exc)
+        return False
 
 
 TASK_DEFAULTS: dict[str, Any] = {"persist_result": True, "result_serializer": "json"}
@@ -161,7 +212,8 @@ def finetune_task(
 
     def build(out: Path) -> dict[str, Any]:
         with device_slot(model_cfg.device):
-            result = stages.finetune_lora(data.file("splits"), model_cfg, data_cfg, lora_cfg, out, on_step=on_step)
+            splits = localize(data, root).file("splits")
+            result = stages.finetune_lora(splits, model_cfg, data_cfg, lora_cfg, out, on_step=on_step)
         return {k: result[k] for k in ("checkpoints", "final_loss", "train_blocks", "seconds", "adapter_sha256")}
 
     return run_stage("lora", category, inputs, build)
@@ -196,11 +248,12 @@ def task_vector_task(
     }
 
     def build(out: Path) -> dict[str, Any]:
+        splits, lora_dir = localize(data, root).file("splits"), lora and localize(lora, root).folder
         with device_slot(model_cfg.device):
             result = stages.compute_task_vector(
                 category,
-                data.file("splits"),
-                lora.folder if lora else None,
+                splits,
+                lora_dir,
                 model_cfg,
                 data_cfg,
                 tv_cfg,
@@ -232,10 +285,12 @@ def train_generator_task(
             logger.info("cvae epoch %d/%d recon %.5f kld %.3f", epoch, cvae_cfg.epochs, row["recon"], row["kld"])
 
     def build(out: Path) -> dict[str, Any]:
+        lora_dirs = {name: localize(ref, root).folder for name, ref in loras.items()}
+        vector_files = {n: localize(ref, root).file("task_vector.safetensors") for n, ref in task_vectors.items()}
         with device_slot(device):
             result = stages.train_generator_stage(
-                {name: ref.folder for name, ref in loras.items()},
-                {name: ref.file("task_vector.safetensors") for name, ref in task_vectors.items()},
+                lora_dirs,
+                vector_files,
                 cvae_cfg,
                 out / "generator.safetensors",
                 device=str(resolve_device(device)),
@@ -257,7 +312,8 @@ def sample_adapter_task(category: str, generator: ArtifactRef, sample_cfg: Sampl
     inputs = {"category": category, "generator": generator, "sample_cfg": sample_cfg, "root": root}
 
     def build(out: Path) -> dict[str, Any]:
-        result = stages.sample_adapter(generator.file("generator.safetensors"), out / "adapter", sample_cfg, category)
+        generator_file = localize(generator, root).file("generator.safetensors")
+        result = stages.sample_adapter(generator_file, out / "adapter", sample_cfg, category)
         return {"seconds": result["seconds"], "adapter_sha256": result["adapter_sha256"]}
 
     return run_stage("adapters", category, inputs, build)
@@ -278,7 +334,8 @@ def soup_task(label: str, loras: dict[str, ArtifactRef], soup_cfg: SoupConfig, r
     inputs = {"label": label, "loras": loras, "soup_cfg": soup_cfg, "root": root}
 
     def build(out: Path) -> dict[str, Any]:
-        result = stages.soup_adapter({name: ref.folder for name, ref in loras.items()}, soup_cfg, out / "adapter")
+        lora_dirs = {name: localize(ref, root).folder for name, ref in loras.items()}
+        result = stages.soup_adapter(lora_dirs, soup_cfg, out / "adapter")
         return {k: result[k] for k in ("adapter_sha256", "rank", "sources")}
 
     return run_stage("soup", label, inputs, build)
@@ -307,10 +364,12 @@ def train_pdiff_task(
             logger.info("cond-pdiff ddpm step %d/%d loss %.5f", step, pdiff_cfg.ddpm_steps, loss)
 
     def build(out: Path) -> dict[str, Any]:
+        lora_dirs = {name: localize(ref, root).folder for name, ref in loras.items()}
+        vector_files = {n: localize(ref, root).file("task_vector.safetensors") for n, ref in task_vectors.items()}
         with device_slot(device):
             result = stages.train_pdiff_stage(
-                {name: ref.folder for name, ref in loras.items()},
-                {name: ref.file("task_vector.safetensors") for name, ref in task_vectors.items()},
+                lora_dirs,
+                vector_files,
                 pdiff_cfg,
                 out / "pdiff.safetensors",
                 device=str(resolve_device(device)),
@@ -333,7 +392,8 @@ def sample_pdiff_task(category: str, pdiff: ArtifactRef, sample_cfg: SampleConfi
     inputs = {"category": category, "pdiff": pdiff, "sample_cfg": sample_cfg, "root": root}
 
     def build(out: Path) -> dict[str, Any]:
-        result = stages.sample_pdiff_adapter(pdiff.file("pdiff.safetensors"), out / "adapter", sample_cfg, category)
+        pdiff_file = localize(pdiff, root).file("pdiff.safetensors")
+        result = stages.sample_pdiff_adapter(pdiff_file, out / "adapter", sample_cfg, category)
         return {"seconds": result["seconds"], "adapter_sha256": result["adapter_sha256"]}
 
     return run_stage("pdiff_adapters", category, inputs, build)
@@ -370,10 +430,11 @@ def evaluate_task(
     }
 
     def build(out: Path) -> dict[str, Any]:
-        adapter_dir = adapter.file("adapter") if adapter is not None else None
+        adapter_dir = localize(adapter, root).file("adapter") if adapter is not None else None
+        splits = localize(data, root).file("splits")
         with device_slot(model_cfg.device):
             score = stages.evaluate_adapter(
-                data.file("splits"), adapter_dir, model_cfg, data_cfg, eval_cfg, out / "metrics.json"
+                splits, adapter_dir, model_cfg, data_cfg, eval_cfg, out / "metrics.json"
             )
         return {"method": method, **{k: score[k] for k in ("ppl", "bpc", "tokens", "chars", "nll_nats")}}
 

@@ -26,6 +26,9 @@ from tests import helpers  # noqa: E402
 
 torch.set_num_threads(TEST_THREADS)
 
+# A real `prefect server start` (session fixture ``live_server``) for deployment, trigger and UI tests.
+pytest_plugins = ("tests.live_server",)
+
 
 @pytest.fixture(autouse=True)
 def _test_threads():

@@ -70,7 +70,8 @@ def test_config_prints_json_with_overrides(capsys):
     assert payload["lora"]["steps"] == 3
     assert payload["lora"]["trajectory_size"] == 1
     assert payload["cvae"]["epochs"] == 2
-    assert set(payload) == {"model", "data", "lora", "task_vector", "cvae", "sample", "eval"}
+    sections = {"model", "data", "lora", "task_vector", "cvae", "sample", "eval", "methods", "soup", "pdiff"}
+    assert set(payload) == sections
 
 
 def test_config_reads_a_file(tmp_path, capsys):

@@ -43,3 +43,52 @@ def test_deployment_entrypoint_and_parameters(deployment, monkeypatch):
     unknown = sorted(set(parameters) - set(signature.parameters))
     assert not unknown, f"{deployment['name']}: parameters {unknown} are not arguments of {func}"
     flow.validate_parameters(parameters)  # the values also fit the flow's types
+
+
+def flow_name(deployment: dict) -> str:
+    return load_flow_from_entrypoint(deployment["entrypoint"], use_placeholder_flow=False).name
+
+
+def test_gpu_and_cpu_pools():
+    spec = {d["name"]: d for d in deployments()}
+    heavy = ("gpu", "generate-gpu", "on-category-change")
+    for name in heavy:
+        env = spec[name]["work_pool"]["job_variables"]["env"]
+        assert spec[name]["work_pool"]["name"] == "gpu-pool", name
+        assert env["ICM_DEVICE"].startswith("cuda") and "CUDA_VISIBLE_DEVICES" in env, name
+    assert spec["registry"]["work_pool"]["name"] == "cpu-pool"
+    assert spec["registry"]["schedules"], "the registry scan must be scheduled"
+    [trigger] = spec["on-category-change"]["triggers"]
+    assert set(trigger["expect"]) == {"icm.category.added", "icm.category.changed", "icm.category.removed"}
+    assert trigger["parameters"]["category"] == "{{ event.payload.category }}"
+
+
+def test_deploy_all_against_a_local_server(live_server, monkeypatch):
+    """`prefect deploy --all --no-prompt` registers every deployment, its pool, schedule and trigger."""
+    from prefect.client.orchestration import get_client
+
+    monkeypatch.chdir(REPO)
+    specs = deployments()
+    for pool in sorted({d["work_pool"]["name"] for d in specs}):
+        live_server.cli("work-pool", "create", pool, "--type", "process", "--overwrite")
+    live_server.cli("deploy", "--all", "--no-prompt", timeout=300)
+
+    with live_server.connected(), get_client(sync_client=True) as client:
+        created = []
+        try:
+            for spec in specs:
+                deployment = client.read_deployment_by_name(f"{flow_name(spec)}/{spec['name']}")
+                created.append(deployment)
+                assert deployment.work_pool_name == spec["work_pool"]["name"]
+                assert deployment.parameters == (spec.get("parameters") or {})
+                assert bool(deployment.schedules) == bool(spec.get("schedules")), spec["name"]
+                assert deployment.job_variables["env"] == spec["work_pool"]["job_variables"]["env"]
+                automations = client.read_resource_related_automations(f"prefect.deployment.{deployment.id}")
+                assert len(automations) == len(spec.get("triggers") or []), spec["name"]
+                for automation in automations:
+                    assert automation.trigger.expect == set(spec["triggers"][0]["expect"])
+                    assert automation.actions[0].parameters == spec["triggers"][0]["parameters"]
+        finally:  # leave the shared server without deployments that other tests' events could trigger
+            for deployment in created:
+                client.delete_resource_owned_automations(f"prefect.deployment.{deployment.id}")
+                client.delete_deployment(deployment.id)

@@ -1,0 +1,83 @@
+"""Where a flow's tasks run: the task runner (threads, Dask, Ray) and the worker's device.
+
+The pipeline uses Prefect's thread pool by default: every task runs in the flow's process, heavy stages
+take turns per device (``tasks.stages.device_slot``). To fan fine-tuning out over several processes or
+machines, pick another runner::
+
+    python -m flows.pipeline --runner dask                         # a local Dask cluster (one worker per core)
+    python -m flows.pipeline --runner dask --workers 2
+    python -m flows.pipeline --runner dask --runner-address tcp://scheduler:8786   # an existing cluster
+    python -m flows.pipeline --runner ray --runner-address ray://head:10001
+
+Dask needs the ``dask`` extra (``pip install -e ".[dask]"``), Ray the ``ray`` extra. With several
+machines, give the pipeline an artifacts root they all reach (an fsspec URL, see ``tasks/store.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from icm_core.config import RunConfig
+
+
+RUNNERS = ("threads", "dask", "ray")
+DEVICE_ENV = "ICM_DEVICE"
+
+
+def make_task_runner(kind: str = "threads", address: str | None = None, workers: int | None = None) -> Any:
+    """Build a Prefect task runner.
+
+    Args:
+        kind: ``threads`` (in-process thread pool), ``dask`` or ``ray``.
+        address: Dask scheduler address (``tcp://host:8786``) or Ray address (``ray://host:10001``, ``auto``);
+            None starts a local cluster for the run.
+        workers: Size of the local cluster / thread pool (None: the library's default).
+
+    Raises:
+        ValueError: Unknown kind, or an option that does not apply to it.
+        ImportError: The runner's package is not installed (the message names the extra to install).
+    """
+    if kind not in RUNNERS:
+        raise ValueError(f"runner: unknown task runner {kind!r}; choose one of {', '.join(RUNNERS)}")
+    if kind == "threads":
+        if address:
+            raise ValueError("runner_address: the thread runner runs in this process; it takes no address")
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if kind == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as exc:
+            raise ImportError('the dask runner needs prefect-dask: pip install -e ".[dask]"') from exc
+        if address:
+            if workers:
+                raise ValueError("workers: the cluster at runner_address has its own workers")
+            return DaskTaskRunner(address=address)
+        # One thread per worker process: the stages hold the GIL-free torch ops themselves, and a device
+        # slot is per process, so processes (not threads) are the unit of parallelism here.
+        cluster_kwargs: dict[str, Any] = {"processes": True, "threads_per_worker": 1}
+        if workers:
+            cluster_kwargs["n_workers"] = workers
+        return DaskTaskRunner(cluster_kwargs=cluster_kwargs)
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError as exc:
+        raise ImportError('the ray runner needs prefect-ray: pip install -e ".[ray]"') from exc
+    init_kwargs: dict[str, Any] = {}
+    if workers and not address:
+        init_kwargs["num_cpus"] = workers
+    return RayTaskRunner(address=address, init_kwargs=init_kwargs or None)
+
+
+def device_from_env(config: RunConfig) -> RunConfig:
+    """Let the worker choose the device: a config whose ``model.device`` is ``auto`` takes ``$ICM_DEVICE``.
+
+    A GPU work pool sets ``ICM_DEVICE`` (and ``CUDA_VISIBLE_DEVICES``) in its job variables; a config
+    that names a device explicitly keeps it.
+    """
+    device = os.environ.get(DEVICE_ENV, "").strip()
+    if not device or config.model.device != "auto":
+        return config
+    return config.model_copy(update={"model": config.model.model_copy(update={"device": device})})

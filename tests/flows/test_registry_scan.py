@@ -1,0 +1,31 @@
+"""The registry scan flow: what it reports and the state it keeps (events are exercised end to end in
+tests/ops/test_retrain_trigger.py against a real server)."""
+
+from __future__ import annotations
+
+import json
+
+from flows.registry import STATE_FILE, scan_categories
+from tests.flows.support import forecast_text, recipe_text
+from tests.ops.support import add_category
+
+
+def test_scan_reports_added_changed_removed_and_keeps_state(prefect_api, tmp_path):
+    registry, root = tmp_path / "registry", tmp_path / "artifacts"
+    add_category(registry, "recipes", recipe_text())
+    first = scan_categories(registry=str(registry), root=str(root))
+    assert first["added"] == ["recipes"] and not first["removed"] and not first["changed"]
+    state = json.loads((root / STATE_FILE).read_text())
+    assert state[str(registry.resolve())]["categories"] == first["categories"]
+
+    assert scan_categories(registry=str(registry), root=str(root))["added"] == []  # nothing new: no events
+
+    add_category(registry, "forecast", forecast_text())
+    (registry / "texts" / "recipes.txt").write_text(recipe_text() + "\nA last recipe: toast. Toast the bread.\n")
+    second = scan_categories(registry=str(registry), root=str(root))
+    assert (second["added"], second["changed"], second["removed"]) == (["forecast"], ["recipes"], [])
+
+    (registry / "recipes.yaml").unlink()
+    third = scan_categories(registry=str(registry), root=str(root))
+    assert (third["added"], third["changed"], third["removed"]) == ([], [], ["recipes"])
+    assert sorted(json.loads((root / STATE_FILE).read_text())[str(registry.resolve())]["categories"]) == ["forecast"]
