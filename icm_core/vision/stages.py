@@ -76,6 +76,7 @@ def read_task(task_dir: str | Path) -> dict[str, Any]:
     task_dir = Path(task_dir)
     info = read_json(task_dir / TASK_INFO)
     info["images_root"] = str((task_dir / info["images_root"]).resolve())
+    info["category_names"] = {int(k): v for k, v in info.get("category_names", {}).items()}
     return info
 
 
@@ -143,7 +144,7 @@ def run_detector(
         return detect(model, images, CascadeConfig(det_cfg.min_face_size, tuple(det_cfg.thresholds))), None
     from icm_core.vision.hf_detector import hf_detect
 
-    return hf_detect(model, images, det_cfg, task_info["category_ids"])
+    return hf_detect(model, images, det_cfg, task_info)
 
 
 def finetune_detector(
@@ -168,7 +169,7 @@ def finetune_detector(
     else:
         from icm_core.vision.hf_detector import hf_loss_fn
 
-        count, loss_fn = len(images), hf_loss_fn(images, gt, det_cfg, info["category_ids"])
+        count, loss_fn = len(images), hf_loss_fn(images, gt, det_cfg, info)
     started = time.perf_counter()
     trajectory = train_detector_lora(model, count, loss_fn, lora_cfg, out, detector_identity(det_cfg), on_step)
     return {
