@@ -44,4 +44,5 @@ bench: install
 
 clean:
 	rm -rf artifacts/data artifacts/lora artifacts/task_vectors artifacts/generator artifacts/adapters \
+		artifacts/soup artifacts/pdiff artifacts/pdiff_adapters artifacts/ablations \
 		artifacts/eval artifacts/report artifacts/.prefect artifacts/latest.json

@@ -1,9 +1,10 @@
 """The ICM-LoRA pipeline flow: every category fanned out, one generator, then sampling and evaluation.
 
     data -> LoRA fine-tune -> task vector      (per category, .map)
-         -> one CVAE for all categories
-         -> sample adapter -> evaluate base / LoRA / ICM-LoRA   (per category, .map)
-         -> report (files + Prefect table, markdown and link artifacts)
+         -> one CVAE for all categories            -> sample ICM-LoRA adapter   (per category)
+         -> baselines: Model Soup (weight-delta average), COND P-DIFF (AE + latent DDPM) -> their adapters
+         -> evaluate base / LoRA / Model Soup / COND P-DIFF / ICM-LoRA   (per category, .map)
+         -> report (tables, storage, figures; files + Prefect table, markdown, image and link artifacts)
 
 Every task is cached by its inputs' content (see ``tasks/artifacts.py``), so a second run is all cache
 hits, a killed run resumes where it stopped, and changing one stage's config reruns that stage and
@@ -21,19 +22,22 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.futures import PrefectFuture, wait
 
-from icm_core.config import RunConfig, load_run_config
+from icm_core.config import METHOD_NAMES, RunConfig, load_run_config
 from icm_core.data import Category, builtin_categories, load_category_file, source_fingerprint
 from icm_core.io import write_json
 from icm_core.runner import format_table
 from tasks.artifacts import ArtifactRef
-from tasks.report import METHODS, publish_report, report_task
+from tasks.report import publish_report, report_task
 from tasks.stages import (
     evaluate_task,
     finetune_task,
     prepare_data_task,
     sample_adapter_task,
+    sample_pdiff_task,
+    soup_task,
     task_vector_task,
     train_generator_task,
+    train_pdiff_task,
 )
 
 
@@ -84,6 +88,7 @@ def icm_pipeline(
     categories_file: str | None = None,
     only: list[str] | None = None,
     root: str = "artifacts",
+    publish: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune every category, train one ICM-LoRA generator, generate and evaluate an adapter per category.
 
@@ -92,6 +97,7 @@ def icm_pipeline(
         categories_file: YAML/JSON file with a ``categories:`` list; default: the five built-in demo categories.
         only: Run just these category names.
         root: Artifacts root (local folder).
+        publish: Publish the results as Prefect UI artifacts (tables, report, figures, links).
     """
     logger = get_run_logger()
     categories = select_categories(categories_file, only)
@@ -126,15 +132,39 @@ def icm_pipeline(
         names,
         "task-vector",
     )
-    generator: ArtifactRef = train_generator_task(
-        dict(zip(names, loras, strict=True)), dict(zip(names, vectors, strict=True)), cfg.cvae, cfg.model.device, root
-    )
-    adapters = gather(
+    lora_by_name = dict(zip(names, loras, strict=True))
+    vector_by_name = dict(zip(names, vectors, strict=True))
+    methods = set(cfg.methods) | {"base", "lora", "icm_lora"}
+    generator: ArtifactRef = train_generator_task(lora_by_name, vector_by_name, cfg.cvae, cfg.model.device, root)
+    by_method: dict[str, list] = {"base": [None] * len(names), "lora": loras}
+    by_method["icm_lora"] = gather(
         sample_adapter_task.map(names, unmapped(generator), unmapped(cfg.sample), unmapped(root)), names, "sample"
     )
-    by_method = {"base": [None] * len(names), "lora": loras, "icm_lora": adapters}
+    soups: dict[str, ArtifactRef] = {}
+    if "model_soup" in methods:
+        if cfg.soup.scope == "all_categories":
+            soups = {"all": soup_task("all", lora_by_name, cfg.soup, root)}
+            by_method["model_soup"] = [soups["all"]] * len(names)
+        else:
+            refs = gather(
+                soup_task.map(
+                    names, [{n: ref} for n, ref in lora_by_name.items()], unmapped(cfg.soup), unmapped(root)
+                ),
+                names,
+                "model-soup",
+            )
+            soups = dict(zip(names, refs, strict=True))
+            by_method["model_soup"] = refs
+    pdiff: ArtifactRef | None = None
+    if "cond_pdiff" in methods:
+        pdiff = train_pdiff_task(lora_by_name, vector_by_name, cfg.pdiff, cfg.model.device, root)
+        by_method["cond_pdiff"] = gather(
+            sample_pdiff_task.map(names, unmapped(pdiff), unmapped(cfg.sample), unmapped(root)), names, "sample-pdiff"
+        )
     eval_futures, labels = [], []
-    for method in METHODS:
+    for method in METHOD_NAMES:
+        if method not in by_method:
+            continue
         eval_futures += evaluate_task.map(
             names,
             unmapped(method),
@@ -150,14 +180,28 @@ def icm_pipeline(
     evals = {name: {} for name in names}
     for ref in scores:
         evals[ref.category][ref.meta["method"]] = ref
-    report = report_task(evals, dict(zip(names, adapters, strict=True)), generator, root)
-    publish_report(report, generator)
+    adapters = dict(zip(names, by_method["icm_lora"], strict=True))
+    report = report_task(
+        evals,
+        adapters,
+        generator,
+        root,
+        data=dict(zip(names, data, strict=True)),
+        loras=lora_by_name,
+        task_vectors=vector_by_name,
+        pdiff=pdiff,
+        soups=soups,
+    )
+    if publish:
+        publish_report(report, generator, pdiff)
     summary = {
         "rows": report.meta["rows"],
         "report": str(report.file("report.md")),
         "results_json": str(report.file("results.json")),
         "generator": str(generator.file("generator.safetensors")),
         "generator_meta": generator.meta,
+        "report_dir": str(report.folder),
+        "storage": report.meta["storage"],
     }
     write_json(Path(root) / "latest.json", summary)
     return summary

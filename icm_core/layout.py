@@ -12,7 +12,18 @@ from pathlib import Path
 from icm_core.config import validate_category_name
 
 
-STAGES = ("data", "lora", "task_vectors", "generator", "adapters", "eval", "report")
+STAGES = (
+    "data",
+    "lora",
+    "task_vectors",
+    "generator",
+    "adapters",
+    "soup",
+    "pdiff",
+    "pdiff_adapters",
+    "eval",
+    "report",
+)
 
 
 def stage_dir(root: str | Path, stage: str, key: str, category: str | None = None) -> Path:

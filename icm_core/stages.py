@@ -12,15 +12,18 @@ from typing import Any
 
 import torch
 
-from icm_core.adapters import adapter_sha256, load_adapter, merge_adapter, write_adapter
+from icm_core.adapters import adapter_sha256, load_adapter, merge_adapter, read_adapter, write_adapter
 from icm_core.base_model import load_base_model, load_tokenizer, model_identity
+from icm_core.baselines import model_soup
 from icm_core.config import (
     CVAEConfig,
     DataConfig,
     EvalConfig,
     LoraTrainConfig,
     ModelConfig,
+    PDiffConfig,
     SampleConfig,
+    SoupConfig,
     TaskVectorConfig,
 )
 from icm_core.data import (
@@ -36,6 +39,7 @@ from icm_core.evaluate import evaluate_lm
 from icm_core.generator import build_dataset, load_generator, save_generator, train_generator
 from icm_core.io import load_tensors, save_tensors, sidecar_path, write_json
 from icm_core.lora_train import load_trajectory_checkpoints, read_trajectory, train_lora
+from icm_core.pdiff import load_pdiff, save_pdiff, train_pdiff
 from icm_core.task_vectors import TextEncoder, hidden_state_task_vector, text_task_vector
 
 
@@ -175,3 +179,72 @@ def evaluate_adapter(
     if out_path is not None:
         write_json(out_path, result)
     return result
+
+
+def soup_adapter(trajectory_dirs: dict[str, str | Path], soup_cfg: SoupConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Model Soup: write the uniform average (over weight deltas) of adapters as one PEFT adapter folder.
+
+    ``scope='all_categories'`` averages the final adapter of every category in ``trajectory_dirs``;
+    ``scope='trajectory'`` averages the trajectory checkpoints of the single category given.
+    """
+    if soup_cfg.scope == "trajectory":
+        if len(trajectory_dirs) != 1:
+            raise ValueError(
+                f"soup.scope='trajectory' averages one category's checkpoints, got {sorted(trajectory_dirs)}"
+            )
+        [(name, folder)] = trajectory_dirs.items()
+        trajectory = read_trajectory(folder)
+        adapters = [(state, trajectory.adapter_config) for state in load_trajectory_checkpoints(folder)]
+        sources = [f"{name}/{Path(f).name}" for f in trajectory.files]
+    else:
+        adapters = [
+            read_adapter(read_trajectory(trajectory_dirs[name]).adapter_dir) for name in sorted(trajectory_dirs)
+        ]
+        sources = [f"{name}/adapter" for name in sorted(trajectory_dirs)]
+    state, config = model_soup(adapters, soup_cfg.max_rank)
+    write_adapter(out_dir, state, config)
+    return {
+        "adapter_dir": str(out_dir),
+        "adapter_sha256": adapter_sha256(out_dir),
+        "rank": int(config["r"]),
+        "sources": sources,
+    }
+
+
+def train_pdiff_stage(
+    trajectory_dirs: dict[str, str | Path],
+    task_vector_paths: dict[str, str | Path],
+    pdiff_cfg: PDiffConfig,
+    out_path: str | Path,
+    device: str = "cpu",
+    on_progress=None,
+) -> dict[str, Any]:
+    """Train the COND P-DIFF baseline on the same checkpoints and task vectors as the CVAE."""
+    checkpoints = {name: load_trajectory_checkpoints(folder) for name, folder in trajectory_dirs.items()}
+    vectors = {name: load_task_vector(path) for name, path in task_vector_paths.items()}
+    dataset = build_dataset(checkpoints, vectors)
+    first = read_trajectory(next(iter(trajectory_dirs.values()))).adapter_config
+    model, history, seconds = train_pdiff(dataset, pdiff_cfg, first, device=device, on_progress=on_progress)
+    digest = save_pdiff(out_path, model, {"history": history})
+    return {
+        "path": str(out_path),
+        "sha256": digest,
+        "bytes": Path(out_path).stat().st_size,
+        "num_checkpoints": int(dataset.weights.shape[0]),
+        "flat_length": dataset.layout.total,
+        "final_ae_recon": history["autoencoder"][-1]["recon"],
+        "final_ddpm_loss": history["ddpm"][-1]["loss"],
+        "seconds": seconds,
+    }
+
+
+def sample_pdiff_adapter(
+    pdiff_path: str | Path, out_dir: str | Path, sample_cfg: SampleConfig, category: str
+) -> dict[str, Any]:
+    """Generate a category's adapter with COND P-DIFF (T denoising steps, decode, de-normalise)."""
+    model = load_pdiff(pdiff_path)
+    started = time.perf_counter()
+    state = model.generate_for(category, sample_cfg)
+    seconds = time.perf_counter() - started
+    write_adapter(out_dir, state, model.adapter_config)
+    return {"adapter_dir": str(out_dir), "adapter_sha256": adapter_sha256(out_dir), "seconds": seconds}

@@ -58,14 +58,31 @@ class ArtifactRef(BaseModel):
         return Path(self.path) / name
 
 
+PRESENTATION_MODULES = frozenset(
+    {"icm_core/reporting.py", "icm_core/plots.py", "tasks/report.py", "tasks/ablations.py"}
+)
+"""Modules that only format results (tables, figures, UI artifacts). Editing them re-renders reports but
+must not retrain anything, so they are left out of the fingerprint of the compute stages. No other
+module may import them (``tests/test_layering.py`` checks)."""
+
+REPORT_STAGES = frozenset({"report", "ablation_report"})
+
+
 @cache
-def code_fingerprint() -> str:
+def code_fingerprint(include_presentation: bool = True) -> str:
     """sha256 over icm_core's version and the source of icm_core and tasks: editing the method or a task
-    wrapper invalidates cached stages (Prefect's TASK_SOURCE would only see the task function itself)."""
+    wrapper invalidates cached stages (Prefect's TASK_SOURCE would only see the task function itself).
+
+    With ``include_presentation=False`` the result-formatting modules are left out: that is the
+    fingerprint of every compute stage, so a change to a table or a figure reruns only the reports.
+    """
     digest = hashlib.sha256(icm_core.__version__.encode())
     for package in (Path(icm_core.__file__).parent, Path(__file__).parent):
         for path in sorted(package.rglob("*.py")):
-            digest.update(f"{package.name}/{path.relative_to(package).as_posix()}".encode())
+            name = f"{package.name}/{path.relative_to(package).as_posix()}"
+            if not include_presentation and name in PRESENTATION_MODULES:
+                continue
+            digest.update(name.encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -86,8 +103,10 @@ def canonical(value: Any) -> Any:
 
 
 def stage_key(stage: str, inputs: dict[str, Any]) -> str:
-    """Cache key of a stage: stage name + canonical inputs + icm_core code fingerprint."""
-    return config_fingerprint(stage, {k: canonical(v) for k, v in sorted(inputs.items())}, code_fingerprint())
+    """Cache key of a stage: stage name + canonical inputs + code fingerprint (report stages also hash the
+    presentation modules; compute stages do not)."""
+    code = code_fingerprint(include_presentation=stage in REPORT_STAGES)
+    return config_fingerprint(stage, {k: canonical(v) for k, v in sorted(inputs.items())}, code)
 
 
 def output_dir(root: str | Path, stage: str, key: str, category: str | None) -> Path:

@@ -1,77 +1,149 @@
-"""The report stage: results table files on disk and the same results as Prefect UI artifacts."""
+"""The report stage: result tables and figures on disk, and the same results as Prefect UI artifacts.
+
+Files (under ``report/<key>/``): ``report.md``, ``results.json``, ``results.csv`` (one row per category,
+every method), ``storage.csv``, and three PNG figures. UI: a table artifact, the markdown report, image
+artifacts for the figures and links to the generated adapters and generators.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
+import base64
 from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_image_artifact,
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 
-from icm_core.evaluate import gain_recovered
-from icm_core.io import write_json, write_text
+from icm_core.io import read_json, sidecar_path, write_json, write_text
+from icm_core.lora_train import read_trajectory
+from icm_core.plots import plot_main_bars, plot_task_vectors, plot_training_curves
+from icm_core.reporting import (
+    METHOD_TITLES,
+    csv_text,
+    gain_table,
+    human_bytes,
+    main_table,
+    mean_row,
+    methods_in,
+    result_rows,
+    storage_rows,
+    storage_table,
+)
+from icm_core.stages import load_task_vector
 from tasks.artifacts import ArtifactCachePolicy, ArtifactRef
 from tasks.stages import TASK_DEFAULTS, run_stage
 
 
-METHODS = ("base", "lora", "icm_lora")
-METHOD_TITLES = {"base": "Original model", "lora": "Original LoRA", "icm_lora": "ICM-LoRA"}
+FIGURES = {
+    "task_vectors.png": "Task vectors by category (PCA)",
+    "training_curves.png": "Generator training curves",
+    "main_results.png": "PPL relative to the original model",
+}
 
 
-def result_rows(evals: dict[str, dict[str, ArtifactRef]], adapters: dict[str, ArtifactRef]) -> list[dict[str, Any]]:
-    """One row per category: PPL and BPC per method, gain recovered, and the generated adapter's folder."""
-    rows = []
-    for name in sorted(evals):
-        scores = {method: ref.meta for method, ref in evals[name].items()}
-        row: dict[str, Any] = {"category": name}
-        for method in METHODS:
-            row[f"ppl_{method}"] = round(scores[method]["ppl"], 4)
-        for method in METHODS:
-            row[f"bpc_{method}"] = round(scores[method]["bpc"], 5)
-        gain = gain_recovered(scores["base"]["ppl"], scores["lora"]["ppl"], scores["icm_lora"]["ppl"])
-        row["gain_recovered"] = None if gain is None else round(gain, 4)
-        row["adapter_dir"] = adapters[name].file("adapter").as_posix()
-        rows.append(row)
-    return rows
+def storage_inputs(
+    data: dict[str, ArtifactRef],
+    loras: dict[str, ArtifactRef],
+    generator: ArtifactRef,
+    pdiff: ArtifactRef | None,
+    soups: dict[str, ArtifactRef],
+) -> tuple[list[Path], list[Path], list[Path], dict[str, list[Path]]]:
+    """The files behind each storage row: train text, checkpoints, final adapters, and each generator's files."""
+    train_text = [data[name].file("splits") / "train.jsonl" for name in sorted(data)]
+    checkpoints, finals = [], []
+    for name in sorted(loras):
+        trajectory = read_trajectory(loras[name].folder)
+        checkpoints += [trajectory.folder / f for f in trajectory.files]
+        finals.append(trajectory.adapter_dir / "adapter_model.safetensors")
+    gen_file = generator.file("generator.safetensors")
+    generators = {"ICM-LoRA generator (CVAE + stats + task vectors)": [gen_file, sidecar_path(gen_file)]}
+    if pdiff is not None:
+        pdiff_file = pdiff.file("pdiff.safetensors")
+        generators["COND P-DIFF (AE + DDPM + per-task stats)"] = [pdiff_file, sidecar_path(pdiff_file)]
+    if soups:
+        generators[f"Model Soup adapter(s) ({len(soups)})"] = [
+            ref.file("adapter") / "adapter_model.safetensors" for ref in soups.values()
+        ]
+    return train_text, checkpoints, finals, generators
 
 
-def markdown_report(rows: list[dict[str, Any]], generator: ArtifactRef) -> str:
+def markdown_report(
+    rows: list[dict[str, Any]], storage: list[dict[str, Any]], generator: ArtifactRef, notes: dict
+) -> str:
+    methods = methods_in(rows)
+    per_category = ["| category | " + " | ".join(f"PPL {METHOD_TITLES[m]}" for m in methods) + " | gain |"]
+    per_category.append("|---|" + "---:|" * (len(methods) + 1))
+    for r in rows:
+        gain = "n/a" if r.get("gain_recovered") is None else f"{r['gain_recovered']:.1%}"
+        per_category.append(
+            f"| {r['category']} | " + " | ".join(f"{r[f'ppl_{m}']:.3f}" for m in methods) + f" | {gain} |"
+        )
+    meta = generator.meta
     lines = [
         "# ICM-LoRA results",
         "",
-        "PPL and BPC on each category's held-out test split (lower is better). *Gain* is the share of the "
-        "fine-tuning gain the generated adapter recovers: (PPL base - PPL ICM) / (PPL base - PPL LoRA).",
+        "PPL and BPC on each category's held-out test split (lower is better); every method is merged into the "
+        "base model and scored by the same code on the same text. *Gain* is the share of the fine-tuning gain a "
+        "method recovers: (PPL base - PPL method) / (PPL base - PPL LoRA).",
         "",
-        "| category | PPL base | PPL LoRA | PPL ICM-LoRA | BPC base | BPC LoRA | BPC ICM-LoRA | gain |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        gain = "n/a" if r["gain_recovered"] is None else f"{r['gain_recovered']:.1%}"
-        lines.append(
-            f"| {r['category']} | {r['ppl_base']:.3f} | {r['ppl_lora']:.3f} | {r['ppl_icm_lora']:.3f} | "
-            f"{r['bpc_base']:.4f} | {r['bpc_lora']:.4f} | {r['bpc_icm_lora']:.4f} | {gain} |"
-        )
-    meta = generator.meta
-    lines += [
+        *per_category,
         "",
-        f"Generator: `{generator.file('generator.safetensors')}` ({meta.get('bytes', 0) / 1e6:.2f} MB, trained on "
+        "## Main results (paper Table 2)",
+        "",
+        main_table(rows),
+        "",
+        "## Share of the fine-tuning gain recovered, and PPL vs the original LoRA",
+        "",
+        gain_table(rows),
+        "",
+        "## Storage (paper Table 3)",
+        "",
+        storage_table(storage),
+        "",
+        "## Methods",
+        "",
+        *[f"- {line}" for line in notes["methods"]],
+        "",
+        "## Figures",
+        "",
+        *[f"![{title}]({name})" for name, title in FIGURES.items()],
+        "",
+        f"Generator: `{generator.file('generator.safetensors')}` ({human_bytes(meta.get('bytes', 0))}, trained on "
         f"{meta.get('num_checkpoints')} checkpoints of length {meta.get('flat_length')}).",
         "",
         "Generated adapters (standard PEFT folders):",
         "",
+        *[f"- {r['category']}: `{r['adapter_dir']}`" for r in rows],
     ]
-    lines += [f"- {r['category']}: `{r['adapter_dir']}`" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def csv_text(rows: list[dict[str, Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+def method_notes(soups: dict[str, ArtifactRef], pdiff: ArtifactRef | None) -> list[str]:
+    notes = [
+        "Original model: the base model, no adapter.",
+        "Original LoRA: each category's final fine-tuned adapter.",
+    ]
+    for label, ref in sorted(soups.items()):
+        sources = ", ".join(ref.meta.get("sources", []))
+        notes.append(
+            f"Model Soup ({label}): uniform average of weight deltas B@A of [{sources}], re-factorised by SVD to "
+            f"rank {ref.meta.get('rank')} (exact)."
+        )
+    if pdiff is not None:
+        notes.append(
+            "COND P-DIFF: autoencoder + conditional latent DDPM trained on the same "
+            f"{pdiff.meta.get('num_checkpoints')} checkpoints and task vectors (per-task, per-coordinate "
+            "normalisation; linear-beta DDPM, epsilon prediction)."
+        )
+    notes.append(
+        "ICM-LoRA: one CVAE for all categories; one draw z ~ N(0, I) decoded with the category's task vector."
+    )
+    return notes
 
 
 @task(
@@ -81,33 +153,81 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
     **TASK_DEFAULTS,
 )
 def report_task(
-    evals: dict[str, dict[str, ArtifactRef]], adapters: dict[str, ArtifactRef], generator: ArtifactRef, root: str
+    evals: dict[str, dict[str, ArtifactRef]],
+    adapters: dict[str, ArtifactRef],
+    generator: ArtifactRef,
+    root: str,
+    data: dict[str, ArtifactRef] | None = None,
+    loras: dict[str, ArtifactRef] | None = None,
+    task_vectors: dict[str, ArtifactRef] | None = None,
+    pdiff: ArtifactRef | None = None,
+    soups: dict[str, ArtifactRef] | None = None,
 ) -> ArtifactRef:
-    """Write results.json / results.csv / report.md for all categories."""
-    inputs = {"evals": evals, "adapters": adapters, "generator": generator, "root": root}
+    """Write results.json / results.csv / storage.csv / report.md and the figures for all categories."""
+    soups = soups or {}
+    inputs = {
+        "evals": evals,
+        "adapters": adapters,
+        "generator": generator,
+        "root": root,
+        "data": data,
+        "loras": loras,
+        "task_vectors": task_vectors,
+        "pdiff": pdiff,
+        "soups": soups,
+    }
 
     def build(out: Path) -> dict[str, Any]:
-        rows = result_rows(evals, adapters)
-        write_json(out / "results.json", {"rows": rows, "generator": generator.meta})
-        write_text(out / "results.csv", csv_text(rows))
-        write_text(out / "report.md", markdown_report(rows, generator))
-        return {"rows": rows}
+        scores = {name: {m: ref.meta for m, ref in by_method.items()} for name, by_method in evals.items()}
+        rows = result_rows(scores)
+        for row in rows:
+            row["adapter_dir"] = adapters[row["category"]].file("adapter").as_posix()
+        storage = storage_rows(*storage_inputs(data or {}, loras or {}, generator, pdiff, soups))
+        notes = {"methods": method_notes(soups, pdiff)}
+        gen_meta = read_json(sidecar_path(generator.file("generator.safetensors")))["meta"]
+        pdiff_history = read_json(sidecar_path(pdiff.file("pdiff.safetensors")))["meta"]["history"] if pdiff else None
+        if task_vectors:
+            vectors = {n: load_task_vector(ref.file("task_vector.safetensors")) for n, ref in task_vectors.items()}
+            plot_task_vectors(vectors, out / "task_vectors.png")
+        plot_training_curves(gen_meta["history"], pdiff_history, out / "training_curves.png")
+        plot_main_bars(rows, out / "main_results.png")
+        write_json(
+            out / "results.json",
+            {"rows": rows, "mean": mean_row(rows), "storage": storage, "generator": generator.meta, "notes": notes},
+        )
+        write_text(out / "results.csv", csv_text([*rows, mean_row(rows)]))
+        write_text(out / "storage.csv", csv_text(storage))
+        write_text(out / "report.md", markdown_report(rows, storage, generator, notes))
+        return {"rows": rows, "storage": storage}
 
     return run_stage("report", None, inputs, build)
 
 
-def publish_report(report: ArtifactRef, generator: ArtifactRef) -> None:
-    """Show the results in the Prefect UI: a table, the markdown report, and links to the adapters."""
+def png_data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def publish_report(report: ArtifactRef, generator: ArtifactRef, pdiff: ArtifactRef | None = None) -> None:
+    """Show the results in the Prefect UI: tables, the markdown report, figures and links."""
     rows = report.meta["rows"]
     create_table_artifact(
         key="icm-eval-summary",
         table=[{k: v for k, v in row.items() if k != "adapter_dir"} for row in rows],
-        description="ICM-LoRA: PPL / BPC per category for the original model, the original LoRA and the "
-        "generated adapter.",
+        description="PPL / BPC per category for the original model, the original LoRA, the baselines and ICM-LoRA, "
+        "and the share of the fine-tuning gain each generated adapter recovers.",
     )
+    if report.meta.get("storage"):
+        create_table_artifact(
+            key="icm-storage", table=report.meta["storage"], description="Bytes stored per method (paper Table 3)."
+        )
     create_markdown_artifact(
         key="icm-report", markdown=Path(report.file("report.md")).read_text(), description="ICM-LoRA report"
     )
+    for name, title in FIGURES.items():
+        figure = report.file(name)
+        if figure.is_file():
+            key = "icm-figure-" + name.removesuffix(".png").replace("_", "-")
+            create_image_artifact(image_url=png_data_url(figure), key=key, description=title)
     for row in rows:
         create_link_artifact(
             key=f"adapter-{row['category'].replace('_', '-')}",
@@ -119,3 +239,9 @@ def publish_report(report: ArtifactRef, generator: ArtifactRef) -> None:
         link=Path(generator.file("generator.safetensors")).resolve().as_uri(),
         link_text="ICM-LoRA generator (safetensors)",
     )
+    if pdiff is not None:
+        create_link_artifact(
+            key="cond-pdiff-generator",
+            link=Path(pdiff.file("pdiff.safetensors")).resolve().as_uri(),
+            link_text="COND P-DIFF baseline (safetensors)",
+        )

@@ -26,7 +26,9 @@ from icm_core.config import (
     EvalConfig,
     LoraTrainConfig,
     ModelConfig,
+    PDiffConfig,
     SampleConfig,
+    SoupConfig,
     TaskVectorConfig,
 )
 from icm_core.data import Category
@@ -242,6 +244,82 @@ def sample_adapter_task(category: str, generator: ArtifactRef, sample_cfg: Sampl
         return {"seconds": result["seconds"], "adapter_sha256": result["adapter_sha256"]}
 
     return run_stage("adapters", category, inputs, build)
+
+
+@task(
+    name="model-soup",
+    task_run_name="soup-{label}",
+    cache_policy=ArtifactCachePolicy("soup", category_arg="label"),
+    **TASK_DEFAULTS,
+)
+def soup_task(label: str, loras: dict[str, ArtifactRef], soup_cfg: SoupConfig, root: str) -> ArtifactRef:
+    """Model Soup baseline: average adapters as weight deltas into one PEFT adapter.
+
+    ``label`` names the soup: ``"all"`` for the soup of every category's final adapter, or a category for
+    the soup of its own trajectory (``soup.scope='trajectory'``).
+    """
+    inputs = {"label": label, "loras": loras, "soup_cfg": soup_cfg, "root": root}
+
+    def build(out: Path) -> dict[str, Any]:
+        result = stages.soup_adapter({name: ref.folder for name, ref in loras.items()}, soup_cfg, out / "adapter")
+        return {k: result[k] for k in ("adapter_sha256", "rank", "sources")}
+
+    return run_stage("soup", label, inputs, build)
+
+
+@task(
+    name="train-cond-pdiff",
+    task_run_name="train-cond-pdiff",
+    cache_policy=ArtifactCachePolicy("pdiff", category_arg=None),
+    retries=1,
+    **TASK_DEFAULTS,
+)
+def train_pdiff_task(
+    loras: dict[str, ArtifactRef], task_vectors: dict[str, ArtifactRef], pdiff_cfg: PDiffConfig, device: str, root: str
+) -> ArtifactRef:
+    """COND P-DIFF baseline: autoencoder + conditional latent DDPM on the same trajectories and task vectors."""
+    logger = get_run_logger()
+    inputs = {"loras": loras, "task_vectors": task_vectors, "pdiff_cfg": pdiff_cfg, "device": device, "root": root}
+
+    def on_progress(phase: str, step: int, loss: float) -> None:
+        if phase == "autoencoder":
+            step += 1
+            if step % max(1, pdiff_cfg.ae_epochs // 5) == 0 or step == pdiff_cfg.ae_epochs:
+                logger.info("cond-pdiff autoencoder epoch %d/%d recon %.5f", step, pdiff_cfg.ae_epochs, loss)
+        elif step % max(1, pdiff_cfg.ddpm_steps // 5) < pdiff_cfg.log_every or step == pdiff_cfg.ddpm_steps:
+            logger.info("cond-pdiff ddpm step %d/%d loss %.5f", step, pdiff_cfg.ddpm_steps, loss)
+
+    def build(out: Path) -> dict[str, Any]:
+        with device_slot(device):
+            result = stages.train_pdiff_stage(
+                {name: ref.folder for name, ref in loras.items()},
+                {name: ref.file("task_vector.safetensors") for name, ref in task_vectors.items()},
+                pdiff_cfg,
+                out / "pdiff.safetensors",
+                device=str(resolve_device(device)),
+                on_progress=on_progress,
+            )
+        keys = ("bytes", "num_checkpoints", "flat_length", "final_ae_recon", "final_ddpm_loss", "seconds")
+        return {k: result[k] for k in keys}
+
+    return run_stage("pdiff", None, inputs, build)
+
+
+@task(
+    name="sample-cond-pdiff",
+    task_run_name="sample-pdiff-{category}",
+    cache_policy=ArtifactCachePolicy("pdiff_adapters"),
+    **TASK_DEFAULTS,
+)
+def sample_pdiff_task(category: str, pdiff: ArtifactRef, sample_cfg: SampleConfig, root: str) -> ArtifactRef:
+    """Generate the category's adapter with COND P-DIFF."""
+    inputs = {"category": category, "pdiff": pdiff, "sample_cfg": sample_cfg, "root": root}
+
+    def build(out: Path) -> dict[str, Any]:
+        result = stages.sample_pdiff_adapter(pdiff.file("pdiff.safetensors"), out / "adapter", sample_cfg, category)
+        return {"seconds": result["seconds"], "adapter_sha256": result["adapter_sha256"]}
+
+    return run_stage("pdiff_adapters", category, inputs, build)
 
 
 @task(

@@ -56,3 +56,52 @@ def test_importing_stages_and_runner_does_not_load_prefect():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_presentation_modules_are_imported_only_by_reports_and_flows():
+    """Compute stages leave the presentation modules out of their cache fingerprint; that is only sound if
+    no compute module imports them (a table or figure change must never change a trained artifact)."""
+    from tasks.artifacts import PRESENTATION_MODULES
+
+    dotted = {name.removesuffix(".py").replace("/", ".") for name in PRESENTATION_MODULES}
+    offenders = []
+    for package in ("icm_core", "tasks"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            name = path.relative_to(REPO).as_posix()
+            if name in PRESENTATION_MODULES:
+                continue
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+            for lineno, module in _imported_modules(tree):
+                if module in dotted:
+                    offenders.append(f"{name}:{lineno} imports {module}")
+    assert not offenders, "\n".join(offenders)
+    assert all((REPO / name).is_file() or name == "tasks/ablations.py" for name in PRESENTATION_MODULES)
+
+
+def test_presentation_change_keeps_compute_fingerprint(tmp_path, monkeypatch):
+    import tasks.artifacts as artifacts
+
+    code_root = tmp_path / "code"
+    for package in ("icm_core", "tasks"):
+        for path in (REPO / package).rglob("*.py"):
+            target = code_root / path.relative_to(REPO)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+
+    def fingerprints() -> tuple[str, str]:
+        artifacts.code_fingerprint.cache_clear()
+        monkeypatch.setattr(artifacts.icm_core, "__file__", str(code_root / "icm_core" / "__init__.py"))
+        monkeypatch.setattr(artifacts, "__file__", str(code_root / "tasks" / "artifacts.py"))
+        return artifacts.code_fingerprint(False), artifacts.code_fingerprint(True)
+
+    try:
+        compute, full = fingerprints()
+        (code_root / "icm_core" / "plots.py").write_text("# a new figure style\n", encoding="utf-8")
+        compute2, full2 = fingerprints()
+        assert compute2 == compute and full2 != full
+        (code_root / "icm_core" / "cvae.py").write_text("# a changed model\n", encoding="utf-8")
+        compute3, _ = fingerprints()
+        assert compute3 != compute
+    finally:
+        monkeypatch.undo()
+        artifacts.code_fingerprint.cache_clear()

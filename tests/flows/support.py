@@ -10,7 +10,15 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from icm_core.config import CVAEConfig, DataConfig, EvalConfig, ModelConfig, RunConfig, TaskVectorConfig
+from icm_core.config import (
+    CVAEConfig,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    PDiffConfig,
+    RunConfig,
+    TaskVectorConfig,
+)
 from tests import helpers
 
 
@@ -104,7 +112,23 @@ def tiny_run_config(model_dir: Path, **lora_overrides: Any) -> RunConfig:
         task_vector=TaskVectorConfig(num_samples=2, sample_tokens=16),
         cvae=CVAEConfig(channels=(4, 8, 8, 4), latent_dim=8, epochs=3, batch_size=2),
         eval=EvalConfig(max_tokens=128),
+        pdiff=TINY_PDIFF,
     )
+
+
+TINY_PDIFF = PDiffConfig(
+    fold_rate=3,
+    ae_kernel_size=3,
+    ae_enc_channels=(2, 2),
+    ae_dec_channels=(2, 4),
+    ae_epochs=2,
+    unet_channels=(8, 16),
+    cond_tokens=2,
+    timesteps=20,
+    ddpm_steps=4,
+    batch_size=4,
+    log_every=2,
+)
 
 
 @dataclass
@@ -152,8 +176,8 @@ def states_by_name(state) -> dict[str, str]:
 
 
 def expected_task_runs(categories=CATEGORIES) -> set[str]:
-    names = {"train-cvae", "report"}
+    names = {"train-cvae", "train-cond-pdiff", "soup-all", "report"}
     for c in categories:
-        names |= {f"data-{c}", f"lora-{c}", f"task-vector-{c}", f"sample-{c}"}
-        names |= {f"eval-{c}-{m}" for m in ("base", "lora", "icm_lora")}
+        names |= {f"data-{c}", f"lora-{c}", f"task-vector-{c}", f"sample-{c}", f"sample-pdiff-{c}"}
+        names |= {f"eval-{c}-{m}" for m in ("base", "lora", "model_soup", "cond_pdiff", "icm_lora")}
     return names

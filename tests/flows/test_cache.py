@@ -37,7 +37,10 @@ def test_cvae_config_change_reruns_only_cvae_and_downstream(workspace):
     states = states_by_name(state)
     assert set(states) == expected_task_runs()
     upstream = {f"{stage}-{c}" for c in CATEGORIES for stage in ("data", "lora", "task-vector")}
-    unaffected = upstream | {f"eval-{c}-{m}" for c in CATEGORIES for m in ("base", "lora")}
+    # The baselines do not depend on the CVAE config: Model Soup and COND P-DIFF come from the cache.
+    baselines = {"soup-all", "train-cond-pdiff"} | {f"sample-pdiff-{c}" for c in CATEGORIES}
+    methods = ("base", "lora", "model_soup", "cond_pdiff")
+    unaffected = upstream | baselines | {f"eval-{c}-{m}" for c in CATEGORIES for m in methods}
     rerun = {"train-cvae", "report"} | {f"sample-{c}" for c in CATEGORIES} | {f"eval-{c}-icm_lora" for c in CATEGORIES}
     assert unaffected | rerun == set(states)
     assert {name: states[name] for name in unaffected} == dict.fromkeys(unaffected, "Cached")

@@ -1,0 +1,453 @@
+"""COND P-DIFF (Jin et al. 2024), the paper's strongest baseline: an autoencoder plus a conditional
+latent DDPM over the same flattened LoRA weights, conditioned on the same task vectors.
+
+Following the public code's design (see ``shared/notes/anchors.md``):
+
+* **normalisation**: per task, per coordinate z-score across that task's checkpoints; the statistics
+  of every task travel with the artifact (and count in its size);
+* **autoencoder**: 1-D convolutions that fold the sequence by ``fold_rate`` per layer (encoder channels
+  ``[4, 4, 4, 4]``, decoder ``[4, 256, 256, 8]`` -> 1), InstanceNorm + LeakyReLU, a tanh latent, noise
+  augmentation on the input (0.001) and on the latent (0.1, then clamped to [-1, 1]);
+* **denoiser**: a 1-D U-Net (channels ``[64, 128, 256, 512]``) over the latent sequence; the condition
+  is projected to a few extra positions and concatenated along the sequence axis; learned time
+  embedding;
+* **DDPM**: T = 1000, linear betas 1e-4 -> 2e-2, epsilon prediction with an MSE loss, ancestral sampling.
+
+Generation: z_T ~ N(0, I) -> T denoising steps with the task's condition -> decode -> de-normalise
+with that task's statistics -> LoRA state dict. Like the ICM-LoRA generator, the artifact is self-
+contained: no real checkpoint is needed to generate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from icm_core.config import PDiffConfig, SampleConfig
+from icm_core.flatten import LoraLayout, unflatten_lora
+from icm_core.generator import ConditionNorm, GeneratorDataset
+from icm_core.io import ArtifactError, load_tensors, save_tensors
+from icm_core.task_vectors import check_task_vector
+
+
+# --- schedule ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """DDPM forward-process constants for a linear beta schedule."""
+
+    betas: Tensor  # [T]
+    alphas: Tensor
+    alpha_bars: Tensor
+
+    @classmethod
+    def linear(cls, timesteps: int, beta_start: float, beta_end: float) -> NoiseSchedule:
+        betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+        alphas = 1.0 - betas
+        return cls(betas, alphas, torch.cumprod(alphas, dim=0))
+
+    @property
+    def timesteps(self) -> int:
+        return int(self.betas.numel())
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """q(x_t | x_0) = N(sqrt(a_bar_t) x_0, (1 - a_bar_t) I), sampled with the given noise."""
+        a_bar = self.alpha_bars.to(x0.device)[t].float().view(-1, *([1] * (x0.dim() - 1)))
+        return a_bar.sqrt() * x0 + (1 - a_bar).sqrt() * noise
+
+    def posterior_variance(self) -> Tensor:
+        """beta_tilde_t = beta_t (1 - a_bar_{t-1}) / (1 - a_bar_t), the variance of q(x_{t-1} | x_t, x_0)."""
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bars[:-1]])
+        return self.betas * (1 - prev) / (1 - self.alpha_bars)
+
+
+# --- autoencoder ------------------------------------------------------------------------------------
+
+
+def ae_padded_length(length: int, fold_rate: int, depth: int) -> int:
+    """Smallest multiple of fold_rate**depth that is >= length (the official code always adds one block)."""
+    block = fold_rate**depth
+    return math.ceil(length / block) * block
+
+
+class FoldingAutoencoder(nn.Module):
+    """COND P-DIFF's 1-D convolutional autoencoder: each layer folds the sequence by ``fold_rate``."""
+
+    def __init__(self, input_len: int, cfg: PDiffConfig) -> None:
+        super().__init__()
+        self.cfg, self.input_len = cfg, input_len
+        depth, fold, k = len(cfg.ae_enc_channels), cfg.fold_rate, cfg.ae_kernel_size
+        self.padded_len = ae_padded_length(input_len, fold, depth)
+        self.latent_shape = (cfg.ae_enc_channels[-1], self.padded_len // fold**depth)
+        enc = [1, *cfg.ae_enc_channels]
+        self.encoder = nn.ModuleList()
+        for i in range(depth):
+            last = i == depth - 1
+            self.encoder.append(
+                nn.Sequential(
+                    nn.Identity() if i == 0 else nn.LeakyReLU(),
+                    nn.InstanceNorm1d(enc[i]),
+                    nn.Conv1d(enc[i], enc[i], k, padding=k // 2),
+                    nn.LeakyReLU(),
+                    nn.InstanceNorm1d(enc[i]),
+                    nn.Conv1d(enc[i], enc[i + 1], fold, stride=fold),  # fold the length by fold_rate
+                    nn.Tanh() if last else nn.Identity(),
+                )
+            )
+        dec = [*cfg.ae_dec_channels, 1]
+        if dec[0] != enc[-1]:
+            raise ValueError(f"ae_dec_channels[0] = {dec[0]} must equal ae_enc_channels[-1] = {enc[-1]}")
+        self.decoder = nn.ModuleList()
+        for i in range(len(cfg.ae_dec_channels)):
+            self.decoder.append(
+                nn.Sequential(
+                    nn.LeakyReLU(),
+                    nn.InstanceNorm1d(dec[i]),
+                    nn.ConvTranspose1d(dec[i], dec[i], fold, stride=fold),  # unfold by fold_rate
+                    nn.LeakyReLU(),
+                    nn.InstanceNorm1d(dec[i]),
+                    nn.Conv1d(dec[i], dec[i + 1], k, padding=k // 2),
+                )
+            )
+        if len(cfg.ae_dec_channels) != depth:
+            raise ValueError("ae_dec_channels must have as many layers as ae_enc_channels")
+
+    def encode(self, x: Tensor) -> Tensor:
+        """[B, L] -> latent [B, C, L_pad / fold**depth] in [-1, 1]."""
+        if x.dim() != 2 or x.shape[1] != self.input_len:
+            raise ValueError(f"expected [B, {self.input_len}], got {list(x.shape)}")
+        h = F.pad(x, (0, self.padded_len - self.input_len)).unsqueeze(1)
+        for layer in self.encoder:
+            h = layer(h)
+        return h
+
+    def decode(self, latent: Tensor) -> Tensor:
+        h = latent
+        for layer in self.decoder:
+            h = layer(h)
+        return h[:, 0, : self.input_len]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Training pass with the official noise augmentation on input and latent."""
+        x = noisy(x, self.cfg.ae_input_noise)
+        latent = noisy(self.encode(x), self.cfg.ae_latent_noise).clamp(-1, 1)
+        return self.decode(latent)
+
+
+def noisy(x: Tensor, factor: float) -> Tensor:
+    """x * (1 - f) + f * N(0, I): the official augmentation (it also shrinks x slightly)."""
+    return x if factor <= 0 else x * (1 - factor) + factor * torch.randn_like(x)
+
+
+# --- denoiser ---------------------------------------------------------------------------------------
+
+
+class ResBlock1d(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, with the time embedding added in between; residual."""
+
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(8, in_ch), in_ch)
+        self.conv1 = nn.Conv1d(in_ch, out_ch, 3, padding=1)
+        self.time = nn.Linear(time_dim, out_ch)
+        self.norm2 = nn.GroupNorm(min(8, out_ch), out_ch)
+        self.conv2 = nn.Conv1d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv1d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time(temb).unsqueeze(-1)
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class ConditionalUNet1d(nn.Module):
+    """1-D U-Net epsilon predictor. The condition becomes ``cond_tokens`` extra sequence positions."""
+
+    def __init__(self, latent_shape: tuple[int, int], cond_dim: int, cfg: PDiffConfig) -> None:
+        super().__init__()
+        channels, length = latent_shape
+        self.latent_shape, self.cond_dim, self.cfg = latent_shape, cond_dim, cfg
+        levels = len(cfg.unet_channels)
+        multiple = 2 ** (levels - 1)
+        self.seq_len = math.ceil((length + cfg.cond_tokens) / multiple) * multiple
+        time_dim = cfg.unet_channels[0] * 4
+        self.time_embed = nn.Sequential(
+            nn.Embedding(cfg.timesteps, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
+        )
+        self.cond_proj = nn.Linear(cond_dim, channels * cfg.cond_tokens)
+        self.inp = nn.Conv1d(channels, cfg.unet_channels[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        prev = cfg.unet_channels[0]
+        for ch in cfg.unet_channels:
+            self.down.append(ResBlock1d(prev, ch, time_dim))
+            prev = ch
+        self.mid = ResBlock1d(prev, prev, time_dim)
+        self.up = nn.ModuleList()
+        for ch in reversed(cfg.unet_channels):
+            self.up.append(ResBlock1d(prev + ch, ch, time_dim))
+            prev = ch
+        self.out = nn.Sequential(nn.GroupNorm(min(8, prev), prev), nn.SiLU(), nn.Conv1d(prev, channels, 3, padding=1))
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """Predict the noise in ``x`` [B, C, L] at steps ``t`` [B] given conditions ``cond`` [B, cond_dim]."""
+        batch, channels, length = x.shape
+        if (channels, length) != self.latent_shape:
+            raise ValueError(f"latent shape {(channels, length)} != {self.latent_shape}")
+        if cond.shape != (batch, self.cond_dim):
+            raise ValueError(f"condition shape {list(cond.shape)} != [{batch}, {self.cond_dim}]")
+        # Condition concatenated along the sequence axis, then zero-padded to a multiple of 2**(levels-1).
+        cond_seq = self.cond_proj(cond).view(batch, channels, self.cfg.cond_tokens)
+        h = torch.cat([x, cond_seq], dim=2)
+        h = F.pad(h, (0, self.seq_len - h.shape[2]))
+        temb = self.time_embed(t)
+        h = self.inp(h)
+        skips = []
+        for i, block in enumerate(self.down):
+            h = block(h, temb)
+            skips.append(h)
+            if i < len(self.down) - 1:
+                h = F.avg_pool1d(h, 2)
+        h = self.mid(h, temb)
+        for block in self.up:
+            skip = skips.pop()
+            if h.shape[-1] != skip.shape[-1]:
+                h = F.interpolate(h, size=skip.shape[-1], mode="nearest")
+            h = block(torch.cat([h, skip], dim=1), temb)
+        return self.out(h)[:, :, :length]
+
+
+# --- normalisation ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskNorm:
+    """Per task, per coordinate mean/std over that task's checkpoints (COND P-DIFF's normalisation)."""
+
+    names: tuple[str, ...]
+    mean: Tensor  # [num_tasks, L]
+    std: Tensor  # [num_tasks, L]
+
+    @classmethod
+    def fit(cls, weights: Tensor, owners: list[str], eps: float) -> TaskNorm:
+        names = tuple(sorted(set(owners)))
+        means, stds = [], []
+        for name in names:
+            rows = weights[[i for i, owner in enumerate(owners) if owner == name]].double()
+            means.append(rows.mean(0))
+            stds.append(rows.std(0, unbiased=False).clamp_min(eps))
+        return cls(names, torch.stack(means).float(), torch.stack(stds).float())
+
+    def index(self, name: str) -> int:
+        if name not in self.names:
+            raise KeyError(f"category {name!r} is not known to this COND P-DIFF model ({list(self.names)})")
+        return self.names.index(name)
+
+    def normalize(self, weights: Tensor, owners: list[str]) -> Tensor:
+        idx = torch.tensor([self.index(o) for o in owners])
+        return (weights - self.mean[idx]) / self.std[idx]
+
+    def denormalize(self, flat: Tensor, name: str) -> Tensor:
+        i = self.index(name)
+        return flat * self.std[i] + self.mean[i]
+
+
+# --- the model --------------------------------------------------------------------------------------
+
+
+@dataclass
+class PDiffModel:
+    """Trained autoencoder + denoiser, with everything needed to emit a PEFT adapter."""
+
+    autoencoder: FoldingAutoencoder
+    denoiser: ConditionalUNet1d
+    layout: LoraLayout
+    norm: TaskNorm
+    cond_norm: ConditionNorm
+    adapter_config: dict[str, Any]
+    task_vectors: dict[str, Tensor]
+    cfg: PDiffConfig
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def sample_latent(self, task_vector: Tensor, seed: int) -> Tensor:
+        """Ancestral DDPM sampling: z_T ~ N(0, I), then T steps of p(z_{t-1} | z_t, condition)."""
+        cfg = self.cfg
+        schedule = NoiseSchedule.linear(cfg.timesteps, cfg.beta_start, cfg.beta_end)
+        variance = schedule.posterior_variance()
+        rng = torch.Generator().manual_seed(seed)
+        self.denoiser.eval()
+        cond = self.cond_norm(check_task_vector(task_vector, self.denoiser.cond_dim)).unsqueeze(0)
+        z = torch.randn(1, *self.denoiser.latent_shape, generator=rng)
+        for t in reversed(range(schedule.timesteps)):
+            eps = self.denoiser(z, torch.tensor([t]), cond)
+            beta, alpha, a_bar = (float(v[t]) for v in (schedule.betas, schedule.alphas, schedule.alpha_bars))
+            z = (z - beta / math.sqrt(1 - a_bar) * eps) / math.sqrt(alpha)
+            if t > 0:
+                z = z + math.sqrt(float(variance[t])) * torch.randn(z.shape, generator=rng)
+        return z.clamp(-1, 1)
+
+    @torch.no_grad()
+    def generate_for(self, category: str, cfg: SampleConfig | None = None) -> dict[str, Tensor]:
+        """Sample a LoRA state dict for a training category (its task vector and its statistics)."""
+        cfg = cfg or SampleConfig()
+        if category not in self.task_vectors:
+            raise KeyError(
+                f"category {category!r} is not known to this COND P-DIFF model ({sorted(self.task_vectors)})"
+            )
+        self.autoencoder.eval()
+        flats = [
+            self.autoencoder.decode(self.sample_latent(self.task_vectors[category], cfg.seed + draw))[0]
+            for draw in range(cfg.num_draws)
+        ]
+        flat = torch.stack(flats).mean(0)
+        return unflatten_lora(self.norm.denormalize(flat, category), self.layout)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+    return list(torch.randperm(n, generator=generator).split(batch_size))
+
+
+def train_pdiff(
+    dataset: GeneratorDataset,
+    cfg: PDiffConfig,
+    adapter_config: dict[str, Any],
+    device: str | torch.device = "cpu",
+    on_progress: Callable[[str, int, float], None] | None = None,
+) -> tuple[PDiffModel, dict[str, list[dict]], float]:
+    """Train COND P-DIFF on all categories' checkpoints: autoencoder first, then the latent DDPM.
+
+    Deterministic on CPU for equal inputs (seeded, with the caller's RNG state restored).
+
+    Returns:
+        ``(model, history, seconds)``; history has ``"autoencoder"`` rows ``{epoch, recon}`` and
+        ``"ddpm"`` rows ``{step, loss}`` (one row per ``log_every`` steps).
+    """
+    device = torch.device(device)
+    started = time.perf_counter()
+    history: dict[str, list[dict]] = {"autoencoder": [], "ddpm": []}
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed)
+        order = torch.Generator().manual_seed(cfg.seed)
+        # 1. Per-task, per-coordinate z-score (the official normalisation), fitted on each task's checkpoints.
+        norm = TaskNorm.fit(dataset.weights, dataset.row_category, cfg.norm_eps)
+        x_all = norm.normalize(dataset.weights, dataset.row_category).to(device)
+        cond_norm = ConditionNorm.fit(torch.stack([dataset.task_vectors[n] for n in sorted(dataset.task_vectors)]))
+        c_all = cond_norm(dataset.conds).to(device)
+        n = x_all.shape[0]
+
+        # 2. Autoencoder: reconstruct clean weights from noise-augmented input and latent.
+        autoencoder = FoldingAutoencoder(x_all.shape[1], cfg).to(device)
+        opt = torch.optim.AdamW(autoencoder.parameters(), lr=cfg.ae_lr, weight_decay=cfg.weight_decay)
+        autoencoder.train()
+        for epoch in range(cfg.ae_epochs):
+            total = 0.0
+            for idx in _batches(n, cfg.batch_size, order):
+                x = x_all[idx.to(device)]
+                loss = F.mse_loss(autoencoder(x), x)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * idx.numel()
+            history["autoencoder"].append({"epoch": epoch, "recon": total / n})
+            if not math.isfinite(total):
+                raise FloatingPointError(f"COND P-DIFF autoencoder diverged at epoch {epoch}")
+            if on_progress is not None:
+                on_progress("autoencoder", epoch, total / n)
+
+        # 3. Latents of every checkpoint (no augmentation): the DDPM's training data.
+        autoencoder.eval()
+        with torch.no_grad():
+            latents = autoencoder.encode(x_all)
+
+        # 4. Latent DDPM: predict the noise added at a uniformly drawn step, conditioned on the task.
+        schedule = NoiseSchedule.linear(cfg.timesteps, cfg.beta_start, cfg.beta_end)
+        denoiser = ConditionalUNet1d(autoencoder.latent_shape, c_all.shape[1], cfg).to(device)
+        opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.ddpm_lr, weight_decay=cfg.weight_decay)
+        denoiser.train()
+        running = 0.0
+        for step in range(1, cfg.ddpm_steps + 1):
+            idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=order).to(device)
+            z0, c = latents[idx], c_all[idx]
+            t = torch.randint(0, schedule.timesteps, (idx.numel(),), generator=order).to(device)
+            noise = torch.randn_like(z0)
+            loss = F.mse_loss(denoiser(schedule.add_noise(z0, noise, t), t, c), noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += loss.item()
+            if step % cfg.log_every == 0 or step == cfg.ddpm_steps:
+                count = step % cfg.log_every or cfg.log_every
+                history["ddpm"].append({"step": step, "loss": running / count})
+                if not math.isfinite(running):
+                    raise FloatingPointError(f"COND P-DIFF DDPM diverged at step {step}")
+                if on_progress is not None:
+                    on_progress("ddpm", step, running / count)
+                running = 0.0
+        denoiser.eval()
+    model = PDiffModel(
+        autoencoder.cpu(),
+        denoiser.cpu(),
+        dataset.layout,
+        norm,
+        cond_norm,
+        adapter_config,
+        dict(dataset.task_vectors),
+        cfg,
+        {"num_checkpoints": n, "categories": sorted(dataset.task_vectors)},
+    )
+    return model, history, time.perf_counter() - started
+
+
+def save_pdiff(path: str | Path, model: PDiffModel, extra_meta: dict[str, Any] | None = None) -> str:
+    """One safetensors file + sidecar holding both networks, per-task statistics and task vectors."""
+    tensors = {f"ae.{k}": v for k, v in model.autoencoder.state_dict().items()}
+    tensors |= {f"unet.{k}": v for k, v in model.denoiser.state_dict().items()}
+    tensors |= {"norm.mean": model.norm.mean, "norm.std": model.norm.std, "cond.mean": model.cond_norm.mean}
+    tensors |= {f"task_vector.{name}": v for name, v in model.task_vectors.items()}
+    meta = {
+        "kind": "cond-pdiff-generator",
+        "pdiff_config": model.cfg.model_dump(mode="json"),
+        "input_len": model.autoencoder.input_len,
+        "cond_dim": model.denoiser.cond_dim,
+        "cond_scale": model.cond_norm.scale,
+        "norm_names": list(model.norm.names),
+        "layout": model.layout.to_json(),
+        "adapter_config": model.adapter_config,
+        **model.meta,
+        **(extra_meta or {}),
+    }
+    return save_tensors(path, tensors, meta)
+
+
+def load_pdiff(path: str | Path) -> PDiffModel:
+    """Load a COND P-DIFF artifact (sha256-verified)."""
+    tensors, meta = load_tensors(path)
+    if meta.get("kind") != "cond-pdiff-generator":
+        raise ArtifactError(f"{path}: not a COND P-DIFF artifact (sidecar kind {meta.get('kind')!r})")
+    cfg = PDiffConfig.model_validate(meta["pdiff_config"])
+    autoencoder = FoldingAutoencoder(int(meta["input_len"]), cfg)
+    autoencoder.load_state_dict({k[3:]: v for k, v in tensors.items() if k.startswith("ae.")})
+    denoiser = ConditionalUNet1d(autoencoder.latent_shape, int(meta["cond_dim"]), cfg)
+    denoiser.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+    return PDiffModel(
+        autoencoder.eval(),
+        denoiser.eval(),
+        LoraLayout.from_json(meta["layout"]),
+        TaskNorm(tuple(meta["norm_names"]), tensors["norm.mean"], tensors["norm.std"]),
+        ConditionNorm(tensors["cond.mean"], float(meta["cond_scale"])),
+        meta["adapter_config"],
+        {k.removeprefix("task_vector."): v for k, v in tensors.items() if k.startswith("task_vector.")},
+        cfg,
+        meta,
+    )
