@@ -36,7 +36,7 @@ from tasks.detection import (
     detection_report_task,
     detection_task_vector_task,
 )
-from tasks.stages import sample_adapter_task, train_generator_task
+from tasks.stages import sample_adapter_task, sample_pdiff_task, soup_task, train_generator_task, train_pdiff_task
 
 
 def load_detection_config(path: str | None = None, overrides: list[str] | None = None) -> DetectionRunConfig:
@@ -82,12 +82,17 @@ def detection_pipeline(
     cfg = config
     names = [task_slug(t) for t in cfg.data.tasks]
     root = str(Path(root).resolve())
-    logger.info("detection tasks: %s; detector %s; artifacts under %s", ", ".join(names),
-                f"{cfg.detector.kind}:{cfg.detector.name_or_path}", root)
+    logger.info(
+        "detection tasks: %s; detector %s; artifacts under %s",
+        ", ".join(names),
+        f"{cfg.detector.kind}:{cfg.detector.name_or_path}",
+        root,
+    )
     source = source_fingerprint(cfg.data)
 
-    data = gather(detection_data_task.map(names, unmapped(source), unmapped(cfg.data), unmapped(root)), names,
-                  "detection-data")
+    data = gather(
+        detection_data_task.map(names, unmapped(source), unmapped(cfg.data), unmapped(root)), names, "detection-data"
+    )
     loras = gather(
         detection_finetune_task.map(names, data, unmapped(cfg.detector), unmapped(cfg.lora), unmapped(root)),
         names,
@@ -96,7 +101,11 @@ def detection_pipeline(
     needs_lora = cfg.task_vector.source == "hidden_state" and cfg.task_vector.hidden_from == "finetuned"
     vectors = gather(
         detection_task_vector_task.map(
-            names, data, loras if needs_lora else unmapped(None), unmapped(cfg.detector), unmapped(cfg.task_vector),
+            names,
+            data,
+            loras if needs_lora else unmapped(None),
+            unmapped(cfg.detector),
+            unmapped(cfg.task_vector),
             unmapped(root),
         ),
         names,
@@ -134,12 +143,20 @@ def detection_pipeline(
     report = detection_report_task(evals, lora_by_name, generator, run_info, root)
     rows = report.meta["rows"]
     if publish:
-        create_table_artifact(key="icm-detection-summary", table=rows,
-                              description="mAP50 / mAP75 per detection task and method")
-        create_markdown_artifact(key="icm-detection-report", markdown=Path(report.file("report.md")).read_text(),
-                                 description="ICM-LoRA detection report")
-    summary = {"rows": rows, "report_dir": str(report.folder), "report": str(report.file("report.md")),
-               "generator": str(generator.file("generator.safetensors"))}
+        create_table_artifact(
+            key="icm-detection-summary", table=rows, description="mAP50 / mAP75 per detection task and method"
+        )
+        create_markdown_artifact(
+            key="icm-detection-report",
+            markdown=Path(report.file("report.md")).read_text(),
+            description="ICM-LoRA detection report",
+        )
+    summary = {
+        "rows": rows,
+        "report_dir": str(report.folder),
+        "report": str(report.file("report.md")),
+        "generator": str(generator.file("generator.safetensors")),
+    }
     write_json(Path(root) / "latest.json", summary)
     return summary
 
@@ -148,13 +165,9 @@ def _baselines(methods, cfg, names, lora_by_name, vector_by_name, root) -> dict[
     """Adapters of the baseline methods that were asked for (the language pipeline's own tasks)."""
     out: dict[str, list[ArtifactRef]] = {}
     if "model_soup" in methods:
-        from tasks.stages import soup_task
-
         soup = soup_task("all", lora_by_name, cfg.soup, root)
         out["model_soup"] = [soup] * len(names)
     if "cond_pdiff" in methods:
-        from tasks.stages import sample_pdiff_task, train_pdiff_task
-
         pdiff = train_pdiff_task(lora_by_name, vector_by_name, cfg.pdiff, cfg.detector.device, root)
         out["cond_pdiff"] = gather(
             sample_pdiff_task.map(names, unmapped(pdiff), unmapped(cfg.sample), unmapped(root)), names, "sample-pdiff"
@@ -167,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML/JSON config (sections data, detector, lora, task_vector, cvae, ...)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
     parser.add_argument("--root", default="artifacts/detection", help="artifacts root (default: artifacts/detection)")
-    parser.add_argument("--results-dir", help="also copy report.md / results.csv / results.json here "
-                        "(as detection-report.md, detection-results.csv, detection-results.json)")
+    parser.add_argument(
+        "--results-dir",
+        help="also copy report.md / results.csv / results.json here "
+        "(as detection-report.md, detection-results.csv, detection-results.json)",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_detection_config(args.config, args.set)
@@ -184,8 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         target = Path(args.results_dir)
         target.mkdir(parents=True, exist_ok=True)
         folder = Path(summary["report_dir"])
-        for src, dst in (("report.md", "detection-report.md"), ("results.csv", "detection-results.csv"),
-                         ("results.json", "detection-results.json")):
+        for src, dst in (
+            ("report.md", "detection-report.md"),
+            ("results.csv", "detection-results.csv"),
+            ("results.json", "detection-results.json"),
+        ):
             shutil.copyfile(folder / src, target / dst)
         print(f"copied to {target}/detection-report.md, detection-results.csv, detection-results.json")
     return 0

@@ -102,15 +102,23 @@ def detection_evaluate_task(
     task_name: str, method: str, data: ArtifactRef, adapter: ArtifactRef | None, det_cfg: DetectorConfig, root: str
 ) -> ArtifactRef:
     """COCO mAP50 / mAP75 on the task's test split of the detector merged with ``adapter`` (None: base)."""
-    inputs = {"task_name": task_name, "method": method, "data": data, "adapter": adapter, "det_cfg": det_cfg,
-              "root": root}
+    inputs = {
+        "task_name": task_name,
+        "method": method,
+        "data": data,
+        "adapter": adapter,
+        "det_cfg": det_cfg,
+        "root": root,
+    }
 
     def build(out: Path) -> dict[str, Any]:
         adapter_dir = adapter.file("adapter") if adapter is not None else None
         with device_slot(det_cfg.device):
             score = vstages.evaluate_detector(data.file("task"), adapter_dir, det_cfg, out / "metrics.json")
-        return {"method": method, **{k: score[k] for k in ("map", "map50", "map75", "recall100", "detections",
-                                                            "images", "boxes")}}
+        return {
+            "method": method,
+            **{k: score[k] for k in ("map", "map50", "map75", "recall100", "detections", "images", "boxes")},
+        }
 
     return run_stage("eval", task_name, inputs, build)
 
@@ -122,8 +130,11 @@ def detection_evaluate_task(
     **TASK_DEFAULTS,
 )
 def detection_report_task(
-    evals: dict[str, dict[str, ArtifactRef]], loras: dict[str, ArtifactRef], generator: ArtifactRef,
-    run_info: dict[str, Any], root: str,
+    evals: dict[str, dict[str, ArtifactRef]],
+    loras: dict[str, ArtifactRef],
+    generator: ArtifactRef,
+    run_info: dict[str, Any],
+    root: str,
 ) -> ArtifactRef:
     """Write report.md / results.csv / results.json: mAP50 and mAP75 per task and method (paper Table 1)."""
     inputs = {"evals": evals, "loras": loras, "generator": generator, "run_info": run_info, "root": root}
@@ -132,8 +143,9 @@ def detection_report_task(
         scores = {task: {method: ref.meta for method, ref in by.items()} for task, by in evals.items()}
         training = {task: ref.meta for task, ref in loras.items()}
         rows = result_rows(scores)
-        write_json(out / "results.json", {"rows": rows, "training": training, "generator": generator.meta,
-                                          "run": run_info})
+        write_json(
+            out / "results.json", {"rows": rows, "training": training, "generator": generator.meta, "run": run_info}
+        )
         write_text(out / "results.csv", csv_text(rows))
         write_text(out / "report.md", markdown_report(rows, training, generator.meta, run_info))
         return {"rows": rows}

@@ -71,8 +71,11 @@ class ClipEncoder:
     @property
     def dim(self) -> int:
         """Size of the joint embedding."""
-        return int(self.model.text_projection.shape[1]) if getattr(self.model, "text_projection", None) is not None \
+        return (
+            int(self.model.text_projection.shape[1])
+            if getattr(self.model, "text_projection", None) is not None
             else int(self.text_vector("x").shape[0])
+        )
 
     @torch.no_grad()
     def text_vector(self, description: str) -> torch.Tensor:

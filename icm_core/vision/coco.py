@@ -48,7 +48,6 @@ def check_coco(data: dict[str, Any], where: str | Path) -> None:
 
 def load_coco(path: str | Path):
     """A pycocotools ``COCO`` object for an annotation file, validated first."""
-    from pycocotools.coco import COCO
 
     path = Path(path)
     try:
@@ -71,14 +70,17 @@ def coco_from_dict(data: dict[str, Any]):
 
 
 def detections_to_coco(
-    image_ids: Sequence[int], detections: Sequence[tuple[np.ndarray, np.ndarray]], category_id: int = 1,
+    image_ids: Sequence[int],
+    detections: Sequence[tuple[np.ndarray, np.ndarray]],
+    category_id: int = 1,
     labels: Sequence[np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
     """Per-image (boxes xyxy [K,4], scores [K]) -> COCO result rows (bbox as [x, y, w, h])."""
     rows = []
     for n, (image_id, (boxes, scores)) in enumerate(zip(image_ids, detections, strict=True)):
-        for k, (box, score) in enumerate(zip(np.asarray(boxes).reshape(-1, 4), np.asarray(scores).reshape(-1),
-                                             strict=True)):
+        for k, (box, score) in enumerate(
+            zip(np.asarray(boxes).reshape(-1, 4), np.asarray(scores).reshape(-1), strict=True)
+        ):
             x1, y1, x2, y2 = (float(v) for v in box)
             rows.append(
                 {

@@ -31,7 +31,9 @@ def split_coco_task(task: str, data_cfg: DetectionDataConfig, out: Path) -> dict
         raise FileNotFoundError(f"data.coco_images: {images_root} is not a folder")
     matches = [c for c in data["categories"] if c["name"] == task or task_slug(c["name"]) == task_slug(task)]
     if not matches:
-        raise CocoError(f"{path}: no category named {task!r}; categories: {sorted(c['name'] for c in data['categories'])}")
+        raise CocoError(
+            f"{path}: no category named {task!r}; categories: {sorted(c['name'] for c in data['categories'])}"
+        )
     category = matches[0]
     anns = [a for a in data["annotations"] if a["category_id"] == category["id"] and not a.get("iscrowd", 0)]
     image_ids = sorted({a["image_id"] for a in anns})
@@ -52,12 +54,15 @@ def split_coco_task(task: str, data_cfg: DetectionDataConfig, out: Path) -> dict
         }
         write_json(out / f"{split}.json", subset)
         counts[split] = {"images": len(ids), "boxes": len(subset["annotations"])}
-    write_json(out / "task.json", {
-        "name": task,
-        "description": f"detect {category['name']}",
-        "images_root": str(images_root),
-        "category_ids": [category["id"]],
-        "category_names": {str(category["id"]): category["name"]},
-        "source": "coco",
-    })
+    write_json(
+        out / "task.json",
+        {
+            "name": task,
+            "description": f"detect {category['name']}",
+            "images_root": str(images_root),
+            "category_ids": [category["id"]],
+            "category_names": {str(category["id"]): category["name"]},
+            "source": "coco",
+        },
+    )
     return {"task": task, "folder": str(out), **counts}

@@ -10,12 +10,18 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from icm_core.config import CVAEConfig, SampleConfig, StageConfig, validate_category_name
+from icm_core.config import CVAEConfig, PDiffConfig, SampleConfig, SoupConfig, StageConfig, validate_category_name
 
 
 DEFAULT_FACE_TASKS: tuple[str, ...] = ("blur", "dark", "noise", "occluded")
-MTCNN_TARGETS: tuple[str, ...] = ("rnet.dense4", "rnet.dense5_1", "rnet.dense5_2", "onet.dense5", "onet.dense6_1",
-                                  "onet.dense6_2")
+MTCNN_TARGETS: tuple[str, ...] = (
+    "rnet.dense4",
+    "rnet.dense5_1",
+    "rnet.dense5_2",
+    "onet.dense5",
+    "onet.dense6_1",
+    "onet.dense6_2",
+)
 
 
 class DetectionDataConfig(StageConfig):
@@ -94,7 +100,9 @@ class DetectorConfig(StageConfig):
     score_threshold: float = Field(
         0.05, ge=0, lt=1, description="'transformers': detections scoring below this are dropped before mAP."
     )
-    trust_remote_code: bool = Field(False, description="'transformers': allow the model's own code (Florence-2 needs it).")
+    trust_remote_code: bool = Field(
+        False, description="'transformers': allow the model's own code (Florence-2 needs it)."
+    )
 
 
 class DetectionLoraConfig(StageConfig):
@@ -191,6 +199,8 @@ class DetectionRunConfig(StageConfig):
     )
     cvae: CVAEConfig = Field(default_factory=_detection_cvae, description="The ICM-LoRA generator.")
     sample: SampleConfig = Field(default_factory=SampleConfig, description="Adapter sampling.")
+    soup: SoupConfig = Field(default_factory=SoupConfig, description="The Model Soup baseline.")
+    pdiff: PDiffConfig = Field(default_factory=PDiffConfig, description="The COND P-DIFF baseline.")
     eval: DetectionEvalConfig = Field(default_factory=DetectionEvalConfig, description="Methods and evaluation.")
 
     @model_validator(mode="after")

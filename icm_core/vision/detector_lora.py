@@ -172,8 +172,9 @@ def mtcnn_crop_set(images: list[np.ndarray], gt: list[np.ndarray], cfg: Detectio
     rng = np.random.default_rng(cfg.seed)
     onet, labels, targets = [], [], []
     for image, boxes in zip(images, gt, strict=True):
-        crop_boxes, crop_labels, matched = sample_crop_boxes(np.asarray(boxes).reshape(-1, 4), image.shape[:2], cfg,
-                                                             rng)
+        crop_boxes, crop_labels, matched = sample_crop_boxes(
+            np.asarray(boxes).reshape(-1, 4), image.shape[:2], cfg, rng
+        )
         if len(crop_boxes) == 0:
             continue
         onet.append(onet_crops(image, crop_boxes))

@@ -140,8 +140,10 @@ def _place(size: int, sizes: list[int], rng: np.random.Generator, margin: int = 
     for s in sizes:
         for _ in range(200):
             x, y = int(rng.integers(margin, size - s - margin + 1)), int(rng.integers(margin, size - s - margin + 1))
-            if all(x + s + margin <= px or px + ps + margin <= x or y + s + margin <= py or py + ps + margin <= y
-                   for px, py, ps in placed):
+            if all(
+                x + s + margin <= px or px + ps + margin <= x or y + s + margin <= py or py + ps + margin <= y
+                for px, py, ps in placed
+            ):
                 placed.append((x, y, s))
                 break
         # A face that finds no free spot is left out (the first one always fits).
@@ -176,8 +178,10 @@ def render_split(
         s = spec.image_size
         top, left = int(rng.integers(0, bg.shape[0] - s + 1)), int(rng.integers(0, bg.shape[1] - s + 1))
         canvas = bg[top : top + s, left : left + s].copy()
-        sizes = [int(rng.integers(spec.min_face, spec.max_face + 1))
-                 for _ in range(int(rng.integers(1, spec.max_faces + 1)))]
+        sizes = [
+            int(rng.integers(spec.min_face, spec.max_face + 1))
+            for _ in range(int(rng.integers(1, spec.max_faces + 1)))
+        ]
         placed = []
         for x, y, size in _place(s, sizes, rng):
             face = _resize(faces[pool[int(rng.integers(len(pool)))]], size)

@@ -44,7 +44,7 @@ def pixel_values(images: list[np.ndarray], size: int, device: torch.device) -> t
     """HxWx3 uint8 images -> normalised [B, 3, size, size]."""
     batch = []
     for image in images:
-        t = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
+        t = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
         batch.append(torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False))
     x = torch.cat(batch)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -66,8 +66,9 @@ def label_index(model: torch.nn.Module, category_ids: list[int], names: dict[int
         elif 0 <= cid < num_labels:
             out[cid] = cid
         else:
-            raise ValueError(f"COCO category {cid} ({names.get(cid)!r}) matches no class of the detector "
-                             f"(num_labels={num_labels})")
+            raise ValueError(
+                f"COCO category {cid} ({names.get(cid)!r}) matches no class of the detector (num_labels={num_labels})"
+            )
     return out
 
 
@@ -92,8 +93,9 @@ def hf_loss_fn(
         for i in picks:
             h, w = images[i].shape[:2]
             boxes = _xyxy_to_cxcywh(gt[i], h, w).to(device)
-            labels.append({"class_labels": torch.full((len(boxes),), cls, dtype=torch.long, device=device),
-                           "boxes": boxes})
+            labels.append(
+                {"class_labels": torch.full((len(boxes),), cls, dtype=torch.long, device=device), "boxes": boxes}
+            )
         out = model(pixel_values=pixel_values([images[i] for i in picks], det_cfg.input_size, device), labels=labels)
         return out.loss
 
@@ -115,7 +117,10 @@ def _class_probs(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def hf_detect(
-    model: torch.nn.Module, images: list[np.ndarray], det_cfg: DetectorConfig, info: dict[str, Any],
+    model: torch.nn.Module,
+    images: list[np.ndarray],
+    det_cfg: DetectorConfig,
+    info: dict[str, Any],
     batch_size: int = 8,
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[np.ndarray]]:
     """Per image: every query's box scored for the task's category (score >= ``score_threshold``),

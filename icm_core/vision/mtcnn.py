@@ -131,7 +131,7 @@ def onet_crops(image: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
     from facenet_pytorch.models.utils.detect_face import imresample, pad
 
     h, w = image.shape[:2]
-    tensor = torch.as_tensor(np.ascontiguousarray(image)).permute(2, 0, 1).float().unsqueeze(0)
+    tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
     y, ey, x, ex = pad(torch.as_tensor(boxes, dtype=torch.float32).clone(), w, h)
     crops = []
     for k in range(len(y)):

@@ -26,15 +26,17 @@ def result_rows(scores: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, 
             if method not in scores[task]:
                 continue
             s = scores[task][method]
-            rows.append({
-                "method": method,
-                "task": task,
-                "map50": round(float(s["map50"]), 4),
-                "map75": round(float(s["map75"]), 4),
-                "map": round(float(s["map"]), 4),
-                "recall100": round(float(s["recall100"]), 4),
-                "detections": int(s["detections"]),
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "task": task,
+                    "map50": round(float(s["map50"]), 4),
+                    "map75": round(float(s["map75"]), 4),
+                    "map": round(float(s["map"]), 4),
+                    "recall100": round(float(s["recall100"]), 4),
+                    "detections": int(s["detections"]),
+                }
+            )
     return rows
 
 
@@ -85,8 +87,10 @@ def markdown_report(
     ]
     for task in sorted(training):
         t = training[task]
-        lines.append(f"| {task} | {t.get('train_samples')} | {t.get('first_loss', float('nan')):.3f} -> "
-                     f"{t.get('final_loss', float('nan')):.3f} | {t.get('seconds', 0):.1f} |")
+        lines.append(
+            f"| {task} | {t.get('train_samples')} | {t.get('first_loss', float('nan')):.3f} -> "
+            f"{t.get('final_loss', float('nan')):.3f} | {t.get('seconds', 0):.1f} |"
+        )
     lines += [
         "",
         f"Generator: {generator.get('num_checkpoints')} checkpoints of {generator.get('flat_length')} LoRA weights, "

@@ -66,8 +66,16 @@ def _prepare_face_task(task: str, data_cfg: DetectionDataConfig, out: Path) -> d
         info = {"description": f"face detection: {condition.description}", "task": task, "split": split}
         write_json(out / f"{split}.json", coco_dataset(names, [im.shape[:2] for im in images], faces, info))
         counts[split] = {"images": len(images), "boxes": sum(len(f) for f in faces)}
-    write_json(out / TASK_INFO, {"name": task, "description": condition.description, "images_root": ".",
-                                 "category_ids": [1], "source": "faces"})
+    write_json(
+        out / TASK_INFO,
+        {
+            "name": task,
+            "description": condition.description,
+            "images_root": ".",
+            "category_ids": [1],
+            "source": "faces",
+        },
+    )
     return {"task": task, "folder": str(out), **counts}
 
 
@@ -91,8 +99,10 @@ def load_split(task_dir: str | Path, split: str) -> tuple[Any, list[dict[str, An
     for record in records:
         path = Path(info["images_root"]) / record["file_name"]
         if not path.is_file():
-            raise FileNotFoundError(f"{Path(task_dir) / (split + '.json')}: image {record['file_name']!r} not found "
-                                    f"under {info['images_root']}")
+            raise FileNotFoundError(
+                f"{Path(task_dir) / (split + '.json')}: image {record['file_name']!r} not found "
+                f"under {info['images_root']}"
+            )
         with Image.open(path) as handle:
             images.append(np.asarray(handle.convert("RGB")))
     return coco, records, images
@@ -103,8 +113,11 @@ def gt_boxes_xyxy(coco, records: list[dict[str, Any]], category_ids: list[int] |
     out = []
     for record in records:
         anns = coco.imgToAnns.get(record["id"], [])
-        boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                 for a in anns if category_ids is None or a["category_id"] in category_ids]
+        boxes = [
+            [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+            for a in anns
+            if category_ids is None or a["category_id"] in category_ids
+        ]
         out.append(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
     return out
 
@@ -213,8 +226,11 @@ def detector_task_vector(
         model.eval()
         gt = gt_boxes_xyxy(coco, records, info["category_ids"])
         vector = _hidden_vector(model, images, gt, det_cfg, tv_cfg, rng, info)
-    digest = save_tensors(out_path, {"task_vector": vector.float().cpu()},
-                          {"category": info["name"], "config": tv_cfg.model_dump(mode="json")})
+    digest = save_tensors(
+        out_path,
+        {"task_vector": vector.float().cpu()},
+        {"category": info["name"], "config": tv_cfg.model_dump(mode="json")},
+    )
     return {"path": str(out_path), "sha256": digest, "dim": int(vector.shape[0])}
 
 
@@ -259,8 +275,13 @@ def evaluate_detector(
     seconds = time.perf_counter() - started
     results = detections_to_coco([r["id"] for r in records], detections, info["category_ids"][0], labels)
     score = evaluate_coco(coco, results, info["category_ids"])
-    result = {"adapter_dir": str(adapter_dir) if adapter_dir else None, "images": len(images),
-              "boxes": len(coco.dataset["annotations"]), "seconds": seconds, **score}
+    result = {
+        "adapter_dir": str(adapter_dir) if adapter_dir else None,
+        "images": len(images),
+        "boxes": len(coco.dataset["annotations"]),
+        "seconds": seconds,
+        **score,
+    }
     if out_path is not None:
         write_json(out_path, result)
         write_json(Path(out_path).with_name("detections.json"), results)
