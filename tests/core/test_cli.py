@@ -70,7 +70,18 @@ def test_config_prints_json_with_overrides(capsys):
     assert payload["lora"]["steps"] == 3
     assert payload["lora"]["trajectory_size"] == 1
     assert payload["cvae"]["epochs"] == 2
-    assert set(payload) == {"model", "data", "lora", "task_vector", "cvae", "sample", "eval"}
+    assert set(payload) == {
+        "model",
+        "data",
+        "lora",
+        "task_vector",
+        "cvae",
+        "sample",
+        "soup",
+        "pdiff",
+        "methods",
+        "eval",
+    }
 
 
 def test_config_reads_a_file(tmp_path, capsys):
