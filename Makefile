@@ -17,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench clean chromium
+.PHONY: install demo test lint bench clean chromium ablations
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ test: install chromium
 
 lint: install
 	$(BIN)/ruff check icm_core tasks flows tests scripts
+
+ablations: install
+	$(BIN)/python -m flows.ablations $(ARGS)
 
 bench: install
 	$(BIN)/python scripts/bench_core.py $(ARGS)

@@ -8,7 +8,27 @@ import pytest
 
 from flows.ablations import ablation_variants, channel_plan, icm_ablations
 from icm_core.config import OFFICIAL_CHANNELS, RunConfig
-from tests.flows.support import CATEGORIES, states_by_name
+from tests.flows.support import CATEGORIES, states_by_name, task_runs_of
+
+
+def subflow_runs(state) -> list:
+    """The pipeline subflow runs of an ablation run (Prefect tracks each through a task run of the parent)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentTaskRunId
+
+    parent_task_ids = [t.id for t in task_runs_of(state)]
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_task_run_id=FlowRunFilterParentTaskRunId(any_=parent_task_ids))
+        )
+
+
+def task_runs_of_flow(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
 def test_channel_plans():
@@ -88,5 +108,10 @@ def test_ablation_flow_writes_tables(workspace):
         return_state=True,
     )
     assert again.is_completed()
-    assert set(states_by_name(again).values()) == {"Cached"}
+    assert states_by_name(again)["ablation-report"] == "Cached"
+    subflows = subflow_runs(again)
+    assert len(subflows) == 4  # rank-1, rank-2, depth-4, description: each a pipeline subflow
+    for run in subflows:
+        states = {t.name: t.state.name for t in task_runs_of_flow(run.id)}
+        assert states and set(states.values()) == {"Cached"}, (run.name, states)
     assert again.result()["summary"] == out["summary"]
