@@ -20,6 +20,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from icm_core.io import check_safetensors_file, sidecar_path, verify_file
+from icm_core.layout import STAGES
 from tasks.artifacts import MANIFEST, verify_manifest
 
 
@@ -34,7 +35,7 @@ PRELOAD = [
 ]
 """What the fork server imports once, before it forks any run."""
 
-STAGES = ("data", "lora", "task_vectors", "generator", "adapters", "eval", "report")
+UNCATEGORISED = ("generator", "pdiff", "report", "ablation_report")
 
 
 def _child(argv: list[str], api_url: str, results: str, env: dict[str, str], log: str) -> None:
@@ -95,7 +96,7 @@ def output_folders(root: Path) -> list[Path]:
         for child in base.iterdir():
             if child.name.startswith(".") or not child.is_dir():
                 continue
-            if stage in ("generator", "report"):
+            if stage in UNCATEGORISED:
                 folders.append(child)
             else:
                 folders += [key for key in child.iterdir() if key.is_dir() and not key.name.startswith(".")]
