@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.pipeline import gather
-from icm_core.config import config_fingerprint
+from icm_core.config import config_fingerprint, load_run_config
 from icm_core.io import write_json
 from icm_core.vision.config import DetectionRunConfig, task_slug
 from icm_core.vision.report import table_markdown
@@ -41,28 +41,7 @@ from tasks.stages import sample_adapter_task, sample_pdiff_task, soup_task, trai
 
 def load_detection_config(path: str | None = None, overrides: list[str] | None = None) -> DetectionRunConfig:
     """YAML/JSON file with sections data, detector, lora, task_vector, cvae, sample, eval; plus overrides."""
-    import yaml
-    from pydantic import ValidationError
-
-    from icm_core.config import _set_dotted
-
-    tree: dict[str, Any] = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ValueError(f"{path}: config file not found")
-        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(tree, dict):
-            raise ValueError(f"{path}: top level must be a mapping of sections")
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r}: expected section.field=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
-    try:
-        return DetectionRunConfig.model_validate(tree)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
-        raise ValueError(f"{path or 'config'}: {problems}") from None
+    return load_run_config(path, overrides, DetectionRunConfig)
 
 
 @flow(name="icm-detection")

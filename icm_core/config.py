@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -302,9 +302,15 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def load_run_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, config_cls: type[ConfigT] = RunConfig
+) -> ConfigT:
     """Read a YAML/JSON run config (sections model, data, lora, task_vector, cvae, sample, eval) and apply
-    ``section.field=value`` overrides (values parsed as YAML). Errors name the file and the field."""
+    ``section.field=value`` overrides (values parsed as YAML). Errors name the file and the field.
+    ``config_cls`` is the config to validate into (the detection flow passes its own)."""
     import yaml
     from pydantic import ValidationError
 
@@ -328,7 +334,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), yaml.safe_load(raw))
     try:
-        return RunConfig.model_validate(tree)
+        return config_cls.model_validate(tree)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ValueError(f"{where}: {problems}") from None

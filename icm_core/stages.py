@@ -36,7 +36,7 @@ from icm_core.data import (
     write_splits,
 )
 from icm_core.evaluate import evaluate_lm
-from icm_core.generator import build_dataset, load_generator, save_generator, train_generator
+from icm_core.generator import GeneratorDataset, build_dataset, load_generator, save_generator, train_generator
 from icm_core.io import load_tensors, save_tensors, sidecar_path, write_json
 from icm_core.lora_train import load_trajectory_checkpoints, read_trajectory, train_lora
 from icm_core.pdiff import load_pdiff, save_pdiff, train_pdiff
@@ -113,6 +113,19 @@ def load_task_vector(path: str | Path) -> torch.Tensor:
     return tensors["task_vector"]
 
 
+def generator_training_data(
+    trajectory_dirs: dict[str, str | Path], task_vector_paths: dict[str, str | Path]
+) -> tuple[GeneratorDataset, dict[str, Any]]:
+    """The data both generators (ICM-LoRA's CVAE and COND P-DIFF) train on: every category's trajectory
+    checkpoints paired with its task vector, and the adapter config of the first category."""
+    checkpoints = {name: load_trajectory_checkpoints(folder) for name, folder in trajectory_dirs.items()}
+    vectors = {name: load_task_vector(path) for name, path in task_vector_paths.items()}
+    trajectories = {name: read_trajectory(folder) for name, folder in trajectory_dirs.items()}
+    files = {name: [t.folder / f for f in t.files] for name, t in trajectories.items()}  # named in layout errors
+    dataset = build_dataset(checkpoints, vectors, sources=files)
+    return dataset, next(iter(trajectories.values())).adapter_config
+
+
 def train_generator_stage(
     trajectory_dirs: dict[str, str | Path],
     task_vector_paths: dict[str, str | Path],
@@ -122,13 +135,7 @@ def train_generator_stage(
     on_epoch=None,
 ) -> dict[str, Any]:
     """Train one CVAE on the trajectories of all categories and save the generator artifact."""
-    checkpoints = {name: load_trajectory_checkpoints(folder) for name, folder in trajectory_dirs.items()}
-    vectors = {name: load_task_vector(path) for name, path in task_vector_paths.items()}
-    trajectories = {name: read_trajectory(folder) for name, folder in trajectory_dirs.items()}
-    files = {name: [t.folder / f for f in t.files] for name, t in trajectories.items()}  # named in layout errors
-    dataset = build_dataset(checkpoints, vectors, sources=files)
-    adapter_configs = {name: read_trajectory(folder).adapter_config for name, folder in trajectory_dirs.items()}
-    first = next(iter(adapter_configs.values()))
+    dataset, first = generator_training_data(trajectory_dirs, task_vector_paths)
     generator, history, seconds = train_generator(dataset, cvae_cfg, first, device=device, on_epoch=on_epoch)
     digest = save_generator(out_path, generator, {"history": history})
     return {
@@ -224,10 +231,7 @@ def train_pdiff_stage(
     on_progress=None,
 ) -> dict[str, Any]:
     """Train the COND P-DIFF baseline on the same checkpoints and task vectors as the CVAE."""
-    checkpoints = {name: load_trajectory_checkpoints(folder) for name, folder in trajectory_dirs.items()}
-    vectors = {name: load_task_vector(path) for name, path in task_vector_paths.items()}
-    dataset = build_dataset(checkpoints, vectors)
-    first = read_trajectory(next(iter(trajectory_dirs.values()))).adapter_config
+    dataset, first = generator_training_data(trajectory_dirs, task_vector_paths)
     model, history, seconds = train_pdiff(dataset, pdiff_cfg, first, device=device, on_progress=on_progress)
     digest = save_pdiff(out_path, model, {"history": history})
     return {
