@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,11 +161,38 @@ class Workspace:
         )
 
 
+def settled_task_runs(flow_run_ids, timeout_s: float = 60.0, quiet_s: float = 2.0) -> list:
+    """The task runs of the given flow runs, read back through the Prefect API once the server has recorded them.
+
+    Task-run states reach the server as events that its recorder writes asynchronously, so a read right after
+    a flow returns can still see a run's first record (a default name like ``report-ccb``, state Pending)
+    rather than its last. The client's events are flushed, then the read is repeated until every task run is in
+    a final state (the server keeps the record with the latest state timestamp, which carries the final name),
+    or, for runs that legitimately stay unfinished (NotReady behind a failed upstream), until nothing has
+    changed for ``quiet_s`` seconds."""
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all()
+    flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=list(flow_run_ids)))
+    deadline = time.monotonic() + timeout_s
+    last_snapshot, unchanged_since = None, time.monotonic()
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=flow_filter)
+            if all(run.state is not None and run.state.is_final() for run in runs):
+                return runs
+            snapshot = sorted((str(run.id), run.name, run.state_name or "") for run in runs)
+            now = time.monotonic()
+            if snapshot != last_snapshot:
+                last_snapshot, unchanged_since = snapshot, now
+            elif now - unchanged_since >= quiet_s or now > deadline:
+                return runs
+            time.sleep(0.2)
+
+
 def task_runs_of(state) -> list:
     """The task runs of the flow run that ended in ``state``, read back through the Prefect API."""
-    flow_run_id = state.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return settled_task_runs([state.state_details.flow_run_id])
 
 
 def states_by_name(state) -> dict[str, str]:

@@ -8,7 +8,7 @@ import pytest
 
 from flows.ablations import ablation_variants, channel_plan, icm_ablations
 from icm_core.config import OFFICIAL_CHANNELS, RunConfig
-from tests.flows.support import CATEGORIES, states_by_name, task_runs_of
+from tests.flows.support import CATEGORIES, settled_task_runs, states_by_name, task_runs_of
 
 
 def subflow_runs(state) -> list:
@@ -24,11 +24,7 @@ def subflow_runs(state) -> list:
 
 
 def task_runs_of_flow(flow_run_id) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return settled_task_runs([flow_run_id])
 
 
 def test_channel_plans():

@@ -12,9 +12,10 @@ from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterId,
     FlowRunFilter,
-    FlowRunFilterId,
     FlowRunFilterParentFlowRunId,
 )
+
+from tests.flows.support import settled_task_runs
 
 
 _ROOMS = ["kitchen", "hall", "attic", "cellar", "study", "garden room", "landing", "pantry"]
@@ -68,9 +69,7 @@ def subflow_task_states(flow_run_id: UUID) -> dict[str, str]:
             flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
         )
         assert children, f"flow run {flow_run_id} started no subflow"
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[child.id for child in children]))
-        )
+    runs = settled_task_runs([child.id for child in children])
     names = [run.name for run in runs]
     assert len(names) == len(set(names)), f"duplicate task run names: {sorted(names)}"
     return {run.name: run.state.name for run in runs}
