@@ -22,7 +22,7 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.pipeline import gather
+from flows.pipeline import baseline_adapters, gather
 from icm_core.config import config_fingerprint, load_run_config
 from icm_core.io import write_json
 from icm_core.vision.config import DetectionRunConfig, task_slug
@@ -36,7 +36,7 @@ from tasks.detection import (
     detection_report_task,
     detection_task_vector_task,
 )
-from tasks.stages import sample_adapter_task, sample_pdiff_task, soup_task, train_generator_task, train_pdiff_task
+from tasks.stages import sample_adapter_task, train_generator_task
 
 
 def load_detection_config(path: str | None = None, overrides: list[str] | None = None) -> DetectionRunConfig:
@@ -98,7 +98,8 @@ def detection_pipeline(
     by_method["icm_lora"] = gather(
         sample_adapter_task.map(names, unmapped(generator), unmapped(cfg.sample), unmapped(root)), names, "sample"
     )
-    by_method.update(_baselines(methods, cfg, names, lora_by_name, vector_by_name, root))
+    baselines = baseline_adapters(methods, names, lora_by_name, vector_by_name, cfg, cfg.detector.device, root)
+    by_method.update(baselines.adapters)
 
     futures, labels = [], []
     for method in methods:
@@ -138,20 +139,6 @@ def detection_pipeline(
     }
     write_json(Path(root) / "latest.json", summary)
     return summary
-
-
-def _baselines(methods, cfg, names, lora_by_name, vector_by_name, root) -> dict[str, list[ArtifactRef]]:
-    """Adapters of the baseline methods that were asked for (the language pipeline's own tasks)."""
-    out: dict[str, list[ArtifactRef]] = {}
-    if "model_soup" in methods:
-        soup = soup_task("all", lora_by_name, cfg.soup, root)
-        out["model_soup"] = [soup] * len(names)
-    if "cond_pdiff" in methods:
-        pdiff = train_pdiff_task(lora_by_name, vector_by_name, cfg.pdiff, cfg.detector.device, root)
-        out["cond_pdiff"] = gather(
-            sample_pdiff_task.map(names, unmapped(pdiff), unmapped(cfg.sample), unmapped(root)), names, "sample-pdiff"
-        )
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
@@ -57,6 +58,52 @@ def gather(futures: Sequence[PrefectFuture], labels: Sequence[str], stage: str) 
     if failures:
         raise CategoryFailed(f"stage {stage} failed for " + "; ".join(failures))
     return [future.result() for future in futures]
+
+
+@dataclass
+class Baselines:
+    """The baseline methods' outputs: each method's adapter per category (in ``names`` order), the Model
+    Soup adapters by label (``all``, or one per category for ``soup.scope=trajectory``) and the trained
+    COND P-DIFF model (None when it was not asked for)."""
+
+    adapters: dict[str, list[ArtifactRef]] = field(default_factory=dict)
+    soups: dict[str, ArtifactRef] = field(default_factory=dict)
+    pdiff: ArtifactRef | None = None
+
+
+def baseline_adapters(
+    methods: Collection[str],
+    names: list[str],
+    lora_by_name: dict[str, ArtifactRef],
+    vector_by_name: dict[str, ArtifactRef],
+    cfg: Any,
+    device: str,
+    root: str,
+) -> Baselines:
+    """Model Soup and COND P-DIFF adapters for the methods asked for, from the same trajectories and task
+    vectors as the generator (``cfg`` has ``soup``, ``pdiff`` and ``sample`` sections). Shared by the
+    language and the detection pipelines."""
+    out = Baselines()
+    if "model_soup" in methods:
+        if cfg.soup.scope == "all_categories":
+            out.soups = {"all": soup_task("all", lora_by_name, cfg.soup, root)}
+            out.adapters["model_soup"] = [out.soups["all"]] * len(names)
+        else:
+            refs = gather(
+                soup_task.map(names, [{n: lora_by_name[n]} for n in names], unmapped(cfg.soup), unmapped(root)),
+                names,
+                "model-soup",
+            )
+            out.soups = dict(zip(names, refs, strict=True))
+            out.adapters["model_soup"] = refs
+    if "cond_pdiff" in methods:
+        out.pdiff = train_pdiff_task(lora_by_name, vector_by_name, cfg.pdiff, device, root)
+        out.adapters["cond_pdiff"] = gather(
+            sample_pdiff_task.map(names, unmapped(out.pdiff), unmapped(cfg.sample), unmapped(root)),
+            names,
+            "sample-pdiff",
+        )
+    return out
 
 
 def select_categories(categories_file: str | None, only: Sequence[str] | None) -> list[Category]:
@@ -143,27 +190,9 @@ def icm_pipeline(
     by_method["icm_lora"] = gather(
         sample_adapter_task.map(names, unmapped(generator), unmapped(cfg.sample), unmapped(root)), names, "sample"
     )
-    soups: dict[str, ArtifactRef] = {}
-    if "model_soup" in methods:
-        if cfg.soup.scope == "all_categories":
-            soups = {"all": soup_task("all", lora_by_name, cfg.soup, root)}
-            by_method["model_soup"] = [soups["all"]] * len(names)
-        else:
-            refs = gather(
-                soup_task.map(
-                    names, [{n: ref} for n, ref in lora_by_name.items()], unmapped(cfg.soup), unmapped(root)
-                ),
-                names,
-                "model-soup",
-            )
-            soups = dict(zip(names, refs, strict=True))
-            by_method["model_soup"] = refs
-    pdiff: ArtifactRef | None = None
-    if "cond_pdiff" in methods:
-        pdiff = train_pdiff_task(lora_by_name, vector_by_name, cfg.pdiff, cfg.model.device, root)
-        by_method["cond_pdiff"] = gather(
-            sample_pdiff_task.map(names, unmapped(pdiff), unmapped(cfg.sample), unmapped(root)), names, "sample-pdiff"
-        )
+    baselines = baseline_adapters(methods, names, lora_by_name, vector_by_name, cfg, cfg.model.device, root)
+    by_method.update(baselines.adapters)
+    soups, pdiff = baselines.soups, baselines.pdiff
     eval_futures, labels = [], []
     for method in METHOD_NAMES:
         if method not in by_method:

@@ -8,7 +8,7 @@ A trajectory folder holds ``checkpoint-<step>.safetensors`` files, each with a J
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,8 +85,6 @@ def train_lora(
     torch.manual_seed(cfg.seed)
     model = get_peft_model(base_model, lora_config_for(base_model, cfg, base_model_id))
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch_order = torch.Generator().manual_seed(cfg.seed)
 
     # 2) Batches are drawn by epochs over a seeded permutation, so a run is reproducible.
@@ -95,14 +93,39 @@ def train_lora(
             for idx in torch.randperm(train_blocks.shape[0], generator=batch_order).split(cfg.batch_size):
                 yield train_blocks[idx].to(device)
 
+    def causal_lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=batch, labels=batch).loss
+
+    # 3) and 4): the shared loop; the final checkpoint doubles as the category's "original LoRA".
+    return fit_lora_trajectory(model, batches(), causal_lm_loss, cfg, out_dir, base_model_id, on_step)
+
+
+def fit_lora_trajectory(
+    model: torch.nn.Module,
+    batches: Iterator[Any],
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+    cfg: LoraTrainConfig | Any,
+    out_dir: str | Path,
+    base_model_id: str,
+    on_step: Callable[[int, float], None] | None = None,
+) -> Trajectory:
+    """Train a peft-wrapped ``model`` for ``cfg.steps`` steps of ``loss_fn(model, next(batches))`` and save
+    its trajectory: the last ``cfg.trajectory_size`` checkpoints, the final adapter in PEFT form and the
+    index. Shared by language and detector LoRA (``cfg`` needs the fields of ``LoraTrainConfig`` used by
+    ``lr_at`` and ``checkpoint_steps``, plus ``weight_decay``).
+
+    AdamW on the trainable parameters, the warmup-cosine schedule of ``lr_at``, gradient norm clipped at 1.0;
+    a non-finite loss stops training with ``FloatingPointError`` naming the step.
+    """
+    out_dir = Path(out_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     save_at = set(checkpoint_steps(cfg))
     steps, files, hashes, losses = [], [], [], []
-    batch_iter = batches()
     for step in range(1, cfg.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step - 1, cfg)
-        batch = next(batch_iter)
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = loss_fn(model, next(batches))
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"LoRA training diverged at step {step} (loss {loss.item()}); lower lr")
         optimizer.zero_grad(set_to_none=True)
@@ -113,7 +136,7 @@ def train_lora(
         fault_point("lora.step", out_dir)
         if on_step is not None:
             on_step(step, loss.item())
-        # 3) Keep the last checkpoints: they are the generator's training data.
+        # Keep the last checkpoints: they are the generator's training data.
         if step in save_at:
             name = f"checkpoint-{step:06d}.safetensors"
             digest = save_tensors(out_dir / name, lora_state_dict(model), {"step": step, "loss": loss.item()})
@@ -121,7 +144,6 @@ def train_lora(
             files.append(name)
             hashes.append(digest)
 
-    # 4) The final checkpoint doubles as the category's "original LoRA", in standard PEFT form.
     model.eval()
     adapter_config = adapter_config_dict(model, base_model_id)
     write_adapter(out_dir / "adapter", lora_state_dict(model), adapter_config)

@@ -7,7 +7,6 @@ detector trajectories unchanged.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from icm_core.adapters import adapter_config_dict, lora_state_dict, write_adapter
-from icm_core.io import save_tensors, write_json
-from icm_core.lora_train import TRAJECTORY_INDEX, Trajectory, lr_at
+from icm_core.lora_train import Trajectory, fit_lora_trajectory
 from icm_core.vision.config import DetectionLoraConfig
 from icm_core.vision.mtcnn import onet_crops, regression_targets
 
@@ -56,49 +53,14 @@ def train_detector_lora(
     torch.manual_seed(cfg.seed)
     model = get_peft_model(base_model, detector_lora_config(cfg, base_model_id))
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     order = torch.Generator().manual_seed(cfg.seed)
 
     def batches():
         while True:
             yield from torch.randperm(num_samples, generator=order).split(cfg.batch_size)
 
-    keep = {cfg.steps - i * cfg.checkpoint_every for i in range(cfg.trajectory_size)}
-    steps, files, hashes, losses = [], [], [], []
-    batch_iter = batches()
-    for step in range(1, cfg.steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step - 1, cfg)
-        loss = loss_fn(model, next(batch_iter))
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"detector LoRA training diverged at step {step} (loss {loss.item()}); lower lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(step, loss.item())
-        # 2) The last checkpoints are the generator's training data.
-        if step in keep:
-            name = f"checkpoint-{step:06d}.safetensors"
-            hashes.append(save_tensors(out_dir / name, lora_state_dict(model), {"step": step, "loss": loss.item()}))
-            steps.append(step)
-            files.append(name)
-    model.eval()
-    adapter_config = adapter_config_dict(model, base_model_id)
-    write_adapter(out_dir / "adapter", lora_state_dict(model), adapter_config)
-    index = {
-        "steps": steps,
-        "files": files,
-        "sha256": hashes,
-        "adapter_config": adapter_config,
-        "losses": losses,
-        "config": cfg.model_dump(mode="json"),
-    }
-    write_json(out_dir / TRAJECTORY_INDEX, index)
-    return Trajectory(out_dir, steps, files, hashes, adapter_config, losses)
+    # 2) The language pipeline's loop: the last checkpoints are the generator's training data.
+    return fit_lora_trajectory(model, batches(), loss_fn, cfg, out_dir, base_model_id, on_step)
 
 
 @dataclass
