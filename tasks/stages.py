@@ -433,9 +433,7 @@ def evaluate_task(
         adapter_dir = localize(adapter, root).file("adapter") if adapter is not None else None
         splits = localize(data, root).file("splits")
         with device_slot(model_cfg.device):
-            score = stages.evaluate_adapter(
-                splits, adapter_dir, model_cfg, data_cfg, eval_cfg, out / "metrics.json"
-            )
+            score = stages.evaluate_adapter(splits, adapter_dir, model_cfg, data_cfg, eval_cfg, out / "metrics.json")
         return {"method": method, **{k: score[k] for k in ("ppl", "bpc", "tokens", "chars", "nll_nats")}}
 
     return run_stage("eval", category, inputs, build)
