@@ -34,6 +34,7 @@ Here, without Florence-2's processor files:
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,21 @@ class FlorenceVocab:
     @functools.cached_property
     def bin_of(self) -> dict[int, int]:
         return {token: k for k, token in enumerate(self.loc_ids)}
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        # One tokenizer is shared by a flow's concurrent task threads; a fast tokenizer used from two threads
+        # at once can fail with "Already borrowed".
+        with _TOKENIZER_LOCK:
+            return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids`` without special tokens."""
+        with _TOKENIZER_LOCK:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+_TOKENIZER_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=4)
@@ -174,7 +190,7 @@ def parse_tokens(
             continue
         if token in bin_of:
             if label_ids:  # a new label ends here
-                label = vocab.tokenizer.decode(label_ids, skip_special_tokens=True).strip()
+                label = vocab.decode(label_ids).strip()
                 label_ids = []
             locs.append(bin_of[token])
             loc_p.append(p)
@@ -207,7 +223,7 @@ def prompt_ids(model: torch.nn.Module, det_cfg: DetectorConfig) -> list[int]:
     vocab = florence_vocab(det_cfg)
     config = _unwrap(model).config
     text = TASK_PROMPTS.get(det_cfg.task_prompt, det_cfg.task_prompt)
-    ids = vocab.tokenizer(text, add_special_tokens=False).input_ids
+    ids = vocab.encode(text)
     return [config.image_token_id] * image_token_count(config, det_cfg.input_size) + [vocab.bos_id, *ids, vocab.eos_id]
 
 
@@ -237,7 +253,7 @@ def _labels(
     for image, b in zip(images, boxes, strict=True):
         h, w = image.shape[:2]
         text = target_text(b, label, w, h, det_cfg.location_bins)
-        rows.append([vocab.bos_id, *vocab.tokenizer(text, add_special_tokens=False).input_ids, vocab.eos_id])
+        rows.append([vocab.bos_id, *vocab.encode(text), vocab.eos_id])
     length = max(len(r) for r in rows)
     return torch.tensor([r + [-100] * (length - len(r)) for r in rows], device=device)
 
