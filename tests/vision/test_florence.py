@@ -163,6 +163,8 @@ def test_target_text_round_trip(setup):
 
 def test_loader_and_prompt(setup):
     _, det_cfg = setup
+    assert DetectorConfig(kind="florence2").input_size == 768  # Florence-2's training size unless set
+    assert DetectorConfig(kind="transformers").input_size == 512
     model = load_florence(det_cfg)
     n = image_token_count(model.config, det_cfg.input_size)
     assert model.get_image_features(torch.zeros(1, 3, 32, 32)).pooler_output.shape[1] == n == 17
