@@ -7,8 +7,9 @@
          -> report (results.csv / results.json / report.md, Prefect table + markdown artifacts)
 
 Default: MTCNN with its pretrained weights on four built-in face tasks (CPU). Any transformers detector
-and a COCO file work through ``--set detector.kind=transformers`` and ``data.source=coco`` (see
-docs/vision.md). Run with ``python -m flows.detection`` or the ``icm-detection/faces`` deployment.
+and a COCO file work through ``--set detector.kind=transformers`` and ``data.source=coco``; Florence-2 (the
+paper's detector) through ``--set detector.kind=florence2`` (see docs/vision.md). Run with
+``python -m flows.detection`` or the ``icm-detection/faces`` deployment.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ the same CVAE trains on flattened detector LoRA weights.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -77,15 +77,18 @@ class DetectionDataConfig(StageConfig):
 class DetectorConfig(StageConfig):
     """The base detector."""
 
-    kind: Literal["mtcnn", "transformers"] = Field(
+    kind: Literal["mtcnn", "transformers", "florence2"] = Field(
         "mtcnn",
         description="'mtcnn': facenet-pytorch's pretrained MTCNN (CPU). 'transformers': an "
-        "AutoModelForObjectDetection (DETR, Conditional-DETR, ...) by local folder or hub id.",
+        "AutoModelForObjectDetection (DETR, Conditional-DETR, ...) by local folder or hub id. 'florence2': a "
+        "Florence-2 checkpoint in transformers' native format (Florence2ForConditionalGeneration, e.g. "
+        "florence-community/Florence-2-base-ft), the paper's detector; see icm_core/vision/florence.py.",
     )
     name_or_path: str = Field(
         "facenet-pytorch",
         description="'mtcnn': 'facenet-pytorch' (weights shipped in the package) or a folder with pnet.pt, rnet.pt, "
-        "onet.pt. 'transformers': a model folder or hub id.",
+        "onet.pt. 'transformers' / 'florence2': a model folder or hub id (for 'florence2' the folder also holds "
+        "the tokenizer, with Florence-2's <loc_0>..<loc_999> tokens).",
     )
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:1', or 'auto'.")
     min_face_size: int = Field(20, ge=8, description="'mtcnn': smallest face the P-Net pyramid looks for.")
@@ -95,14 +98,45 @@ class DetectorConfig(StageConfig):
         "keeps degraded faces; the tuned R/O-Nets decide.",
     )
     input_size: int = Field(
-        512, ge=32, description="'transformers': images are resized to this square size before the model."
+        512,
+        ge=32,
+        description="'transformers' / 'florence2': images are resized to this square size before the model. "
+        "Left unset with kind='florence2' it is 768, the size Florence-2 was trained at.",
     )
     score_threshold: float = Field(
-        0.05, ge=0, lt=1, description="'transformers': detections scoring below this are dropped before mAP."
+        0.05,
+        ge=0,
+        lt=1,
+        description="'transformers' / 'florence2': detections scoring below this are dropped before mAP.",
     )
     trust_remote_code: bool = Field(
-        False, description="'transformers': allow the model's own code (Florence-2 needs it)."
+        False,
+        description="'transformers' / 'florence2': allow the model folder's own code. Not needed for Florence-2 in "
+        "transformers' native format.",
     )
+    task_prompt: str = Field(
+        "<OD>",
+        min_length=1,
+        description="'florence2': the task token (expanded to Florence-2's prompt text as its processor does, "
+        "e.g. '<OD>' -> 'Locate the objects with category name in the image.') or a literal prompt.",
+    )
+    max_new_tokens: int = Field(
+        1024, ge=8, description="'florence2': most tokens generated per image (label text + 4 per box)."
+    )
+    location_bins: int = Field(
+        1000,
+        ge=2,
+        le=10000,
+        description="'florence2': number of location tokens <loc_0>..<loc_{n-1}> a coordinate is quantised to.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _florence_size(cls, data: Any) -> Any:
+        # Florence-2 was trained on 768x768 inputs; DETR-like models keep 512 unless set.
+        if isinstance(data, dict) and data.get("kind") == "florence2" and "input_size" not in data:
+            data = {**data, "input_size": 768}
+        return data
 
 
 class DetectionLoraConfig(StageConfig):
@@ -149,7 +183,8 @@ class DetectionTaskVectorConfig(StageConfig):
     source: Literal["hidden_state", "clip_text", "clip_image"] = Field(
         "hidden_state",
         description="'hidden_state': the detector's last hidden layer averaged over the task's training samples "
-        "(MTCNN: O-Net prelu5 on ground-truth face crops; DETR-like: mean decoder output). 'clip_text': CLIP text "
+        "(MTCNN: O-Net prelu5 on ground-truth face crops; DETR-like: mean decoder output; Florence-2: the decoder's "
+        "last layer at the last time step of the teacher-forced answer, as in the paper). 'clip_text': CLIP text "
         "embedding of the task description. 'clip_image': mean CLIP image embedding of the task's training images.",
     )
     hidden_from: Literal["finetuned", "base"] = Field(

@@ -40,12 +40,15 @@ def load_hf_detector(det_cfg: DetectorConfig) -> torch.nn.Module:
     return model.eval()
 
 
-def pixel_values(images: list[np.ndarray], size: int, device: torch.device) -> torch.Tensor:
-    """HxWx3 uint8 images -> normalised [B, 3, size, size]."""
+def pixel_values(
+    images: list[np.ndarray], size: int, device: torch.device, mode: str = "bilinear", antialias: bool = False
+) -> torch.Tensor:
+    """HxWx3 uint8 images -> normalised [B, 3, size, size] (resampled with ``mode``)."""
     batch = []
     for image in images:
         t = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
-        batch.append(torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False))
+        t = torch.nn.functional.interpolate(t, size=(size, size), mode=mode, align_corners=False, antialias=antialias)
+        batch.append(t)
     x = torch.cat(batch)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

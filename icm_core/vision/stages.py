@@ -136,6 +136,10 @@ def load_detector(det_cfg: DetectorConfig, task_info: dict[str, Any] | None = No
         from icm_core.vision.mtcnn import load_mtcnn
 
         return load_mtcnn(None if det_cfg.name_or_path == "facenet-pytorch" else det_cfg.name_or_path)
+    if det_cfg.kind == "florence2":
+        from icm_core.vision.florence import load_florence
+
+        return load_florence(det_cfg)
     from icm_core.vision.hf_detector import load_hf_detector
 
     return load_hf_detector(det_cfg)
@@ -155,6 +159,10 @@ def run_detector(
         from icm_core.vision.mtcnn import CascadeConfig, detect
 
         return detect(model, images, CascadeConfig(det_cfg.min_face_size, tuple(det_cfg.thresholds))), None
+    if det_cfg.kind == "florence2":
+        from icm_core.vision.florence import florence_detect
+
+        return florence_detect(model, images, det_cfg, task_info)
     from icm_core.vision.hf_detector import hf_detect
 
     return hf_detect(model, images, det_cfg, task_info)
@@ -179,6 +187,10 @@ def finetune_detector(
 
         samples = mtcnn_crop_set(images, gt, lora_cfg)
         count, loss_fn = len(samples), mtcnn_loss_fn(samples, lora_cfg.box_weight)
+    elif det_cfg.kind == "florence2":
+        from icm_core.vision.florence import florence_loss_fn
+
+        count, loss_fn = len(images), florence_loss_fn(images, gt, det_cfg, info)
     else:
         from icm_core.vision.hf_detector import hf_loss_fn
 
@@ -251,6 +263,12 @@ def _hidden_vector(model, images, gt, det_cfg, tv_cfg, rng, info) -> torch.Tenso
         crops = torch.cat(crops)
         picks = torch.as_tensor(rng.permutation(len(crops))[: tv_cfg.num_samples])
         return onet_hidden(model, crops[picks]).mean(0)
+    if det_cfg.kind == "florence2":
+        from icm_core.vision.florence import florence_hidden
+
+        # Samples = training images with their answers; the paper's last-step decoder state, averaged.
+        picks = rng.permutation(len(images))[: tv_cfg.num_samples]
+        return florence_hidden(model, [images[i] for i in picks], [gt[i] for i in picks], det_cfg, info).mean(0)
     from icm_core.vision.hf_detector import hf_hidden
 
     picks = rng.permutation(len(images))[: tv_cfg.num_samples]
