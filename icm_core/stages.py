@@ -86,7 +86,8 @@ def compute_task_vector(
 ) -> dict[str, Any]:
     """Compute a category's task vector (Eq. 1 on train samples, or its description embedding)."""
     if tv_cfg.source == "description":
-        vector = text_task_vector(category.description, TextEncoder(tv_cfg.text_encoder))
+        encoder = TextEncoder(tv_cfg.text_encoder, trust_remote_code=tv_cfg.text_encoder_trust_remote_code)
+        vector = text_task_vector(category.description, encoder)
     else:
         tokenizer = load_tokenizer(model_cfg)
         # Samples come from the train split only: test text never shapes the condition.

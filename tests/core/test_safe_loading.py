@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from icm_core.base_model import ModelLoadError, load_base_model
-from icm_core.config import ModelConfig
+from icm_core.config import ModelConfig, TaskVectorConfig
 from icm_core.io import ArtifactError, load_tensors
 
 
@@ -74,6 +74,24 @@ def test_model_loaders_pass_the_users_setting():
     for name in ("load_tokenizer", "load_base_model"):
         [call] = list(calls(functions[name], "from_pretrained"))
         assert ast.unparse(keyword(call, "trust_remote_code")) == "cfg.trust_remote_code", name
+
+
+def test_text_encoder_gets_the_users_setting():
+    """The description task vector's sentence encoder gets TaskVectorConfig.text_encoder_trust_remote_code
+    (default False), and TextEncoder hands it to both from_pretrained calls."""
+    assert TaskVectorConfig().text_encoder_trust_remote_code is False
+    stages_tree = ast.parse((REPO / "icm_core" / "stages.py").read_text())
+    [call] = [
+        node
+        for node in ast.walk(stages_tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "TextEncoder"
+    ]
+    assert ast.unparse(keyword(call, "trust_remote_code")) == "tv_cfg.text_encoder_trust_remote_code"
+    encoder_tree = ast.parse((REPO / "icm_core" / "task_vectors.py").read_text())
+    [init] = [n for n in ast.walk(encoder_tree) if isinstance(n, ast.FunctionDef) and n.name == "__init__"]
+    loads = list(calls(init, "from_pretrained"))
+    assert len(loads) == 2
+    assert all(ast.unparse(keyword(c, "trust_remote_code")) == "trust_remote_code" for c in loads)
 
 
 def remote_code_model(tiny_base_dir: Path, folder: Path, model_type: str | None = None) -> tuple[Path, Path]:
