@@ -259,6 +259,14 @@ class PDiffConfig(StageConfig):
 
 METHOD_NAMES: tuple[str, ...] = ("base", "lora", "model_soup", "cond_pdiff", "icm_lora")
 """Every method the pipeline can evaluate, in report order."""
+METHOD_TITLES: dict[str, str] = {
+    "base": "Original model",
+    "lora": "Original LoRA",
+    "model_soup": "Model Soup",
+    "cond_pdiff": "COND P-DIFF",
+    "icm_lora": "ICM-LoRA",
+}
+"""Display names of the methods in tables and figures (the language and the detection reports)."""
 
 
 class SampleConfig(StageConfig):

@@ -8,12 +8,14 @@ sidecar is written last, so its presence means the tensor file is complete.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -239,3 +241,15 @@ def check_safetensors_file(path: str | Path) -> None:
     if len(head) < 8:
         raise ArtifactError(f"{path}: truncated safetensors file ({size} bytes)")
     raise ArtifactError(f"{path}: not a valid safetensors file (bad header)")
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """CSV of rows (the union of their keys, in first-seen order)."""
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()

@@ -3,23 +3,14 @@ the fine-tuning gain each method recovers, and storage accounting from actual fi
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from icm_core.config import METHOD_NAMES
+from icm_core.config import METHOD_NAMES, METHOD_TITLES
 from icm_core.evaluate import gain_recovered
 
 
-METHOD_TITLES = {
-    "base": "Original model",
-    "lora": "Original LoRA",
-    "model_soup": "Model Soup",
-    "cond_pdiff": "COND P-DIFF",
-    "icm_lora": "ICM-LoRA",
-}
 GENERATED = ("model_soup", "cond_pdiff", "icm_lora")
 """Methods measured against the original LoRA (gain recovered, PPL gap)."""
 
@@ -170,15 +161,3 @@ def storage_table(rows: Sequence[Mapping[str, Any]]) -> str:
         for r in rows
     ]
     return markdown_table(["what is stored", "files", "bytes", "size", "vs. checkpoints"], body)
-
-
-def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
-    """CSV of rows (the union of their keys, in first-seen order)."""
-    fields: list[str] = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()

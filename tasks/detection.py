@@ -12,10 +12,10 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from icm_core.io import write_json, write_text
+from icm_core.io import csv_text, write_json, write_text
 from icm_core.vision import stages as vstages
 from icm_core.vision.config import DetectionDataConfig, DetectionLoraConfig, DetectionTaskVectorConfig, DetectorConfig
-from icm_core.vision.report import csv_text, markdown_report, result_rows
+from icm_core.vision.report import markdown_report, result_rows
 from tasks.artifacts import ArtifactCachePolicy, ArtifactRef
 from tasks.stages import TASK_DEFAULTS, device_slot, run_stage
 

@@ -19,12 +19,11 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 
-from icm_core.io import read_json, sidecar_path, write_json, write_text
+from icm_core.io import csv_text, read_json, sidecar_path, write_json, write_text
 from icm_core.lora_train import read_trajectory
 from icm_core.plots import plot_main_bars, plot_task_vectors, plot_training_curves
 from icm_core.reporting import (
     METHOD_TITLES,
-    csv_text,
     gain_table,
     human_bytes,
     main_table,

@@ -10,7 +10,15 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from icm_core.config import CVAEConfig, PDiffConfig, SampleConfig, SoupConfig, StageConfig, validate_category_name
+from icm_core.config import (
+    METHOD_NAMES,
+    CVAEConfig,
+    PDiffConfig,
+    SampleConfig,
+    SoupConfig,
+    StageConfig,
+    validate_category_name,
+)
 
 
 DEFAULT_FACE_TASKS: tuple[str, ...] = ("blur", "dark", "noise", "occluded")
@@ -202,7 +210,7 @@ class DetectionEvalConfig(StageConfig):
     """COCO evaluation of a detector on a task's test split."""
 
     methods: tuple[str, ...] = Field(
-        ("base", "lora", "model_soup", "cond_pdiff", "icm_lora"),
+        METHOD_NAMES,
         min_length=1,
         description="Methods compared: base (original model), lora (original LoRA), model_soup (Model Soup), "
         "cond_pdiff (COND P-DIFF), icm_lora (the generated adapter).",
@@ -211,7 +219,7 @@ class DetectionEvalConfig(StageConfig):
     @field_validator("methods")
     @classmethod
     def _known(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        known = {"base", "lora", "model_soup", "cond_pdiff", "icm_lora"}
+        known = set(METHOD_NAMES)
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"methods: unknown {unknown}; known: {sorted(known)}")

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from typing import Any
 
-
-METHOD_ORDER = ("base", "lora", "model_soup", "cond_pdiff", "icm_lora")
-METHOD_TITLES = {
-    "base": "Original model",
-    "lora": "Original LoRA",
-    "model_soup": "Model Soup",
-    "cond_pdiff": "COND P-DIFF",
-    "icm_lora": "ICM-LoRA",
-}
+from icm_core.config import METHOD_NAMES, METHOD_TITLES
 
 
 def result_rows(scores: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     """One row per (method, task) with mAP50, mAP75, mAP50:95 and recall, methods in the paper's order."""
     rows = []
-    methods = [m for m in METHOD_ORDER if any(m in by for by in scores.values())]
+    methods = [m for m in METHOD_NAMES if any(m in by for by in scores.values())]
     for method in methods:
         for task in sorted(scores):
             if method not in scores[task]:
@@ -40,21 +30,13 @@ def result_rows(scores: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, 
     return rows
 
 
-def csv_text(rows: list[dict[str, Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def table_markdown(rows: list[dict[str, Any]]) -> str:
     """Methods as rows, tasks as column pairs (mAP50 | mAP75), plus the mean over tasks."""
     tasks = sorted({r["task"] for r in rows})
     by = {(r["method"], r["task"]): r for r in rows}
     header = "| method | " + " | ".join(f"{t} mAP50 | {t} mAP75" for t in tasks) + " | mean mAP50 | mean mAP75 |"
     lines = [header, "|---|" + "---:|" * (2 * len(tasks) + 2)]
-    for method in [m for m in METHOD_ORDER if any(k[0] == m for k in by)]:
+    for method in [m for m in METHOD_NAMES if any(k[0] == m for k in by)]:
         cells, m50, m75 = [], [], []
         for task in tasks:
             r = by.get((method, task))

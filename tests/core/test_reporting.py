@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from icm_core.io import csv_text
 from icm_core.plots import pca_2d, plot_main_bars, plot_task_vectors, plot_training_curves
 from icm_core.reporting import (
-    csv_text,
     gain_table,
     main_table,
     mean_row,
