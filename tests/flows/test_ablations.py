@@ -56,17 +56,20 @@ def test_variants_are_validated_and_deduplicated():
 
 
 def test_ablation_flow_writes_tables(workspace):
-    state = icm_ablations(
-        config=workspace.config,
-        categories_file=str(workspace.categories_file),
-        only=None,
-        ranks=[1, 2],
-        depths=[4],
-        depth_ranks=[2],
-        sources=["description"],
-        root=str(workspace.root),
-        return_state=True,
-    )
+    def run_ablations():
+        return icm_ablations(
+            config=workspace.config,
+            categories_file=str(workspace.categories_file),
+            only=None,
+            ranks=[1, 2],
+            depths=[4],
+            depth_ranks=[2],
+            sources=["description"],
+            root=str(workspace.root),
+            return_state=True,
+        )
+
+    state = run_ablations()
     assert state.is_completed(), state.message
     out = state.result()
     text = (workspace.root / "latest-ablations.json").read_text()
@@ -92,17 +95,7 @@ def test_ablation_flow_writes_tables(workspace):
         )
 
     # The subflows share cached stages; a rerun of the whole ablation is all cache hits.
-    again = icm_ablations(
-        config=workspace.config,
-        categories_file=str(workspace.categories_file),
-        only=None,
-        ranks=[1, 2],
-        depths=[4],
-        depth_ranks=[2],
-        sources=["description"],
-        root=str(workspace.root),
-        return_state=True,
-    )
+    again = run_ablations()
     assert again.is_completed()
     assert states_by_name(again)["ablation-report"] == "Cached"
     subflows = subflow_runs(again)

@@ -7,25 +7,18 @@ from pathlib import Path
 
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
-from icm_core.vision.config import DetectionDataConfig, DetectionLoraConfig, DetectorConfig
+from icm_core.vision.config import DetectionLoraConfig, DetectorConfig
 from tests.flows.test_detection_flow import tiny_detection_config
 from tests.vision.test_florence import tiny_florence
-from tests.vision.test_hf_detector import shapes_coco
+from tests.vision.test_hf_detector import shapes_data_config
 
 
 def test_detection_flow_with_florence2(prefect_api: str, tmp_path: Path):
     from flows.detection import detection_pipeline
 
-    annotations = shapes_coco(tmp_path / "coco")
     cfg = tiny_detection_config().model_copy(
         update={
-            "data": DetectionDataConfig(
-                source="coco",
-                tasks=("square", "disc"),
-                coco_annotations=str(annotations),
-                coco_images=str(tmp_path / "coco" / "img"),
-                test_fraction=0.34,
-            ),
+            "data": shapes_data_config(tmp_path / "coco"),
             "detector": DetectorConfig(
                 kind="florence2",
                 name_or_path=str(tiny_florence(tmp_path / "florence")),

@@ -50,6 +50,17 @@ def test_unknown_runner_and_bad_options():
         make_task_runner("threads", address="tcp://127.0.0.1:8786")
 
 
+def run_with_runner(workspace, runner, root: Path):
+    """The workspace's pipeline on ``runner`` into a fresh ``root`` (with its own Prefect result folder)."""
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: root / ".prefect" / "results"}):
+        return icm_pipeline.with_options(task_runner=runner)(
+            config=workspace.config,
+            categories_file=str(workspace.categories_file),
+            root=str(root),
+            return_state=True,
+        )
+
+
 @pytest.mark.timeout(600)
 def test_dask_runner_matches_thread_runner(workspace, tmp_path):
     threads = workspace.run()
@@ -57,13 +68,7 @@ def test_dask_runner_matches_thread_runner(workspace, tmp_path):
 
     dask_root = tmp_path / "dask-artifacts"
     runner = make_task_runner("dask", workers=2)
-    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: dask_root / ".prefect" / "results"}):
-        state = icm_pipeline.with_options(task_runner=runner)(
-            config=workspace.config,
-            categories_file=str(workspace.categories_file),
-            root=str(dask_root),
-            return_state=True,
-        )
+    state = run_with_runner(workspace, runner, dask_root)
     assert state.is_completed(), state.message
     states = states_by_name(state)
     assert set(states) == expected_task_runs()
@@ -88,12 +93,6 @@ def test_ray_runner_matches_thread_runner(workspace, tmp_path):
     assert threads.is_completed(), threads.message
     ray_root = tmp_path / "ray-artifacts"
     runner = make_task_runner("ray", workers=2)
-    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: ray_root / ".prefect" / "results"}):
-        state = icm_pipeline.with_options(task_runner=runner)(
-            config=workspace.config,
-            categories_file=str(workspace.categories_file),
-            root=str(ray_root),
-            return_state=True,
-        )
+    state = run_with_runner(workspace, runner, ray_root)
     assert state.is_completed(), state.message
     assert manifests(ray_root) == manifests(workspace.root)

@@ -14,7 +14,7 @@ from icm_core.adapters import merge_adapter
 from icm_core.io import load_tensors
 from icm_core.lora_train import read_trajectory
 from icm_core.vision.coco import coco_from_dict, detections_to_coco, evaluate_coco
-from icm_core.vision.config import DetectionDataConfig, DetectionLoraConfig, DetectionTaskVectorConfig, DetectorConfig
+from icm_core.vision.config import DetectionLoraConfig, DetectionTaskVectorConfig, DetectorConfig
 from icm_core.vision.florence import (
     florence_detect,
     florence_loss_fn,
@@ -37,7 +37,7 @@ from icm_core.vision.stages import (
     prepare_detection_task,
     read_task,
 )
-from tests.vision.test_hf_detector import shapes_coco
+from tests.vision.test_hf_detector import shapes_data_config
 
 
 WORDS = ["Locate", "the", "objects", "with", "category", "name", "in", "image", ".", "square", "disc", "face"]
@@ -105,14 +105,7 @@ def tiny_florence(folder: Path, with_locations: bool = True) -> Path:
 def setup(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("florence")
     model_dir = tiny_florence(root / "florence")
-    annotations = shapes_coco(root / "coco")
-    data_cfg = DetectionDataConfig(
-        source="coco",
-        tasks=("square", "disc"),
-        coco_annotations=str(annotations),
-        coco_images=str(root / "coco" / "img"),
-        test_fraction=0.34,
-    )
+    data_cfg = shapes_data_config(root / "coco")
     det_cfg = DetectorConfig(
         kind="florence2", name_or_path=str(model_dir), input_size=32, score_threshold=0.0, max_new_tokens=16
     )

@@ -106,18 +106,23 @@ def shapes_coco(folder: Path, n: int = 6) -> Path:
     return path
 
 
+def shapes_data_config(folder: Path) -> DetectionDataConfig:
+    """The shapes COCO set written under ``folder`` and split into a 'square' and a 'disc' task."""
+    annotations = shapes_coco(folder)
+    return DetectionDataConfig(
+        source="coco",
+        tasks=("square", "disc"),
+        coco_annotations=str(annotations),
+        coco_images=str(folder / "img"),
+        test_fraction=0.34,
+    )
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("hf")
     model_dir = tiny_detr(root / "detr")
-    annotations = shapes_coco(root / "coco")
-    data_cfg = DetectionDataConfig(
-        source="coco",
-        tasks=("square", "disc"),
-        coco_annotations=str(annotations),
-        coco_images=str(root / "coco" / "img"),
-        test_fraction=0.34,
-    )
+    data_cfg = shapes_data_config(root / "coco")
     det_cfg = DetectorConfig(kind="transformers", name_or_path=str(model_dir), input_size=64, score_threshold=0.0)
     return root, data_cfg, det_cfg
 
