@@ -5,7 +5,10 @@
 
 Each variant is a run of the pipeline flow (a subflow, cached like every run), so variants share every
 stage they have in common: the depth and task-vector variants reuse the rank-2 fine-tunes, a rerun is all
-cache hits, and a killed ablation resumes. Variants:
+cache hits, and a killed ablation resumes. Each variant records its results in its own pointer file,
+``<root>/ablations/<variant>.json``, never in ``latest.json`` (which stays the last plain pipeline run's, the
+one ``generate_adapter`` uses by default); the ablation report's pointer is ``<root>/latest-ablations.json``.
+The root may be a local folder or an fsspec URL, as for the pipeline. Variants:
 
 * rank (Table 4): ``lora.rank`` in ``ranks``; one generator per rank; all methods (Model Soup, COND P-DIFF,
   ICM-LoRA), with storage per rank;
@@ -19,15 +22,15 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from flows.pipeline import icm_pipeline
 from icm_core.config import OFFICIAL_CHANNELS, RunConfig, config_fingerprint, load_run_config
-from icm_core.io import write_json
 from tasks.ablations import ablation_report_task, publish_ablations
+from tasks.records import on_root
+from tasks.store import normalize_root, write_root_json
 
 
 DEFAULT_CATEGORIES = ("news", "python-docs")
@@ -107,9 +110,10 @@ def icm_ablations(
         depths: CVAE conv-layer counts of the depth ablation (Table 5).
         depth_ranks: LoRA ranks at which the depths are compared.
         sources: Task-vector sources of Table 6.
-        root: Artifacts root.
+        root: Artifacts root: a local folder or an fsspec URL.
     """
     logger = get_run_logger()
+    root = normalize_root(root)
     variants = ablation_variants(config, ranks, depths, depth_ranks, sources)
     done: dict[str, dict[str, Any]] = {}
     results = []
@@ -119,7 +123,12 @@ def icm_ablations(
             logger.info("ablation variant %s", variant.name)
             run = icm_pipeline.with_options(flow_run_name=f"ablation-{variant.name}")
             done[fingerprint] = run(
-                config=variant.config, categories_file=categories_file, only=only, root=root, publish=False
+                config=variant.config,
+                categories_file=categories_file,
+                only=only,
+                root=root,
+                publish=False,
+                pointer=f"ablations/{variant.name}.json",
             )
         summary = done[fingerprint]
         results.append(
@@ -133,10 +142,10 @@ def icm_ablations(
                 "report": summary["report"],
             }
         )
-    report = ablation_report_task(results, str(Path(root).resolve()))
+    report = on_root(ablation_report_task, root)(results, root)
     publish_ablations(report)
     out = {"report": str(report.file("ablations.md")), "summary": report.meta["summary"]}
-    write_json(Path(root) / "latest-ablations.json", out)
+    write_root_json(root, "latest-ablations.json", out)
     return out
 
 
@@ -175,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         sources=sources,
         root=args.root,
     )
-    print(Path(out["report"]).read_text())
+    print(open(out["report"], encoding="utf-8").read())
     print(f"ablation report: {out['report']}")
     return 0
 

@@ -25,7 +25,6 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.pipeline import baseline_adapters, gather
 from icm_core.config import config_fingerprint, load_run_config
-from icm_core.io import write_json
 from icm_core.vision.config import DetectionRunConfig, task_slug
 from icm_core.vision.report import table_markdown
 from icm_core.vision.stages import source_fingerprint
@@ -37,7 +36,9 @@ from tasks.detection import (
     detection_report_task,
     detection_task_vector_task,
 )
+from tasks.records import on_root
 from tasks.stages import sample_adapter_task, train_generator_task
+from tasks.store import normalize_root, write_root_json
 
 
 def load_detection_config(path: str | None = None, overrides: list[str] | None = None) -> DetectionRunConfig:
@@ -55,13 +56,14 @@ def detection_pipeline(
 
     Args:
         config: All stage configs (data, detector, lora, task_vector, cvae, sample, eval).
-        root: Artifacts root (local folder); a separate root from the language pipeline's.
+        root: Artifacts root: a local folder or an fsspec URL (``s3://...``, ``memory://...``), as for the
+            language pipeline; a separate root from the language pipeline's.
         publish: Publish the results table and report as Prefect UI artifacts.
     """
     logger = get_run_logger()
     cfg = config
     names = [task_slug(t) for t in cfg.data.tasks]
-    root = str(Path(root).resolve())
+    root = normalize_root(root)
     logger.info(
         "detection tasks: %s; detector %s; artifacts under %s",
         ", ".join(names),
@@ -71,16 +73,20 @@ def detection_pipeline(
     source = source_fingerprint(cfg.data)
 
     data = gather(
-        detection_data_task.map(names, unmapped(source), unmapped(cfg.data), unmapped(root)), names, "detection-data"
+        on_root(detection_data_task, root).map(names, unmapped(source), unmapped(cfg.data), unmapped(root)),
+        names,
+        "detection-data",
     )
     loras = gather(
-        detection_finetune_task.map(names, data, unmapped(cfg.detector), unmapped(cfg.lora), unmapped(root)),
+        on_root(detection_finetune_task, root).map(
+            names, data, unmapped(cfg.detector), unmapped(cfg.lora), unmapped(root), unmapped(cfg.resume)
+        ),
         names,
         "detection-finetune-lora",
     )
     needs_lora = cfg.task_vector.source == "hidden_state" and cfg.task_vector.hidden_from == "finetuned"
     vectors = gather(
-        detection_task_vector_task.map(
+        on_root(detection_task_vector_task, root).map(
             names,
             data,
             loras if needs_lora else unmapped(None),
@@ -93,18 +99,22 @@ def detection_pipeline(
     )
     lora_by_name = dict(zip(names, loras, strict=True))
     vector_by_name = dict(zip(names, vectors, strict=True))
-    generator: ArtifactRef = train_generator_task(lora_by_name, vector_by_name, cfg.cvae, cfg.detector.device, root)
+    generator: ArtifactRef = on_root(train_generator_task, root)(
+        lora_by_name, vector_by_name, cfg.cvae, cfg.detector.device, root, cfg.resume
+    )
     methods = cfg.eval.methods
     by_method: dict[str, list[ArtifactRef | None]] = {"base": [None] * len(names), "lora": list(loras)}
     by_method["icm_lora"] = gather(
-        sample_adapter_task.map(names, unmapped(generator), unmapped(cfg.sample), unmapped(root)), names, "sample"
+        on_root(sample_adapter_task, root).map(names, unmapped(generator), unmapped(cfg.sample), unmapped(root)),
+        names,
+        "sample",
     )
     baselines = baseline_adapters(methods, names, lora_by_name, vector_by_name, cfg, cfg.detector.device, root)
     by_method.update(baselines.adapters)
 
     futures, labels = [], []
     for method in methods:
-        futures += detection_evaluate_task.map(
+        futures += on_root(detection_evaluate_task, root).map(
             names, unmapped(method), data, by_method[method], unmapped(cfg.detector), unmapped(root)
         )
         labels += [f"{n} ({method})" for n in names]
@@ -121,7 +131,7 @@ def detection_pipeline(
         "cvae": f"{len(cfg.cvae.channels)} layers, latent {cfg.cvae.latent_dim}, {cfg.cvae.epochs} epochs",
         "config_fingerprint": config_fingerprint(cfg)[:16],
     }
-    report = detection_report_task(evals, lora_by_name, generator, run_info, root)
+    report = on_root(detection_report_task, root)(evals, lora_by_name, generator, run_info, root)
     rows = report.meta["rows"]
     if publish:
         create_table_artifact(
@@ -138,7 +148,7 @@ def detection_pipeline(
         "report": str(report.file("report.md")),
         "generator": str(generator.file("generator.safetensors")),
     }
-    write_json(Path(root) / "latest.json", summary)
+    write_root_json(root, "latest.json", summary)
     return summary
 
 

@@ -1,9 +1,17 @@
 """``generate_adapter``: one PEFT adapter from a trained generator, by category name, description or
-task-vector file. No real LoRA checkpoint is involved: the generator artifact carries everything."""
+task-vector file. No real LoRA checkpoint is involved: the generator artifact carries everything.
+
+No call silently replaces another's adapter. The default output folder is keyed by what decides the
+adapter: ``<root>/generated/<generator sha256[:12]>/<condition>/seed-<seed>-draws-<n>/adapter``, where the
+condition is ``category-<name>``, ``description-<sha256(encoder + text)[:12]>`` or
+``<task-vector file stem>-<its sha256[:12]>``; two different requests never share a folder, and the same
+request writes the same bytes again. An explicit ``out`` that already exists is refused unless
+``overwrite=True`` (``--overwrite``)."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import sys
 from pathlib import Path
@@ -14,6 +22,7 @@ from prefect.artifacts import create_link_artifact
 
 from icm_core.adapters import adapter_sha256
 from icm_core.config import SampleConfig, TaskVectorConfig
+from icm_core.io import read_json, sha256_file, sidecar_path
 from icm_core.stages import load_task_vector, sample_adapter
 from icm_core.task_vectors import TextEncoder, text_task_vector
 from tasks.store import fetch, is_remote, local_root, read_root_json
@@ -56,6 +65,34 @@ def generate_task(
     )
 
 
+def _file_sha256(path: Path) -> str:
+    """A tensor file's sha256 from its sidecar when it has one (read, not recomputed), else by hashing it."""
+    side = sidecar_path(path)
+    if side.is_file():
+        recorded = read_json(side).get("sha256")
+        if isinstance(recorded, str):
+            return recorded
+    return sha256_file(path)
+
+
+def condition_label(category: str | None, description: str | None, task_vector_file: str | None, encoder: str) -> str:
+    """The folder name of a generation's condition (see the module docstring)."""
+    if category:
+        return f"category-{category}"
+    if description:
+        text = encoder + "\n" + description
+        return f"description-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    path = Path(task_vector_file)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-.") or "task-vector"
+    return f"{stem}-{_file_sha256(path)[:12]}"
+
+
+def default_out(root: str, generator: Path, condition: str, sample: SampleConfig) -> Path:
+    """``<root>/generated/<generator sha256[:12]>/<condition>/seed-<seed>-draws-<n>/adapter``."""
+    folder = f"seed-{sample.seed}-draws-{sample.num_draws}"
+    return local_root(root) / "generated" / _file_sha256(generator)[:12] / condition / folder / "adapter"
+
+
 def _run_name() -> str:
     from prefect.runtime import flow_run
 
@@ -73,6 +110,7 @@ def generate_adapter(
     sample: SampleConfig = SampleConfig(),  # noqa: B008
     text_encoder: str = TaskVectorConfig().text_encoder,
     root: str = "artifacts",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Generate a PEFT adapter folder.
 
@@ -81,18 +119,26 @@ def generate_adapter(
         description: A task description, embedded with ``text_encoder`` (for generators trained on
             description task vectors).
         task_vector_file: A ``.safetensors`` file with a ``task_vector`` tensor.
-        out: Output adapter folder (default: ``<root>/generated/<label>/adapter``).
+        out: Output adapter folder (default: a folder keyed by generator, condition and sampling, see the module
+            docstring). An existing ``out`` is refused unless ``overwrite``.
         generator: Generator ``.safetensors`` file (default: the latest pipeline run's under ``root``).
         sample: Sampling config (seed of z, number of draws).
         text_encoder: Sentence encoder for ``description``.
         root: Artifacts root.
+        overwrite: Replace an existing ``out`` folder.
     """
     given = [x for x in (category, description, task_vector_file) if x]
     if len(given) != 1:
         raise ValueError("give exactly one of category, description, task_vector_file")
     generator_path = str(generator or latest_generator(root))
     label = category or ("description" if description else Path(task_vector_file).stem)
-    out_dir = out or str(local_root(root) / "generated" / label / "adapter")
+    if out:
+        if Path(out).exists() and not overwrite:
+            raise FileExistsError(f"out: {out} already exists; pass overwrite=True (--overwrite) to replace it")
+        out_dir = out
+    else:
+        condition = condition_label(category, description, task_vector_file, text_encoder)
+        out_dir = str(default_out(root, Path(generator_path), condition, sample))
     result = generate_task(
         generator_path, out_dir, sample, label, category, description, task_vector_file, text_encoder
     )
@@ -116,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generator")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", default="artifacts")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = parser.parse_args(argv)
     result = generate_adapter(
         category=args.category,
@@ -125,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         generator=args.generator,
         sample=SampleConfig(seed=args.seed),
         root=args.root,
+        overwrite=args.overwrite,
     )
     print(result["adapter_dir"])
     return 0

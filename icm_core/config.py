@@ -285,6 +285,18 @@ class EvalConfig(StageConfig):
     batch_size: int = Field(8, ge=1, description="Blocks per forward pass.")
 
 
+class ResumeConfig(StageConfig):
+    """Resumable state inside the long stages (``icm_core/resume.py``). Saving state never changes a result,
+    so these fields are not part of any cache key: changing them reuses every cached output. 0 turns saving
+    off for that loop. The state lives next to the stage's output folder and is removed when the output is
+    complete."""
+
+    lora_every_steps: int = Field(25, ge=0, description="LoRA fine-tuning: optimizer steps between saved states.")
+    cvae_every_epochs: int = Field(20, ge=0, description="CVAE generator training: epochs between saved states.")
+    pdiff_every_epochs: int = Field(20, ge=0, description="COND P-DIFF autoencoder: epochs between saved states.")
+    pdiff_every_steps: int = Field(250, ge=0, description="COND P-DIFF denoiser: DDPM steps between saved states.")
+
+
 class RunConfig(StageConfig):
     """All stage configs of one ICM-LoRA run. The defaults are the CPU demo on SmolLM2-135M."""
 
@@ -297,6 +309,9 @@ class RunConfig(StageConfig):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="PPL / BPC evaluation.")
     soup: SoupConfig = Field(default_factory=SoupConfig, description="The Model Soup baseline.")
     pdiff: PDiffConfig = Field(default_factory=PDiffConfig, description="The COND P-DIFF baseline.")
+    resume: ResumeConfig = Field(
+        default_factory=ResumeConfig, description="How often long stages save resumable state (not in cache keys)."
+    )
     methods: tuple[Literal["base", "lora", "model_soup", "cond_pdiff", "icm_lora"], ...] = Field(
         METHOD_NAMES,
         min_length=1,

@@ -34,6 +34,15 @@ from torch import Tensor, nn
 
 from icm_core.config import CVAEConfig
 from icm_core.faults import fault_point
+from icm_core.resume import (
+    Resumer,
+    load_module,
+    load_optimizer_state,
+    load_rng_state,
+    module_tensors,
+    optimizer_state,
+    rng_state,
+)
 
 
 __all__ = [
@@ -296,6 +305,7 @@ def train_cvae(
     cfg: CVAEConfig,
     device: str | torch.device = "cpu",
     on_epoch: Callable[[int, dict], None] | None = None,
+    resume: Resumer | None = None,
 ) -> tuple[ConditionalVAE, list[dict]]:
     """Train one conditional VAE on all checkpoints of all tasks.
 
@@ -308,6 +318,9 @@ def train_cvae(
         cfg: Architecture and training settings.
         device: Where to train.
         on_epoch: Called after each epoch with ``(epoch, row)``; ``row`` is the history row below.
+        resume: Where to save resumable state (weights, BatchNorm statistics, AdamW, scheduler, random streams,
+            history) every ``resume.every["epochs"]`` epochs; a saved state is continued from, and the result
+            is bit-identical to an uninterrupted run (``icm_core.resume``).
 
     Returns:
         ``(model, history)``: the trained model in eval mode, and one row per epoch
@@ -355,8 +368,17 @@ def train_cvae(
         )
 
         history: list[dict] = []
+        start = 0
+        saved = resume.load() if resume is not None else None
+        if saved is not None:
+            # Continue a killed run from the end of its last saved epoch.
+            load_module(model, saved.tensors, "model.")
+            load_optimizer_state(optimizer, saved.tensors, saved.meta["optimizer"], "optimizer.")
+            scheduler.load_state_dict(saved.meta["scheduler"])
+            load_rng_state(saved.tensors, {"shuffle": shuffle_gen})
+            history, start = saved.meta["history"], saved.step
         model.train()
-        for epoch in range(cfg.epochs):
+        for epoch in range(start, cfg.epochs):
             sums = {"loss": 0.0, "recon": 0.0, "kld": 0.0}
             last_lr = optimizer.param_groups[0]["lr"]
             # 5. A fresh shuffle each epoch; every sample is used exactly once (nothing dropped).
@@ -384,6 +406,14 @@ def train_cvae(
             if not all(math.isfinite(row[key]) for key in ("loss", "recon", "kld")):
                 raise FloatingPointError(f"CVAE training diverged at epoch {epoch}: {row}")
             history.append(row)
+            if resume is not None and resume.due("epochs", epoch + 1, cfg.epochs):
+                opt_tensors, opt_meta = optimizer_state(optimizer, "optimizer.")
+                resume.save(
+                    epoch + 1,
+                    {**module_tensors(model, "model."), **opt_tensors, **rng_state({"shuffle": shuffle_gen})},
+                    {"label": f"epoch {epoch + 1}", "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+                     "history": history},
+                )
             fault_point("cvae.epoch")
             if on_epoch is not None:
                 on_epoch(epoch, row)

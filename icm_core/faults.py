@@ -42,6 +42,7 @@ POINTS: dict[str, str] = {
     "stage.reuse": "a stage found its output complete and is about to reuse it (target: output folder)",
     "lora.step": "after each LoRA optimizer step (target: trajectory folder)",
     "cvae.epoch": "after each CVAE training epoch (no target)",
+    "pdiff.step": "after each COND P-DIFF autoencoder epoch and each denoiser step (no target)",
     "evaluate.batch": "after each evaluation batch (no target)",
 }
 """Every fault point, with where it sits."""

@@ -31,6 +31,7 @@ from icm_core.flatten import (
     unflatten_lora,
 )
 from icm_core.io import ArtifactError, load_tensors, save_tensors
+from icm_core.resume import Resumer
 from icm_core.task_vectors import check_task_vector
 
 
@@ -147,8 +148,10 @@ def train_generator(
     adapter_config: dict[str, Any],
     device: str | torch.device = "cpu",
     on_epoch: Callable[[int, dict], None] | None = None,
+    resume: Resumer | None = None,
 ) -> tuple[Generator, list[dict], float]:
-    """Normalise the dataset, train the CVAE on all categories at once; return (generator, history, seconds)."""
+    """Normalise the dataset, train the CVAE on all categories at once; return (generator, history, seconds).
+    ``resume``: save resumable state every ``resume.every["epochs"]`` epochs and continue from a saved one."""
     # 1) Per-tensor z-score (after per-coordinate centring with normalization='coordinate') over all
     #    checkpoints of all categories; the stats travel with the generator.
     norm = fit_norm_stats(dataset.weights, dataset.layout, center=cfg.normalization == "coordinate")
@@ -158,7 +161,7 @@ def train_generator(
     conds = cond_norm(dataset.conds)
     # 3) One CVAE for every category.
     started = time.perf_counter()
-    model, history = train_cvae(weights, conds, cfg, device=device, on_epoch=on_epoch)
+    model, history = train_cvae(weights, conds, cfg, device=device, on_epoch=on_epoch, resume=resume)
     # Wall time is returned, not stored in the artifact: equal inputs must give byte-identical files.
     seconds = time.perf_counter() - started
     meta = {

@@ -30,12 +30,20 @@ class ArtifactError(RuntimeError):
     """An artifact is missing, truncated, corrupted or of the wrong kind. The message names the file."""
 
 
+HASHED: dict[str, int] = {"files": 0, "bytes": 0}
+"""Files and bytes :func:`sha256_file` has read in this process (``scripts/bench_warm.py`` reports them)."""
+
+
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
+    size = 0
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(chunk_size), b""):
             digest.update(block)
+            size += len(block)
+    HASHED["files"] += 1
+    HASHED["bytes"] += size
     return digest.hexdigest()
 
 

@@ -18,7 +18,16 @@ import torch
 from icm_core.adapters import adapter_config_dict, lora_config_for, lora_state_dict, write_adapter
 from icm_core.config import LoraTrainConfig
 from icm_core.faults import fault_point
-from icm_core.io import ArtifactError, load_tensors, read_json, save_tensors, verify_file, write_json
+from icm_core.io import ArtifactError, load_tensors, read_json, save_tensors, sidecar_path, verify_file, write_json
+from icm_core.resume import (
+    Resumer,
+    load_module,
+    load_optimizer_state,
+    load_rng_state,
+    module_tensors,
+    optimizer_state,
+    rng_state,
+)
 
 
 TRAJECTORY_INDEX = "trajectory.json"
@@ -68,10 +77,12 @@ def train_lora(
     out_dir: str | Path,
     base_model_id: str,
     on_step: Callable[[int, float], None] | None = None,
+    resume: Resumer | None = None,
 ) -> Trajectory:
     """Fine-tune a LoRA adapter on ``train_blocks`` [N, T] and save its trajectory to ``out_dir``.
 
-    ``base_model`` is wrapped in place by peft; pass a freshly loaded model.
+    ``base_model`` is wrapped in place by peft; pass a freshly loaded model. With ``resume``, training
+    state is saved every ``resume.every["steps"]`` steps and a saved state is continued from.
     """
     from peft import get_peft_model
 
@@ -97,7 +108,7 @@ def train_lora(
         return model(input_ids=batch, labels=batch).loss
 
     # 3) and 4): the shared loop; the final checkpoint doubles as the category's "original LoRA".
-    return fit_lora_trajectory(model, batches(), causal_lm_loss, cfg, out_dir, base_model_id, on_step)
+    return fit_lora_trajectory(model, batches(), causal_lm_loss, cfg, out_dir, base_model_id, on_step, resume)
 
 
 def fit_lora_trajectory(
@@ -108,6 +119,7 @@ def fit_lora_trajectory(
     out_dir: str | Path,
     base_model_id: str,
     on_step: Callable[[int, float], None] | None = None,
+    resume: Resumer | None = None,
 ) -> Trajectory:
     """Train a peft-wrapped ``model`` for ``cfg.steps`` steps of ``loss_fn(model, next(batches))`` and save
     its trajectory: the last ``cfg.trajectory_size`` checkpoints, the final adapter in PEFT form and the
@@ -116,13 +128,31 @@ def fit_lora_trajectory(
 
     AdamW on the trainable parameters, the warmup-cosine schedule of ``lr_at``, gradient norm clipped at 1.0;
     a non-finite loss stops training with ``FloatingPointError`` naming the step.
+
+    With ``resume`` (``icm_core.resume``), the LoRA weights, AdamW state, random streams, losses and the
+    checkpoints written so far are saved every ``resume.every["steps"]`` steps; a saved state is continued
+    from, after replaying ``batches`` to its position (``batches`` must be deterministic given its seed),
+    and the run ends bit-identical to an uninterrupted one.
     """
     out_dir = Path(out_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     save_at = set(checkpoint_steps(cfg))
     steps, files, hashes, losses = [], [], [], []
-    for step in range(1, cfg.steps + 1):
+    start = 0
+    saved = resume.load() if resume is not None else None
+    if saved is not None:
+        # Continue a killed run: same batch position, weights, optimizer moments, random streams and history.
+        start = saved.step
+        for _ in range(start):
+            next(batches)
+        load_module(model, saved.tensors, "model.")
+        load_optimizer_state(optimizer, saved.tensors, saved.meta["optimizer"], "optimizer.")
+        load_rng_state(saved.tensors)
+        steps, files, hashes = saved.meta["steps"], saved.meta["files"], saved.meta["sha256"]
+        losses = saved.meta["losses"]
+        resume.restore_files([n for f in files for n in (f, sidecar_path(f).name)], out_dir)
+    for step in range(start + 1, cfg.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step - 1, cfg)
         loss = loss_fn(model, next(batches))
@@ -143,6 +173,15 @@ def fit_lora_trajectory(
             steps.append(step)
             files.append(name)
             hashes.append(digest)
+        if resume is not None and resume.due("steps", step, cfg.steps):
+            opt_tensors, opt_meta = optimizer_state(optimizer, "optimizer.")
+            resume.save(
+                step,
+                {**module_tensors(model, "model.", trainable_only=True), **opt_tensors, **rng_state()},
+                {"label": f"step {step}", "optimizer": opt_meta, "losses": losses, "steps": steps,
+                 "files": files, "sha256": hashes},
+                files=[out_dir / n for f in files for n in (f, sidecar_path(f).name)],
+            )
 
     model.eval()
     adapter_config = adapter_config_dict(model, base_model_id)

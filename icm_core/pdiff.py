@@ -32,9 +32,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from icm_core.config import PDiffConfig, SampleConfig
+from icm_core.faults import fault_point
 from icm_core.flatten import LoraLayout, unflatten_lora
 from icm_core.generator import ConditionNorm, GeneratorDataset
 from icm_core.io import ArtifactError, load_tensors, save_tensors
+from icm_core.resume import (
+    Resumer,
+    load_module,
+    load_optimizer_state,
+    load_rng_state,
+    module_tensors,
+    optimizer_state,
+    rng_state,
+)
 from icm_core.task_vectors import check_task_vector
 
 
@@ -323,10 +333,13 @@ def train_pdiff(
     adapter_config: dict[str, Any],
     device: str | torch.device = "cpu",
     on_progress: Callable[[str, int, float], None] | None = None,
+    resume: Resumer | None = None,
 ) -> tuple[PDiffModel, dict[str, list[dict]], float]:
     """Train COND P-DIFF on all categories' checkpoints: autoencoder first, then the latent DDPM.
 
-    Deterministic on CPU for equal inputs (seeded, with the caller's RNG state restored).
+    Deterministic on CPU for equal inputs (seeded, with the caller's RNG state restored). With ``resume``,
+    state is saved every ``resume.every["ae_epochs"]`` autoencoder epochs and ``resume.every["ddpm_steps"]``
+    denoiser steps, and a saved state is continued from with a bit-identical result (``icm_core.resume``).
 
     Returns:
         ``(model, history, seconds)``; history has ``"autoencoder"`` rows ``{epoch, recon}`` and
@@ -346,11 +359,33 @@ def train_pdiff(
         c_all = cond_norm(dataset.conds).to(device)
         n = x_all.shape[0]
 
+        # A saved state says where a killed run stopped: (phase, position). Global step: AE epochs, then
+        # ae_epochs + DDPM steps, so states of both phases order correctly.
+        saved = resume.load() if resume is not None else None
+        phase = saved.meta["phase"] if saved is not None else "autoencoder"
+        if saved is not None:
+            history = saved.meta["history"]
+
+        def save(global_step: int, label: str, nets: dict[str, nn.Module], opt, extra: dict[str, Any]) -> None:
+            tensors = rng_state({"order": order})
+            for prefix, net in nets.items():
+                tensors |= module_tensors(net, f"{prefix}.")
+            opt_tensors, opt_meta = optimizer_state(opt, "optimizer.")
+            meta = {"label": label, "optimizer": opt_meta, "history": history, **extra}
+            resume.save(global_step, tensors | opt_tensors, meta)
+
         # 2. Autoencoder: reconstruct clean weights from noise-augmented input and latent.
         autoencoder = FoldingAutoencoder(x_all.shape[1], cfg).to(device)
         opt = torch.optim.AdamW(autoencoder.parameters(), lr=cfg.ae_lr, weight_decay=cfg.weight_decay)
+        first_epoch = 0
+        if saved is not None:
+            load_module(autoencoder, saved.tensors, "ae.")
+            if phase == "autoencoder":
+                load_optimizer_state(opt, saved.tensors, saved.meta["optimizer"], "optimizer.")
+                load_rng_state(saved.tensors, {"order": order})
+                first_epoch = saved.meta["position"]
         autoencoder.train()
-        for epoch in range(cfg.ae_epochs):
+        for epoch in range(first_epoch if phase == "autoencoder" else cfg.ae_epochs, cfg.ae_epochs):
             total = 0.0
             for idx in _batches(n, cfg.batch_size, order):
                 x = x_all[idx.to(device)]
@@ -362,6 +397,10 @@ def train_pdiff(
             history["autoencoder"].append({"epoch": epoch, "recon": total / n})
             if not math.isfinite(total):
                 raise FloatingPointError(f"COND P-DIFF autoencoder diverged at epoch {epoch}")
+            if resume is not None and resume.due("ae_epochs", epoch + 1, cfg.ae_epochs):
+                save(epoch + 1, f"autoencoder epoch {epoch + 1}", {"ae": autoencoder}, opt,
+                     {"phase": "autoencoder", "position": epoch + 1})
+            fault_point("pdiff.step")
             if on_progress is not None:
                 on_progress("autoencoder", epoch, total / n)
 
@@ -374,9 +413,14 @@ def train_pdiff(
         schedule = NoiseSchedule.linear(cfg.timesteps, cfg.beta_start, cfg.beta_end)
         denoiser = ConditionalUNet1d(autoencoder.latent_shape, c_all.shape[1], cfg).to(device)
         opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.ddpm_lr, weight_decay=cfg.weight_decay)
+        running, first_step = 0.0, 1
+        if saved is not None and phase == "ddpm":
+            load_module(denoiser, saved.tensors, "unet.")
+            load_optimizer_state(opt, saved.tensors, saved.meta["optimizer"], "optimizer.")
+            load_rng_state(saved.tensors, {"order": order})
+            running, first_step = saved.meta["running"], saved.meta["position"] + 1
         denoiser.train()
-        running = 0.0
-        for step in range(1, cfg.ddpm_steps + 1):
+        for step in range(first_step, cfg.ddpm_steps + 1):
             idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=order).to(device)
             z0, c = latents[idx], c_all[idx]
             t = torch.randint(0, schedule.timesteps, (idx.numel(),), generator=order).to(device)
@@ -394,6 +438,10 @@ def train_pdiff(
                 if on_progress is not None:
                     on_progress("ddpm", step, running / count)
                 running = 0.0
+            if resume is not None and resume.due("ddpm_steps", step, cfg.ddpm_steps):
+                save(cfg.ae_epochs + step, f"ddpm step {step}", {"ae": autoencoder, "unet": denoiser}, opt,
+                     {"phase": "ddpm", "position": step, "running": running})
+            fault_point("pdiff.step")
         denoiser.eval()
     model = PDiffModel(
         autoencoder.cpu(),

@@ -40,6 +40,7 @@ from icm_core.generator import GeneratorDataset, build_dataset, load_generator, 
 from icm_core.io import load_tensors, save_tensors, sidecar_path, write_json
 from icm_core.lora_train import load_trajectory_checkpoints, read_trajectory, train_lora
 from icm_core.pdiff import load_pdiff, save_pdiff, train_pdiff
+from icm_core.resume import Resumer
 from icm_core.task_vectors import TextEncoder, hidden_state_task_vector, text_task_vector
 
 
@@ -57,13 +58,15 @@ def finetune_lora(
     lora_cfg: LoraTrainConfig,
     out: str | Path,
     on_step=None,
+    resume: Resumer | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune a LoRA adapter on a category's train split; save its trajectory and final adapter."""
+    """Fine-tune a LoRA adapter on a category's train split; save its trajectory and final adapter
+    (``resume``: where to save resumable state and continue from, ``icm_core.resume``)."""
     tokenizer = load_tokenizer(model_cfg)
     blocks = token_blocks(read_splits(data_dir).train, tokenizer, data_cfg.seq_len)
     base = load_base_model(model_cfg)
     started = time.perf_counter()
-    trajectory = train_lora(base, blocks, lora_cfg, out, model_identity(model_cfg), on_step=on_step)
+    trajectory = train_lora(base, blocks, lora_cfg, out, model_identity(model_cfg), on_step=on_step, resume=resume)
     return {
         "folder": str(out),
         "adapter_dir": str(trajectory.adapter_dir),
@@ -134,10 +137,13 @@ def train_generator_stage(
     out_path: str | Path,
     device: str = "cpu",
     on_epoch=None,
+    resume: Resumer | None = None,
 ) -> dict[str, Any]:
     """Train one CVAE on the trajectories of all categories and save the generator artifact."""
     dataset, first = generator_training_data(trajectory_dirs, task_vector_paths)
-    generator, history, seconds = train_generator(dataset, cvae_cfg, first, device=device, on_epoch=on_epoch)
+    generator, history, seconds = train_generator(
+        dataset, cvae_cfg, first, device=device, on_epoch=on_epoch, resume=resume
+    )
     digest = save_generator(out_path, generator, {"history": history})
     return {
         "path": str(out_path),
@@ -230,10 +236,13 @@ def train_pdiff_stage(
     out_path: str | Path,
     device: str = "cpu",
     on_progress=None,
+    resume: Resumer | None = None,
 ) -> dict[str, Any]:
     """Train the COND P-DIFF baseline on the same checkpoints and task vectors as the CVAE."""
     dataset, first = generator_training_data(trajectory_dirs, task_vector_paths)
-    model, history, seconds = train_pdiff(dataset, pdiff_cfg, first, device=device, on_progress=on_progress)
+    model, history, seconds = train_pdiff(
+        dataset, pdiff_cfg, first, device=device, on_progress=on_progress, resume=resume
+    )
     digest = save_pdiff(out_path, model, {"history": history})
     return {
         "path": str(out_path),

@@ -1,25 +1,29 @@
-"""Artifact references, manifests and the cache policy that ties Prefect's cache to files on disk.
+"""Artifact references, cache keys, and the cache policy that ties Prefect's cache to files on disk.
 
 Every stage writes its files into ``<root>/<stage>/<category>/<key>/`` and finishes by writing
-``manifest.json`` (atomically, last) with the sha256 of each file. A stage output is *valid* when
-its manifest exists and every file still matches. Tasks pass :class:`ArtifactRef` (folder + manifest
-hash + small metadata) to each other, never tensors.
+``manifest.json`` (atomically, last; ``tasks/manifest.py``). A stage output is *valid* when its manifest
+exists and every file still matches. Tasks pass :class:`ArtifactRef` (folder + manifest hash + small
+metadata) to each other, never tensors.
 
-:class:`ArtifactCachePolicy` computes the cache key from what determines a stage's output (the stage
-name, its config, the hashes of its input artifacts, the artifacts root, and the icm_core code) and,
-before Prefect looks the key up, checks the output's manifest: if a file is missing or corrupted,
-the stale cache record is dropped so the task runs again instead of handing out a broken artifact.
+:class:`ArtifactCachePolicy` computes the cache key from what determines a stage's output: the stage
+name, its config, the hashes of its input artifacts, the artifacts root, the icm_core code, the versions
+of torch / transformers / peft, and the *content identity* of every model the stage reads
+(``icm_core.model_identity``: a local folder's file fingerprint, a hub id's commit sha, the built-in
+model's GGUF sha256 and conversion code). Before Prefect looks the key up, it checks the output's
+manifest (stat-only unless ``ICM_VERIFY=full``): if a file is missing or changed, the stale cache record
+is dropped through Prefect's own ``ResultStore`` (works for local and remote result storage) so the task
+runs again instead of handing out a broken artifact.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import logging
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -28,15 +32,24 @@ from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel, ConfigDict
 
 import icm_core
-from icm_core.config import config_fingerprint
-from icm_core.io import ArtifactError, read_json, sha256_file, write_json
+from icm_core import model_identity
+from icm_core.config import ModelConfig, TaskVectorConfig, config_fingerprint
+from icm_core.io import ArtifactError
 from icm_core.layout import stage_dir
-from tasks.store import fetch, is_remote, local_root
+from tasks.manifest import (  # noqa: F401 - re-exported: callers import them from here
+    MANIFEST,
+    full_verify_requested,
+    valid_output,
+    verify_manifest,
+    write_manifest,
+)
+from tasks.store import fetch, is_remote, local_root, remote_manifest
 
 
 logger = logging.getLogger("icm_lora.artifacts")
 
-MANIFEST = "manifest.json"
+FINGERPRINTS = ".fingerprints"
+"""Folder under the (local staging) artifacts root holding the fingerprint records of local model folders."""
 
 
 class ArtifactRef(BaseModel):
@@ -103,51 +116,68 @@ def canonical(value: Any) -> Any:
     return value
 
 
+def model_sources(value: Any) -> list[tuple[str, str]]:
+    """The models a stage input makes the stage read, as ``(kind, name_or_path)``: the base LM of a
+    ModelConfig, the sentence encoder of a description TaskVectorConfig, the detector of a DetectorConfig, the
+    CLIP checkpoint of a CLIP detection task vector (the vision configs are recognised by class name, so this
+    module does not import the vision package)."""
+    if isinstance(value, ModelConfig):
+        return [("base_model", value.name_or_path)]
+    if isinstance(value, TaskVectorConfig) and value.source == "description":
+        return [("text_encoder", value.text_encoder)]
+    kind = type(value).__name__
+    if kind == "DetectorConfig":
+        return [("detector", value.name_or_path)]
+    if kind == "DetectionTaskVectorConfig" and value.source.startswith("clip_") and value.clip_checkpoint:
+        return [("clip", value.clip_checkpoint)]
+    return []
+
+
+def source_identity(kind: str, name_or_path: str, value: Any, record_dir: Path, full: bool) -> dict[str, Any]:
+    """Content identity of one model a stage reads (see ``icm_core.model_identity``)."""
+    if kind == "base_model":
+        from icm_core.base_model import model_content_identity
+
+        return model_content_identity(value, record_dir, full)
+    if kind == "text_encoder":
+        from icm_core.task_vectors import BUILTIN_TEXT_ENCODERS, resolve_text_encoder
+
+        if name_or_path in BUILTIN_TEXT_ENCODERS:
+            name_or_path = resolve_text_encoder(name_or_path)
+    elif kind == "detector" and value.kind == "mtcnn" and name_or_path == "facenet-pytorch":
+        from icm_core.vision.mtcnn import facenet_folder
+
+        name_or_path = str(facenet_folder() / "data")
+    return model_identity.path_or_hub_identity(name_or_path, record_dir, full)
+
+
+def model_identities(inputs: dict[str, Any], root: str | Path) -> dict[str, Any]:
+    """``{input name: [identity, ...]}`` for every input that makes the stage read a model."""
+    record_dir = local_root(root) / FINGERPRINTS
+    full = full_verify_requested()
+    found = {}
+    for name, value in sorted(inputs.items()):
+        sources = model_sources(value)
+        if sources:
+            found[name] = [source_identity(kind, path, value, record_dir, full) for kind, path in sources]
+    return found
+
+
 def stage_key(stage: str, inputs: dict[str, Any]) -> str:
     """Cache key of a stage: stage name + canonical inputs + code fingerprint (report stages also hash the
-    presentation modules; compute stages do not)."""
+    presentation modules; compute stages do not) + the versions of torch / transformers / peft + the content
+    identity of every model the stage reads."""
     code = code_fingerprint(include_presentation=stage in REPORT_STAGES)
-    return config_fingerprint(stage, {k: canonical(v) for k, v in sorted(inputs.items())}, code)
+    environment = {"libraries": model_identity.library_versions()}
+    models = model_identities(inputs, inputs["root"]) if "root" in inputs else {}
+    if models:
+        environment["models"] = models
+    return config_fingerprint(stage, {k: canonical(v) for k, v in sorted(inputs.items())}, code, environment)
 
 
 def output_dir(root: str | Path, stage: str, key: str, category: str | None) -> Path:
     """This machine's folder for one stage output (for an fsspec root: its local staging folder)."""
     return stage_dir(local_root(root), stage, key, category)
-
-
-def write_manifest(folder: Path, meta: dict[str, Any]) -> str:
-    """Hash every file under ``folder`` (except the manifest) and write the manifest last; return its hash."""
-    files = {
-        p.relative_to(folder).as_posix(): sha256_file(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
-    }
-    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    write_json(folder / MANIFEST, {"files": files, "sha256": digest, "meta": meta})
-    return digest
-
-
-def verify_manifest(folder: Path) -> dict[str, Any]:
-    """Return the manifest if every listed file exists and matches; raise ArtifactError naming the bad file."""
-    manifest = read_json(folder / MANIFEST)
-    for name, expected in manifest["files"].items():
-        path = folder / name
-        if not path.is_file():
-            raise ArtifactError(f"{path}: missing")
-        if sha256_file(path) != expected:
-            raise ArtifactError(f"{path}: sha256 mismatch, file is corrupted")
-    return manifest
-
-
-def valid_output(folder: Path) -> dict[str, Any] | None:
-    """The manifest of a complete, uncorrupted output folder, or None."""
-    if not (folder / MANIFEST).is_file():
-        return None
-    try:
-        return verify_manifest(folder)
-    except (ArtifactError, KeyError, json.JSONDecodeError) as exc:
-        logger.warning("invalid artifact, will recompute: %s", exc)
-        return None
 
 
 def ref_for(stage: str, category: str | None, key: str, folder: Path, manifest: dict[str, Any]) -> ArtifactRef:
@@ -221,9 +251,13 @@ class ArtifactCachePolicy(CachePolicy):
         used = {k: v for k, v in inputs.items() if k not in self.exclude}
         key = stage_key(self.stage, used)
         category = category_name(inputs.get(self.category_arg)) if self.category_arg else None
-        folder = output_dir(inputs["root"], self.stage, key, category)
-        if valid_output(folder) is None:
-            drop_cache_record(task_ctx, key)
+        root = inputs["root"]
+        folder = output_dir(root, self.stage, key, category)
+        if valid_output(folder) is not None:
+            return key
+        if is_remote(root) and remote_manifest(root, folder) is not None:
+            return key  # published by another machine: consumers fetch and verify it (localize)
+        drop_cache_record(task_ctx, key)
         return key
 
 
@@ -233,13 +267,25 @@ def category_name(value: Any) -> str | None:
     return value if isinstance(value, str) else value.name
 
 
-def drop_cache_record(task_ctx, key: str) -> None:
-    """Delete Prefect's result record for ``key`` so a missing or corrupted artifact is recomputed."""
+def drop_cache_record(task_ctx, key: str) -> bool:
+    """Invalidate Prefect's result record for ``key`` so a missing or corrupted artifact is recomputed.
+
+    Prefect's ``ResultStore`` has no delete, and its storage blocks (local folder, fsspec, S3, ...) only read
+    and write. So the record is *expired* through the store's own API: ``ResultStore.write`` replaces it with
+    a record whose ``expiration`` has passed, which ``ResultStore.exists`` (what a transaction asks before
+    reusing a result) treats as absent. The task then runs, and its commit writes a fresh record over the
+    expired one. This goes through whichever storage the task's result store uses, local or remote.
+    Returns whether a record was dropped.
+    """
     store = getattr(task_ctx, "result_store", None)
-    for storage in (getattr(store, "metadata_storage", None), getattr(store, "result_storage", None)):
-        basepath = getattr(storage, "basepath", None)
-        if basepath:
-            record = Path(basepath).expanduser() / key
-            if record.is_file():
-                record.unlink()
-                logger.warning("dropped cache record %s: its artifact is missing or corrupted", key)
+    if store is None:
+        return False
+    try:
+        if not store.exists(key):
+            return False
+        store.write(obj=None, key=key, expiration=datetime.now(timezone.utc) - timedelta(seconds=1))
+    except Exception as exc:  # never let bookkeeping fail a run: the worst case is a stale hit's verification
+        logger.warning("could not drop cache record %s: %s", key, exc)
+        return False
+    logger.warning("dropped cache record %s: its artifact is missing or corrupted", key)
+    return True

@@ -1,7 +1,9 @@
 """Prefect tasks of the detection pipeline: thin wrappers around ``icm_core.vision.stages``.
 
 Same contract as ``tasks/stages.py``: the cache key comes from the inputs (configs, upstream artifact
-hashes, code fingerprint), a valid output folder is reused, and heavy stages hold the device slot. The
+hashes, code fingerprint, the detector's content identity), a valid output folder is reused, heavy stages
+hold the device slot, inputs are read through :func:`~tasks.artifacts.localize` (so fsspec roots work),
+and no task retries bad input. The
 generator, Model Soup and COND P-DIFF tasks are the language pipeline's own (they read trajectories).
 """
 
@@ -16,8 +18,9 @@ from icm_core.io import csv_text, write_json, write_text
 from icm_core.vision import stages as vstages
 from icm_core.vision.config import DetectionDataConfig, DetectionLoraConfig, DetectionTaskVectorConfig, DetectorConfig
 from icm_core.vision.report import markdown_report, result_rows
-from tasks.artifacts import ArtifactCachePolicy, ArtifactRef
-from tasks.stages import TASK_DEFAULTS, device_slot, run_stage
+from icm_core.config import ResumeConfig
+from tasks.artifacts import ArtifactCachePolicy, ArtifactRef, localize
+from tasks.stages import TASK_DEFAULTS, device_slot, resumer, retry_unless_bad_input, run_stage
 
 
 @task(
@@ -38,15 +41,21 @@ def detection_data_task(task_name: str, source_sha256: str, data_cfg: DetectionD
 @task(
     name="detection-finetune-lora",
     task_run_name="det-lora-{task_name}",
-    cache_policy=ArtifactCachePolicy("lora", category_arg="task_name"),
+    cache_policy=ArtifactCachePolicy("lora", category_arg="task_name", exclude=("resume",)),
     retries=1,
+    retry_condition_fn=retry_unless_bad_input,
     retry_delay_seconds=5,
     **TASK_DEFAULTS,
 )
 def detection_finetune_task(
-    task_name: str, data: ArtifactRef, det_cfg: DetectorConfig, lora_cfg: DetectionLoraConfig, root: str
+    task_name: str,
+    data: ArtifactRef,
+    det_cfg: DetectorConfig,
+    lora_cfg: DetectionLoraConfig,
+    root: str,
+    resume: ResumeConfig = ResumeConfig(),  # noqa: B008 - frozen config; not part of the cache key
 ) -> ArtifactRef:
-    """Fine-tune LoRA on the detector for one task and keep its trajectory."""
+    """Fine-tune LoRA on the detector for one task and keep its trajectory (resumable mid-way)."""
     logger = get_run_logger()
     inputs = {"task_name": task_name, "data": data, "det_cfg": det_cfg, "lora_cfg": lora_cfg, "root": root}
 
@@ -56,7 +65,10 @@ def detection_finetune_task(
 
     def build(out: Path) -> dict[str, Any]:
         with device_slot(det_cfg.device):
-            result = vstages.finetune_detector(data.file("task"), det_cfg, lora_cfg, out, on_step=on_step)
+            result = vstages.finetune_detector(
+                localize(data, root).file("task"), det_cfg, lora_cfg, out, on_step=on_step,
+                resume=resumer(out, steps=resume.lora_every_steps),
+            )
         keys = ("checkpoints", "first_loss", "final_loss", "train_samples", "seconds", "adapter_sha256")
         return {k: result[k] for k in keys}
 
@@ -68,6 +80,7 @@ def detection_finetune_task(
     task_run_name="det-task-vector-{task_name}",
     cache_policy=ArtifactCachePolicy("task_vectors", category_arg="task_name"),
     retries=1,
+    retry_condition_fn=retry_unless_bad_input,
     **TASK_DEFAULTS,
 )
 def detection_task_vector_task(
@@ -84,7 +97,11 @@ def detection_task_vector_task(
     def build(out: Path) -> dict[str, Any]:
         with device_slot(det_cfg.device):
             result = vstages.detector_task_vector(
-                data.file("task"), lora.folder if lora else None, det_cfg, tv_cfg, out / "task_vector.safetensors"
+                localize(data, root).file("task"),
+                localize(lora, root).folder if lora else None,
+                det_cfg,
+                tv_cfg,
+                out / "task_vector.safetensors",
             )
         return {"dim": result["dim"]}
 
@@ -96,6 +113,7 @@ def detection_task_vector_task(
     task_run_name="det-eval-{task_name}-{method}",
     cache_policy=ArtifactCachePolicy("eval", category_arg="task_name"),
     retries=1,
+    retry_condition_fn=retry_unless_bad_input,
     **TASK_DEFAULTS,
 )
 def detection_evaluate_task(
@@ -112,9 +130,11 @@ def detection_evaluate_task(
     }
 
     def build(out: Path) -> dict[str, Any]:
-        adapter_dir = adapter.file("adapter") if adapter is not None else None
+        adapter_dir = localize(adapter, root).file("adapter") if adapter is not None else None
         with device_slot(det_cfg.device):
-            score = vstages.evaluate_detector(data.file("task"), adapter_dir, det_cfg, out / "metrics.json")
+            score = vstages.evaluate_detector(
+                localize(data, root).file("task"), adapter_dir, det_cfg, out / "metrics.json"
+            )
         return {
             "method": method,
             **{k: score[k] for k in ("map", "map50", "map75", "recall100", "detections", "images", "boxes")},

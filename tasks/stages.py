@@ -4,6 +4,11 @@ Each task (1) derives its key from its inputs exactly as :class:`ArtifactCachePo
 the output folder when its manifest is valid (this also resumes work a killed run finished but
 could not record), otherwise (3) runs the ``icm_core`` stage into the folder and writes the manifest
 last. Heavy stages hold a per-device slot so a process never runs two of them on one device at once.
+
+The long stages (LoRA fine-tuning, the CVAE, COND P-DIFF) also save resumable state while they train,
+in ``.<key>.resume/`` next to their output folder (:func:`resume_dir`); a killed run's successor continues
+from it ("resuming from step k" in the log) and the state is removed once the output's manifest is written.
+How often is ``RunConfig.resume``, which the tasks take as ``resume`` and leave out of the cache key.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from icm_core import stages
 from icm_core.base_model import ModelLoadError, resolve_device
 from icm_core.config import (
     CVAEConfig,
+    ResumeConfig,
     DataConfig,
     EvalConfig,
     LoraTrainConfig,
@@ -38,6 +44,7 @@ from icm_core.config import (
 from icm_core.data import Category
 from icm_core.faults import fault_point
 from icm_core.io import ArtifactError
+from icm_core.resume import Resumer
 from tasks.artifacts import (
     ArtifactCachePolicy,
     ArtifactRef,
@@ -102,6 +109,16 @@ def _log():
         return logging.getLogger("icm_lora.tasks")
 
 
+def resume_dir(folder: Path) -> Path:
+    """Where a stage building ``folder`` keeps its resumable state: a hidden sibling, so resetting the output
+    folder keeps it, and readers of outputs never see it."""
+    return folder.with_name(f".{folder.name}.resume")
+
+
+def resumer(folder: Path, **every: int) -> Resumer:
+    return Resumer(resume_dir(folder), every)
+
+
 def run_stage(
     stage: str,
     category: str | None,
@@ -111,7 +128,9 @@ def run_stage(
     """Reuse a valid output folder for these inputs, or build it and write its manifest.
 
     Building holds the folder's lock: a concurrent run with the same inputs waits, then finds the
-    finished folder and reuses it instead of training again.
+    finished folder and reuses it instead of training again. A build that finds resumable state (left by a
+    killed run, :func:`resume_dir`) logs where it resumes from; the state is removed once the manifest is
+    written.
     """
     root = inputs["root"]
     key = stage_key(stage, inputs)
@@ -127,12 +146,16 @@ def run_stage(
             if manifest is None:
                 reset_folder(folder)
                 fault_point("stage.before_build", folder)
+                point = Resumer(resume_dir(folder)).latest_label()
+                if point is not None:
+                    _log().info("%s: resuming from %s (state in %s)", stage, point, resume_dir(folder))
                 meta = build(folder)
                 fault_point("stage.before_manifest", folder)
                 write_manifest(folder, meta)
-                manifest = valid_output(folder)
+                manifest = valid_output(folder, full=False)
                 if manifest is None:  # pragma: no cover - only if the disk changed under us
                     raise RuntimeError(f"{folder}: output failed verification right after writing")
+                Resumer(resume_dir(folder)).clear()
                 fault_point("stage.after_manifest", folder)
                 if is_remote(root):
                     publish(root, folder, manifest)
@@ -181,7 +204,7 @@ def prepare_data_task(category: Category, source_sha256: str, data_cfg: DataConf
 @task(
     name="finetune-lora",
     task_run_name="lora-{category}",
-    cache_policy=ArtifactCachePolicy("lora"),
+    cache_policy=ArtifactCachePolicy("lora", exclude=("resume",)),
     retries=1,
     retry_condition_fn=retry_unless_bad_input,
     retry_delay_seconds=5,
@@ -194,8 +217,9 @@ def finetune_task(
     data_cfg: DataConfig,
     lora_cfg: LoraTrainConfig,
     root: str,
+    resume: ResumeConfig = ResumeConfig(),  # noqa: B008 - frozen config; not part of the cache key
 ) -> ArtifactRef:
-    """Fine-tune the category's LoRA adapter and keep its trajectory."""
+    """Fine-tune the category's LoRA adapter and keep its trajectory (resumable mid-way, ``resume``)."""
     logger = get_run_logger()
     inputs = {
         "category": category,
@@ -213,7 +237,10 @@ def finetune_task(
     def build(out: Path) -> dict[str, Any]:
         with device_slot(model_cfg.device):
             splits = localize(data, root).file("splits")
-            result = stages.finetune_lora(splits, model_cfg, data_cfg, lora_cfg, out, on_step=on_step)
+            result = stages.finetune_lora(
+                splits, model_cfg, data_cfg, lora_cfg, out, on_step=on_step,
+                resume=resumer(out, steps=resume.lora_every_steps),
+            )
         return {k: result[k] for k in ("checkpoints", "final_loss", "train_blocks", "seconds", "adapter_sha256")}
 
     return run_stage("lora", category, inputs, build)
@@ -267,15 +294,20 @@ def task_vector_task(
 @task(
     name="train-generator",
     task_run_name="train-cvae",
-    cache_policy=ArtifactCachePolicy("generator", category_arg=None),
+    cache_policy=ArtifactCachePolicy("generator", category_arg=None, exclude=("resume",)),
     retries=1,
     retry_condition_fn=retry_unless_bad_input,
     **TASK_DEFAULTS,
 )
 def train_generator_task(
-    loras: dict[str, ArtifactRef], task_vectors: dict[str, ArtifactRef], cvae_cfg: CVAEConfig, device: str, root: str
+    loras: dict[str, ArtifactRef],
+    task_vectors: dict[str, ArtifactRef],
+    cvae_cfg: CVAEConfig,
+    device: str,
+    root: str,
+    resume: ResumeConfig = ResumeConfig(),  # noqa: B008 - frozen config; not part of the cache key
 ) -> ArtifactRef:
-    """Train one CVAE on the trajectories of all categories."""
+    """Train one CVAE on the trajectories of all categories (resumable mid-way, ``resume``)."""
     logger = get_run_logger()
     inputs = {"loras": loras, "task_vectors": task_vectors, "cvae_cfg": cvae_cfg, "device": device, "root": root}
 
@@ -295,6 +327,7 @@ def train_generator_task(
                 out / "generator.safetensors",
                 device=str(resolve_device(device)),
                 on_epoch=on_epoch,
+                resume=resumer(out, epochs=resume.cvae_every_epochs),
             )
         return {k: result[k] for k in ("bytes", "num_checkpoints", "flat_length", "final_recon", "seconds")}
 
@@ -344,14 +377,21 @@ def soup_task(label: str, loras: dict[str, ArtifactRef], soup_cfg: SoupConfig, r
 @task(
     name="train-cond-pdiff",
     task_run_name="train-cond-pdiff",
-    cache_policy=ArtifactCachePolicy("pdiff", category_arg=None),
+    cache_policy=ArtifactCachePolicy("pdiff", category_arg=None, exclude=("resume",)),
     retries=1,
+    retry_condition_fn=retry_unless_bad_input,
     **TASK_DEFAULTS,
 )
 def train_pdiff_task(
-    loras: dict[str, ArtifactRef], task_vectors: dict[str, ArtifactRef], pdiff_cfg: PDiffConfig, device: str, root: str
+    loras: dict[str, ArtifactRef],
+    task_vectors: dict[str, ArtifactRef],
+    pdiff_cfg: PDiffConfig,
+    device: str,
+    root: str,
+    resume: ResumeConfig = ResumeConfig(),  # noqa: B008 - frozen config; not part of the cache key
 ) -> ArtifactRef:
-    """COND P-DIFF baseline: autoencoder + conditional latent DDPM on the same trajectories and task vectors."""
+    """COND P-DIFF baseline: autoencoder + conditional latent DDPM on the same trajectories and task vectors
+    (resumable mid-way, ``resume``)."""
     logger = get_run_logger()
     inputs = {"loras": loras, "task_vectors": task_vectors, "pdiff_cfg": pdiff_cfg, "device": device, "root": root}
 
@@ -374,6 +414,7 @@ def train_pdiff_task(
                 out / "pdiff.safetensors",
                 device=str(resolve_device(device)),
                 on_progress=on_progress,
+                resume=resumer(out, ae_epochs=resume.pdiff_every_epochs, ddpm_steps=resume.pdiff_every_steps),
             )
         keys = ("bytes", "num_checkpoints", "flat_length", "final_ae_recon", "final_ddpm_loss", "seconds")
         return {k: result[k] for k in keys}

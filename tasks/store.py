@@ -18,6 +18,8 @@ share one store. Such a *remote* root is used through a local staging cache on e
 The local staging cache is ``$ICM_LOCAL_CACHE/<sha256(url)[:12]>`` (default ``~/.cache/icm-lora``).
 File locks (``<staging>/.locks``) stop two runs on one machine from building the same output; two
 machines may both build an output that neither had, and then publish identical files.
+
+This module and ``tasks.artifacts`` both use ``tasks.manifest``; this one does not import ``tasks.artifacts``.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from icm_core.io import ArtifactError, write_json
+from tasks.manifest import MANIFEST, restat_manifest, verify_manifest
 
 
 CACHE_ENV = "ICM_LOCAL_CACHE"
-MANIFEST = "manifest.json"
 
 
 def is_remote(root: str | Path) -> bool:
@@ -101,8 +103,6 @@ def fetch(root: str, folder: Path) -> bool:
     Raises:
         ArtifactError: The remote output is corrupted (a file is missing or its sha256 differs).
     """
-    from tasks.artifacts import verify_manifest
-
     manifest = remote_manifest(root, folder)
     if manifest is None:
         return False
@@ -119,9 +119,10 @@ def fetch(root: str, folder: Path) -> bool:
                 raise ArtifactError(f"{path}/{name}: listed in the remote manifest but missing") from exc
         write_json(tmp / MANIFEST, manifest)
         try:
-            verify_manifest(tmp)
+            verify_manifest(tmp, full=True)
         except ArtifactError as exc:
             raise ArtifactError(f"remote output {path} failed verification: {exc}") from exc
+        restat_manifest(tmp, manifest)  # this machine's sizes and mtimes, so later checks are stat-only
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)

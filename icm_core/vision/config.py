@@ -15,6 +15,7 @@ from icm_core.config import (
     CVAEConfig,
     PDiffConfig,
     SampleConfig,
+    ResumeConfig,
     SoupConfig,
     StageConfig,
     validate_category_name,
@@ -245,6 +246,9 @@ class DetectionRunConfig(StageConfig):
     soup: SoupConfig = Field(default_factory=SoupConfig, description="The Model Soup baseline.")
     pdiff: PDiffConfig = Field(default_factory=PDiffConfig, description="The COND P-DIFF baseline.")
     eval: DetectionEvalConfig = Field(default_factory=DetectionEvalConfig, description="Methods and evaluation.")
+    resume: ResumeConfig = Field(
+        default_factory=ResumeConfig, description="How often long stages save resumable state (not in cache keys)."
+    )
 
     @model_validator(mode="after")
     def _task_names(self) -> DetectionRunConfig:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from icm_core.lora_train import Trajectory, fit_lora_trajectory
+from icm_core.resume import Resumer
 from icm_core.vision.config import DetectionLoraConfig
 from icm_core.vision.mtcnn import onet_crops, regression_targets
 
@@ -41,9 +42,11 @@ def train_detector_lora(
     out_dir: str | Path,
     base_model_id: str,
     on_step: Callable[[int, float], None] | None = None,
+    resume: Resumer | None = None,
 ) -> Trajectory:
     """Fine-tune LoRA on ``base_model`` (wrapped in place) with ``loss_fn(model, sample_indices)``; save the
-    last ``trajectory_size`` checkpoints and the final adapter under ``out_dir``."""
+    last ``trajectory_size`` checkpoints and the final adapter under ``out_dir`` (``resume``: saved state to
+    continue from, see ``fit_lora_trajectory``)."""
     from peft import get_peft_model
 
     out_dir = Path(out_dir)
@@ -60,7 +63,7 @@ def train_detector_lora(
             yield from torch.randperm(num_samples, generator=order).split(cfg.batch_size)
 
     # 2) The language pipeline's loop: the last checkpoints are the generator's training data.
-    return fit_lora_trajectory(model, batches(), loss_fn, cfg, out_dir, base_model_id, on_step)
+    return fit_lora_trajectory(model, batches(), loss_fn, cfg, out_dir, base_model_id, on_step, resume)
 
 
 @dataclass

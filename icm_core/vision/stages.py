@@ -174,8 +174,10 @@ def finetune_detector(
     lora_cfg: DetectionLoraConfig,
     out: str | Path,
     on_step=None,
+    resume=None,
 ) -> dict[str, Any]:
-    """Fine-tune LoRA on the detector with a task's train split; save its trajectory and final adapter."""
+    """Fine-tune LoRA on the detector with a task's train split; save its trajectory and final adapter
+    (``resume``: an ``icm_core.resume.Resumer`` to save state to and continue from)."""
     from icm_core.vision.detector_lora import train_detector_lora
 
     info = read_task(task_dir)
@@ -196,7 +198,9 @@ def finetune_detector(
 
         count, loss_fn = len(images), hf_loss_fn(images, gt, det_cfg, info)
     started = time.perf_counter()
-    trajectory = train_detector_lora(model, count, loss_fn, lora_cfg, out, detector_identity(det_cfg), on_step)
+    trajectory = train_detector_lora(
+        model, count, loss_fn, lora_cfg, out, detector_identity(det_cfg), on_step, resume
+    )
     return {
         "folder": str(out),
         "adapter_dir": str(trajectory.adapter_dir),

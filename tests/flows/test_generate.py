@@ -28,7 +28,9 @@ def test_generate_adapter_flow(workspace, fresh_base):
     result = generate_adapter(category="recipes", root=str(workspace.root))
 
     folder = Path(result["adapter_dir"])
-    assert folder == workspace.root / "generated" / "recipes" / "adapter"
+    [generator] = workspace.root.glob("generator/*/generator.safetensors")
+    generator_id = json.loads(sidecar_path(generator).read_text())["sha256"][:12]
+    assert folder == workspace.root / "generated" / generator_id / "category-recipes" / "seed-0-draws-1" / "adapter"
     # Same generator, same sample seed: the very adapter the pipeline sampled and evaluated.
     assert result["adapter_sha256"] == sampled_adapter_sha(workspace.root, "recipes")
 
@@ -43,7 +45,7 @@ def test_generate_adapter_flow(workspace, fresh_base):
 
     with pytest.raises(KeyError, match="no-such-category"):
         generate_adapter(category="no-such-category", root=str(workspace.root))
-    assert not (workspace.root / "generated" / "no-such-category").exists()
+    assert not list(workspace.root.glob("generated/*/category-no-such-category"))
 
 
 def test_generate_adapter_without_pipeline_run_names_root(workspace):
@@ -63,6 +65,8 @@ def test_generate_adapter_from_task_vector_file(workspace, tmp_path):
 
     assert state.is_completed(), state.message
     result = state.result()
-    assert Path(result["adapter_dir"]) == workspace.root / "generated" / "Recipes Vector.v2" / "adapter"
+    folder = Path(result["adapter_dir"])
+    assert folder.parent.parent.name.startswith("Recipes-Vector.v2-")  # stem + the file's sha256
+    assert folder.is_relative_to(workspace.root / "generated")
     # The generator's stored condition for 'recipes' is this task vector, so the same adapter comes out.
     assert result["adapter_sha256"] == sampled_adapter_sha(workspace.root, "recipes")
