@@ -35,7 +35,8 @@ def latest_generator(root: str | Path) -> Path:
     if latest is None:
         raise FileNotFoundError(f"{root}/latest.json: no pipeline run recorded here; pass generator= explicitly")
     path = Path(latest["generator"])
-    if is_remote(str(root)) and not path.is_file():
+    if is_remote(str(root)):
+        # The path in latest.json is the producing machine's; use this machine's staging copy of that output.
         folder = local_root(str(root)) / "generator" / path.parent.name
         if not (folder / path.name).is_file() and not fetch(str(root), folder):
             raise FileNotFoundError(f"{root}: the latest generator ({path.parent.name}) is not published")
