@@ -56,6 +56,12 @@ def test_variants_are_validated_and_deduplicated():
 
 
 def test_ablation_flow_writes_tables(workspace):
+    # A plain pipeline run first: latest.json is its pointer, and the ablations must not move it.
+    pipeline = workspace.run()
+    assert pipeline.is_completed(), pipeline.message
+    latest = (workspace.root / "latest.json").read_bytes()
+    assert json.loads(latest)["generator"] == pipeline.result()["generator"]
+
     def run_ablations():
         return icm_ablations(
             config=workspace.config,
@@ -72,6 +78,12 @@ def test_ablation_flow_writes_tables(workspace):
     state = run_ablations()
     assert state.is_completed(), state.message
     out = state.result()
+    # Every variant recorded its own pointer; latest.json still names the pipeline's generator (a plain
+    # generate_adapter keeps using it).
+    assert (workspace.root / "latest.json").read_bytes() == latest
+    pointers = {p.stem: json.loads(p.read_text()) for p in (workspace.root / "ablations").glob("*.json")}
+    assert set(pointers) == {"rank-1", "rank-2", "depth-4-rank-2", "source-description"}
+    assert pointers["source-description"]["generator"] != json.loads(latest)["generator"]
     text = (workspace.root / "latest-ablations.json").read_text()
     assert json.loads(text)["report"] == out["report"]
     report = out["report"]

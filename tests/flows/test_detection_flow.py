@@ -93,3 +93,32 @@ def overrides(cfg: DetectionRunConfig) -> list[str]:
         for key, item in value.items():
             args += ["--set", f"{section}.{key}={json.dumps(item)}"]
     return args
+
+
+def test_detection_flow_on_an_fsspec_root(prefect_api: str, tmp_path: Path, monkeypatch):
+    """The detection flow takes the same fsspec roots as the pipeline: outputs and records are published to a
+    memory:// root; a second machine (empty staging cache) gets all cache hits and the same numbers."""
+    import uuid
+
+    import fsspec
+
+    from flows.detection import detection_pipeline
+    from tasks.store import CACHE_ENV
+
+    url = f"memory://det-{uuid.uuid4().hex[:8]}/artifacts"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "machine-a"))
+    cfg = tiny_detection_config()
+    first = detection_pipeline(config=cfg, root=url, publish=False, return_state=True)
+    assert first.is_completed(), first.message
+    fs, base = fsspec.core.url_to_fs(url)
+    published = fs.find(base)
+    assert any(p.endswith("/latest.json") for p in published)
+    assert sum(p.endswith("/manifest.json") for p in published) >= 2 * 5 + 2  # per task: data, lora, vector, ...
+    assert any("/.prefect/results/" in p for p in published)  # Prefect's records live in the root too
+    assert not (tmp_path / "artifacts").exists()
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "machine-b"))
+    second = detection_pipeline(config=cfg, root=url, publish=False, return_state=True)
+    assert second.is_completed(), second.message
+    assert set(states_by_name(second).values()) == {"Cached"}
+    assert second.result()["rows"] == first.result()["rows"]
