@@ -17,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench clean chromium ablations
+.PHONY: install demo test lint bench bench-warm clean chromium ablations zombie-detection
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -51,7 +51,16 @@ ablations: install
 bench: install
 	$(BIN)/python scripts/bench_core.py $(ARGS)
 
+# Bytes hashed and seconds of a warm (all cache hits) pipeline run on a demo-shaped root (docs/reliability.md).
+bench-warm: install
+	$(BIN)/python scripts/bench_warm.py $(ARGS)
+
+# Once per Prefect server: the automation that marks killed (silent) flow runs Crashed (flows/zombies.py).
+zombie-detection: install
+	$(BIN)/python -m flows.zombies $(ARGS)
+
 clean:
 	rm -rf artifacts/data artifacts/lora artifacts/task_vectors artifacts/generator artifacts/adapters \
 		artifacts/soup artifacts/pdiff artifacts/pdiff_adapters artifacts/ablation_report artifacts/latest-ablations.json \
-		artifacts/eval artifacts/report artifacts/.prefect artifacts/latest.json artifacts/registry-state.json
+		artifacts/eval artifacts/report artifacts/.prefect artifacts/latest.json artifacts/registry-state.json \
+		artifacts/ablations artifacts/generated artifacts/.fingerprints
