@@ -49,6 +49,7 @@ def main() -> None:
     args = parser.parse_args()
 
     root = Path(args.root or tempfile.mkdtemp(prefix="icm-bench-warm-")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
     models = Path(args.models or root.parent / "icm-bench-models").resolve()
     os.environ.setdefault("PREFECT_HOME", str(root.parent / f"{root.name}-prefect-home"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
