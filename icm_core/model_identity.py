@@ -13,10 +13,13 @@ module turns it into an identity that changes whenever the weights a stage reads
   Hugging Face cache (``refs/<revision>`` with its ``snapshots/<sha>`` folder present). A moved ``main``
   is a new identity once the cache has fetched it. When the cache does not hold the repo and the hub is
   reachable (``HF_HUB_OFFLINE`` unset), ``huggingface_hub.model_info`` gives the sha; otherwise a
-  :class:`~icm_core.base_model.ModelLoadError` says so: an unpinned model is never keyed by name alone;
+  :class:`ModelLoadError` says so: an unpinned model is never keyed by name alone;
 * a **built-in alias** (``smollm2-135m``): the sha256 of the GGUF file in its package (fingerprint
-  record as above) plus the sha256 of the conversion code (:func:`icm_core.base_model.convert_gguf`'s
-  source), which also names the converted folder, so a changed conversion converts again.
+  record as above) plus the sha256 of the conversion code (``icm_core.base_model`` passes the source of its
+  ``convert_gguf``), which also names the converted folder, so a changed conversion converts again.
+
+This module imports nothing else of icm_core but ``io``; ``base_model`` uses it (and re-exports
+:class:`ModelLoadError`).
 
 :func:`library_versions` lists the versions of torch, transformers and peft: they change numbers
 (kernels, initialisation, GGUF dequantisation), so the pipeline puts them in every stage's key and an
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import inspect
 import json
 import os
 import re
@@ -42,6 +44,10 @@ LIBRARIES = ("torch", "transformers", "peft")
 """Libraries whose version is part of every cache key: an upgrade may change numbers."""
 
 _records_lock = threading.Lock()
+
+
+class ModelLoadError(RuntimeError):
+    """The model id or path cannot be loaded (or pinned); the message names it."""
 
 
 def library_versions() -> dict[str, str]:
@@ -108,13 +114,6 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def conversion_code_sha256() -> str:
-    """sha256 of the built-in GGUF conversion's source: editing it converts again and recomputes every stage."""
-    from icm_core.base_model import convert_gguf
-
-    return hashlib.sha256(inspect.getsource(convert_gguf).encode()).hexdigest()
-
-
 def hub_cache_folder(repo_id: str) -> Path:
     from huggingface_hub.constants import HF_HUB_CACHE
 
@@ -127,8 +126,6 @@ def hub_revision(repo_id: str, revision: str = "main") -> str:
     Raises:
         ModelLoadError: Neither the cache nor the hub can say; the message names the model and what to do.
     """
-    from icm_core.base_model import ModelLoadError
-
     folder = hub_cache_folder(repo_id)
     ref = folder / "refs" / revision
     if ref.is_file():
@@ -163,10 +160,12 @@ def hub_snapshot(repo_id: str, revision: str = "main") -> Path | None:
     return snapshot if snapshot.is_dir() else None
 
 
-def builtin_identity(gguf_path: Path, record_dir: str | Path, full: bool = False) -> dict[str, str]:
+def builtin_identity(
+    gguf_path: Path, conversion_sha256: str, record_dir: str | Path, full: bool = False
+) -> dict[str, str]:
     """Identity of a built-in GGUF model: the GGUF's sha256 and the conversion code's sha256."""
     [gguf_sha] = file_fingerprint(gguf_path, record_dir, full).values()
-    return {"kind": "builtin-gguf", "gguf": gguf_path.name, "gguf_sha256": gguf_sha, "conversion": conversion_code_sha256()}
+    return {"kind": "builtin-gguf", "gguf": gguf_path.name, "gguf_sha256": gguf_sha, "conversion": conversion_sha256}
 
 
 def path_or_hub_identity(name_or_path: str, record_dir: str | Path, full: bool = False) -> dict[str, Any]:

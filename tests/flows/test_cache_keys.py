@@ -92,7 +92,7 @@ def test_hub_id_is_keyed_by_its_cached_revision(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text("b" * 40)  # the hub's main moved and the cache fetched it
     assert stage_key("lora", {"model_cfg": cfg(), "root": str(tmp_path / "root")}) != key_a
 
-    from icm_core.base_model import ModelLoadError
+    from icm_core.base_model import ModelLoadError  # re-exported from icm_core.model_identity
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="'org/absent'.*cannot load.*hub revision"):
@@ -189,27 +189,37 @@ def test_no_task_retries_bad_input():
     assert checked >= 7
 
 
-def test_tasks_modules_do_not_import_each_other_in_a_cycle():
-    """tasks/*.py import graph (module-level and function-level imports) has no cycle; artifacts and store in
-    particular share tasks.manifest instead of importing each other."""
+def test_no_two_modules_import_each_other():
+    """The import graph of icm_core, tasks and flows (module-level and function-level imports) has no cycle;
+    tasks.artifacts and tasks.store in particular share tasks.manifest instead of importing each other."""
+    packages = ("icm_core", "tasks", "flows")
     graph: dict[str, set[str]] = {}
-    for path in sorted((REPO / "tasks").glob("*.py")):
-        name = f"tasks.{path.stem}"
-        graph[name] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tasks."):
-                graph[name].add(node.module)
-            elif isinstance(node, ast.Import):
-                graph[name] |= {a.name for a in node.names if a.name.startswith("tasks.")}
+    for package in packages:
+        for path in sorted((REPO / package).rglob("*.py")):
+            name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+            deps = set()
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+                elif isinstance(node, ast.Import):
+                    deps |= {a.name for a in node.names}
+            graph[name] = deps
+    graph = {name: {d for d in deps if d in graph and d != name} for name, deps in graph.items()}
     assert "tasks.artifacts" not in graph["tasks.store"] and "tasks.store" in graph["tasks.artifacts"]
+    assert "icm_core.base_model" not in graph["icm_core.model_identity"]
 
-    def visit(node: str, stack: list[str]) -> None:
+    done: set[str] = set()
+
+    def visit(node: str, stack: tuple[str, ...]) -> None:
         assert node not in stack, f"import cycle: {' -> '.join([*stack, node])}"
-        for nxt in graph.get(node, ()):
-            visit(nxt, [*stack, node])
+        if node in done:
+            return
+        for nxt in graph[node]:
+            visit(nxt, (*stack, node))
+        done.add(node)
 
     for module in graph:
-        visit(module, [])
+        visit(module, ())
 
 
 def test_drop_cache_record_expires_it_through_the_result_store(prefect_api, tmp_path):
