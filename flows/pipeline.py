@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from contextlib import contextmanager
 from collections.abc import Collection, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runner-address", help="Dask scheduler / Ray address (default: start a local cluster)")
     parser.add_argument("--workers", type=int, help="local cluster size / thread pool size")
     parser.add_argument(
-        "--verify", action="store_true", help="re-hash every reused output and model file (slow; default: sizes+mtimes)"
+        "--verify",
+        action="store_true",
+        help="re-hash every reused output and model file (slow; default: sizes+mtimes)",
     )
     args = parser.parse_args(argv)
     try:

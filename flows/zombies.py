@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         "--within",
         type=float,
         default=MISSED_HEARTBEATS * HEARTBEAT_FREQUENCY_S,
-        help=f"seconds without a heartbeat before a run is Crashed (default {MISSED_HEARTBEATS * HEARTBEAT_FREQUENCY_S}: "
-        f"{MISSED_HEARTBEATS} heartbeats of {HEARTBEAT_FREQUENCY_S} s)",
+        help="seconds without a heartbeat before a run is Crashed (default "
+        f"{MISSED_HEARTBEATS * HEARTBEAT_FREQUENCY_S}: {MISSED_HEARTBEATS} heartbeats of {HEARTBEAT_FREQUENCY_S} s)",
     )
     args = parser.parse_args(argv)
     if args.within < 10:

@@ -411,8 +411,12 @@ def train_cvae(
                 resume.save(
                     epoch + 1,
                     {**module_tensors(model, "model."), **opt_tensors, **rng_state({"shuffle": shuffle_gen})},
-                    {"label": f"epoch {epoch + 1}", "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-                     "history": history},
+                    {
+                        "label": f"epoch {epoch + 1}",
+                        "optimizer": opt_meta,
+                        "scheduler": scheduler.state_dict(),
+                        "history": history,
+                    },
                 )
             fault_point("cvae.epoch")
             if on_epoch is not None:

@@ -178,8 +178,14 @@ def fit_lora_trajectory(
             resume.save(
                 step,
                 {**module_tensors(model, "model.", trainable_only=True), **opt_tensors, **rng_state()},
-                {"label": f"step {step}", "optimizer": opt_meta, "losses": losses, "steps": steps,
-                 "files": files, "sha256": hashes},
+                {
+                    "label": f"step {step}",
+                    "optimizer": opt_meta,
+                    "losses": losses,
+                    "steps": steps,
+                    "files": files,
+                    "sha256": hashes,
+                },
                 files=[out_dir / n for f in files for n in (f, sidecar_path(f).name)],
             )
 

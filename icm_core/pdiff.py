@@ -398,8 +398,13 @@ def train_pdiff(
             if not math.isfinite(total):
                 raise FloatingPointError(f"COND P-DIFF autoencoder diverged at epoch {epoch}")
             if resume is not None and resume.due("ae_epochs", epoch + 1, cfg.ae_epochs):
-                save(epoch + 1, f"autoencoder epoch {epoch + 1}", {"ae": autoencoder}, opt,
-                     {"phase": "autoencoder", "position": epoch + 1})
+                save(
+                    epoch + 1,
+                    f"autoencoder epoch {epoch + 1}",
+                    {"ae": autoencoder},
+                    opt,
+                    {"phase": "autoencoder", "position": epoch + 1},
+                )
             fault_point("pdiff.step")
             if on_progress is not None:
                 on_progress("autoencoder", epoch, total / n)
@@ -439,8 +444,13 @@ def train_pdiff(
                     on_progress("ddpm", step, running / count)
                 running = 0.0
             if resume is not None and resume.due("ddpm_steps", step, cfg.ddpm_steps):
-                save(cfg.ae_epochs + step, f"ddpm step {step}", {"ae": autoencoder, "unet": denoiser}, opt,
-                     {"phase": "ddpm", "position": step, "running": running})
+                save(
+                    cfg.ae_epochs + step,
+                    f"ddpm step {step}",
+                    {"ae": autoencoder, "unet": denoiser},
+                    opt,
+                    {"phase": "ddpm", "position": step, "running": running},
+                )
             fault_point("pdiff.step")
         denoiser.eval()
     model = PDiffModel(

@@ -201,7 +201,9 @@ def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[s
     return out
 
 
-def load_rng_state(tensors: Mapping[str, torch.Tensor], generators: Mapping[str, torch.Generator] | None = None) -> None:
+def load_rng_state(
+    tensors: Mapping[str, torch.Tensor], generators: Mapping[str, torch.Generator] | None = None
+) -> None:
     torch.set_rng_state(tensors["rng.torch"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
     if cuda and torch.cuda.is_available():

@@ -41,7 +41,9 @@ DEMO_LIKE = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default=None, help="artifacts root (default: a temp folder; reuse one to skip the cold run)")
+    parser.add_argument(
+        "--root", default=None, help="artifacts root (default: a temp folder; reuse one to skip the cold run)"
+    )
     parser.add_argument("--models", default=None, help="ModelConfig.cache_dir for the converted SmolLM2 (shared)")
     parser.add_argument("--warm", type=int, default=2, help="warm runs to time (default 2)")
     parser.add_argument("--verify", action="store_true", help="warm runs with full verification (ICM_VERIFY=full)")
@@ -56,7 +58,11 @@ def main() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # Older commits keep the records where this setting says; current ones put them inside the root anyway.
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(root / ".prefect" / "results")
-    for key, value in {"DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
+    for key, value in {
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }.items():
         os.environ.setdefault(key, value)
 
     import icm_core.io
@@ -87,8 +93,17 @@ def main() -> None:
         seconds = time.perf_counter() - started
         if not state.is_completed():
             sys.exit(f"{label} run failed: {state.message}")
-        row = {"run": label, "seconds": round(seconds, 2), "files_hashed": counter["files"], "bytes_hashed": counter["bytes"]}
-        print(f"{label:>6}: {seconds:7.1f} s, {counter['files']:5d} files hashed, {counter['bytes'] / 1e6:9.2f} MB hashed", flush=True)
+        row = {
+            "run": label,
+            "seconds": round(seconds, 2),
+            "files_hashed": counter["files"],
+            "bytes_hashed": counter["bytes"],
+        }
+        print(
+            f"{label:>6}: {seconds:7.1f} s, {counter['files']:5d} files hashed, "
+            f"{counter['bytes'] / 1e6:9.2f} MB hashed",
+            flush=True,
+        )
         return row
 
     rows = [run("fill")]

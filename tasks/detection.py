@@ -14,11 +14,11 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
+from icm_core.config import ResumeConfig
 from icm_core.io import csv_text, write_json, write_text
 from icm_core.vision import stages as vstages
 from icm_core.vision.config import DetectionDataConfig, DetectionLoraConfig, DetectionTaskVectorConfig, DetectorConfig
 from icm_core.vision.report import markdown_report, result_rows
-from icm_core.config import ResumeConfig
 from tasks.artifacts import ArtifactCachePolicy, ArtifactRef, localize
 from tasks.stages import TASK_DEFAULTS, device_slot, resumer, retry_unless_bad_input, run_stage
 
@@ -66,7 +66,11 @@ def detection_finetune_task(
     def build(out: Path) -> dict[str, Any]:
         with device_slot(det_cfg.device):
             result = vstages.finetune_detector(
-                localize(data, root).file("task"), det_cfg, lora_cfg, out, on_step=on_step,
+                localize(data, root).file("task"),
+                det_cfg,
+                lora_cfg,
+                out,
+                on_step=on_step,
                 resume=resumer(out, steps=resume.lora_every_steps),
             )
         keys = ("checkpoints", "first_loss", "final_loss", "train_samples", "seconds", "adapter_sha256")

@@ -20,8 +20,8 @@ Verifying a folder has two depths:
 - **full** (``ICM_VERIFY=full``, set by the pipeline's ``--verify`` / ``verify=True``): every file is hashed.
 
 In a warm run (every task a cache hit) each output is checked once, by the cache policy; the task
-body, which checks again before building, only runs on a miss. This module is imported by both ``tasks.artifacts`` and ``tasks.store`` and imports
-neither.
+body, which checks again before building, only runs on a miss. This module is imported by both
+``tasks.artifacts`` and ``tasks.store`` and imports neither.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ MANIFEST = "manifest.json"
 VERIFY_ENV = "ICM_VERIFY"
 """``full`` (or ``1``/``true``): hash every file of every output that is checked; unset/``quick``: size + mtime."""
 
+
 def full_verify_requested() -> bool:
     """Whether ``ICM_VERIFY`` asks for full (sha256) verification of every output."""
     return os.environ.get(VERIFY_ENV, "").strip().lower() in ("1", "true", "full", "yes")
@@ -54,9 +55,7 @@ def _file_stat(path: Path) -> list[int]:
 
 def manifest_files(folder: Path) -> list[Path]:
     """The files a manifest covers: everything under ``folder`` except the manifest and dot-named files."""
-    return [
-        p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
-    ]
+    return [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")]
 
 
 def files_digest(files: dict[str, str]) -> str:

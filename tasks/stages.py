@@ -31,12 +31,12 @@ from icm_core import stages
 from icm_core.base_model import ModelLoadError, resolve_device
 from icm_core.config import (
     CVAEConfig,
-    ResumeConfig,
     DataConfig,
     EvalConfig,
     LoraTrainConfig,
     ModelConfig,
     PDiffConfig,
+    ResumeConfig,
     SampleConfig,
     SoupConfig,
     TaskVectorConfig,
@@ -238,7 +238,12 @@ def finetune_task(
         with device_slot(model_cfg.device):
             splits = localize(data, root).file("splits")
             result = stages.finetune_lora(
-                splits, model_cfg, data_cfg, lora_cfg, out, on_step=on_step,
+                splits,
+                model_cfg,
+                data_cfg,
+                lora_cfg,
+                out,
+                on_step=on_step,
                 resume=resumer(out, steps=resume.lora_every_steps),
             )
         return {k: result[k] for k in ("checkpoints", "final_loss", "train_blocks", "seconds", "adapter_sha256")}

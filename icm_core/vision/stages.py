@@ -198,9 +198,7 @@ def finetune_detector(
 
         count, loss_fn = len(images), hf_loss_fn(images, gt, det_cfg, info)
     started = time.perf_counter()
-    trajectory = train_detector_lora(
-        model, count, loss_fn, lora_cfg, out, detector_identity(det_cfg), on_step, resume
-    )
+    trajectory = train_detector_lora(model, count, loss_fn, lora_cfg, out, detector_identity(det_cfg), on_step, resume)
     return {
         "folder": str(out),
         "adapter_dir": str(trajectory.adapter_dir),

@@ -76,7 +76,14 @@ def test_lora_saving_state_does_not_change_the_result(tmp_path, tiny_model_cfg):
     cfg = helpers.lora_config(steps=6, checkpoint_every=1, trajectory_size=2)
     blocks = helpers.char_blocks(helpers.SAMPLE_TEXT, 24)
     train_lora(load_base_model(tiny_model_cfg), blocks, cfg, tmp_path / "a", "tiny")
-    train_lora(load_base_model(tiny_model_cfg), blocks, cfg, tmp_path / "b", "tiny", resume=Resumer(tmp_path / "s", {"steps": 1}))
+    train_lora(
+        load_base_model(tiny_model_cfg),
+        blocks,
+        cfg,
+        tmp_path / "b",
+        "tiny",
+        resume=Resumer(tmp_path / "s", {"steps": 1}),
+    )
     assert folder_hashes(tmp_path / "a") == folder_hashes(tmp_path / "b")
     assert [p.name for p in Resumer(tmp_path / "s").states()] == ["state-000000005.safetensors"]  # older ones gone
 
@@ -101,8 +108,10 @@ def test_cvae_resumes_bit_identical(tmp_path):
 def test_pdiff_resumes_bit_identical(tmp_path, stop):
     g = torch.Generator().manual_seed(0)
     checkpoints = {
-        n: [{"m.lora_A.weight": torch.randn(2, 8, generator=g), "m.lora_B.weight": torch.randn(8, 2, generator=g)}
-            for _ in range(3)]
+        n: [
+            {"m.lora_A.weight": torch.randn(2, 8, generator=g), "m.lora_B.weight": torch.randn(8, 2, generator=g)}
+            for _ in range(3)
+        ]
         for n in ("x", "y")
     }
     dataset = build_dataset(checkpoints, {"x": torch.randn(4, generator=g), "y": torch.randn(4, generator=g)})

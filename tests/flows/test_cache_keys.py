@@ -174,11 +174,12 @@ def test_two_description_generations_keep_both_adapters(workspace, tmp_path):
 
 def test_no_task_retries_bad_input():
     """Every task that retries has a retry condition that refuses bad input (tasks.stages.retry_unless_bad_input)."""
+    from prefect import Task
+
     import tasks.ablations
     import tasks.detection
     import tasks.report
     import tasks.stages
-    from prefect import Task
 
     checked = 0
     for module in (tasks.stages, tasks.detection, tasks.report, tasks.ablations):

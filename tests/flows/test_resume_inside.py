@@ -24,9 +24,7 @@ RESUME = ResumeConfig(lora_every_steps=4, cvae_every_epochs=2, pdiff_every_epoch
 def resumable_config(tiny_base_dir):
     """12 LoRA steps (state every 4, checkpoints 8/10/12 kept), 7 CVAE epochs (state every 2)."""
     config = tiny_run_config(tiny_base_dir, steps=12, trajectory_size=3, checkpoint_every=2)
-    return config.model_copy(
-        update={"cvae": config.cvae.model_copy(update={"epochs": 7}), "resume": RESUME}
-    )
+    return config.model_copy(update={"cvae": config.cvae.model_copy(update={"epochs": 7}), "resume": RESUME})
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +54,14 @@ def test_killed_stage_resumes_from_saved_state(
     config = resumable_config(tiny_base_dir)
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
-    argv = ["--root", str(workspace.root), "--config", str(config_file), "--categories", str(workspace.categories_file)]
+    argv = [
+        "--root",
+        str(workspace.root),
+        "--config",
+        str(config_file),
+        "--categories",
+        str(workspace.categories_file),
+    ]
     marker, trace = tmp_path / "marker.txt", tmp_path / "trace.txt"
 
     killed_log = tmp_path / "killed.log"

@@ -50,8 +50,19 @@ def test_sigkilled_run_is_marked_crashed_and_restart_is_a_new_run(live_server, t
     config = tiny_run_config(tiny_base_dir, steps=3000)  # long enough to still be training when killed
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
-    command = [sys.executable, "-m", "flows.pipeline", "--root", str(root), "--config", str(config_file),
-               "--categories", str(categories), "--only", "recipes"]
+    command = [
+        sys.executable,
+        "-m",
+        "flows.pipeline",
+        "--root",
+        str(root),
+        "--config",
+        str(config_file),
+        "--categories",
+        str(categories),
+        "--only",
+        "recipes",
+    ]
     env = live_server.env(PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(HEARTBEAT_S))
 
     with live_server.connected():
