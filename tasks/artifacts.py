@@ -36,6 +36,7 @@ from icm_core import model_identity
 from icm_core.config import ModelConfig, TaskVectorConfig, config_fingerprint
 from icm_core.io import ArtifactError
 from icm_core.layout import stage_dir
+from icm_core.model_identity import ModelLoadError
 from tasks.manifest import (  # noqa: F401 - re-exported: callers import them from here
     MANIFEST,
     full_verify_requested,
@@ -249,7 +250,10 @@ class ArtifactCachePolicy(CachePolicy):
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
         used = {k: v for k, v in inputs.items() if k not in self.exclude}
-        key = stage_key(self.stage, used)
+        try:
+            key = stage_key(self.stage, used)
+        except ModelLoadError:
+            return None  # an unloadable (or unpinnable) model: the task body fails with the same clear error
         category = category_name(inputs.get(self.category_arg)) if self.category_arg else None
         root = inputs["root"]
         folder = output_dir(root, self.stage, key, category)
