@@ -6,7 +6,7 @@ method), with the compute cut down (10 LoRA steps, 2 CVAE epochs, few eval token
 fills the root takes minutes, not the demo's 19. Then the same run again, ``--warm`` times: every task is a
 cache hit, and what it hashes is what the cache bookkeeping costs.
 
-    .venv/bin/python scripts/bench_warm.py [--root /tmp/icm-bench-warm] [--warm 2] [--verify]
+    .venv/bin/python scripts/bench_warm.py [--root /tmp/icm-bench-warm] [--warm 2] [--verify] [--only news,wikipedia]
 
 Counting: every call of ``icm_core.io.sha256_file`` (the only hashing function the project uses on files) is
 wrapped, in every loaded module, and its file sizes are summed. The script runs the same way against older
@@ -46,6 +46,7 @@ def main() -> None:
     )
     parser.add_argument("--models", default=None, help="ModelConfig.cache_dir for the converted SmolLM2 (shared)")
     parser.add_argument("--warm", type=int, default=2, help="warm runs to time (default 2)")
+    parser.add_argument("--only", default=None, help="comma-separated demo categories (default: all five)")
     parser.add_argument("--verify", action="store_true", help="warm runs with full verification (ICM_VERIFY=full)")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
@@ -89,6 +90,8 @@ def main() -> None:
         counter.update(files=0, bytes=0)
         kwargs = {"verify": True} if verify else {}
         started = time.perf_counter()
+        if args.only:
+            kwargs["only"] = [name.strip() for name in args.only.split(",")]
         state = icm_pipeline(config=cfg, root=str(root), publish=False, return_state=True, **kwargs)
         seconds = time.perf_counter() - started
         if not state.is_completed():
