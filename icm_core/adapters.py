@@ -142,6 +142,16 @@ def _merge_plan(base_model, folder: Path, state: dict[str, torch.Tensor], config
 
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora") or config.get("fan_in_fan_out"):
         return None  # not a plain LoRA: the caller falls back to peft's own merge
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        return None  # per-module ranks: peft knows them
+    rank = int(config.get("r", 0))
+    for key, tensor in state.items():
+        got = tensor.shape[0] if ".lora_A." in key else tensor.shape[-1] if ".lora_B." in key else rank
+        if got != rank:
+            raise ArtifactError(
+                f"{folder}: adapter does not fit this base model "
+                f"({key} has rank {got}, adapter_config.json says r={rank})"
+            )
     try:
         deltas = merged_delta(state, config)
     except (ValueError, KeyError) as exc:

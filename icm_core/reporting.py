@@ -63,7 +63,7 @@ def mean_row(rows: Sequence[Mapping[str, Any]], label: str = "mean") -> dict[str
 
 
 def methods_in(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    return ordered_methods(k.removeprefix("ppl_") for k in rows[0] if k.startswith("ppl_"))
+    return ordered_methods(k.removeprefix("ppl_") for k in rows[0] if k.startswith("ppl_") and not k.endswith("_sd"))
 
 
 def markdown_table(headers: Sequence[str], body: Iterable[Sequence[Any]], align: str | None = None) -> str:

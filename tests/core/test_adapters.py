@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from icm_core.adapters import merge_adapter, merged_into, write_adapter
+from icm_core.adapters import merge_adapter, merged_into, read_adapter, write_adapter
 from icm_core.base_model import shared_base_model
 from icm_core.io import ArtifactError
 from tests import helpers
@@ -78,3 +78,15 @@ def test_shared_base_model_loads_once(tiny_model_cfg):
         pass
     with shared_base_model(tiny_model_cfg) as b:
         assert a is b
+
+
+def test_merged_into_rejects_weights_of_another_rank(tmp_path, fresh_base):
+    folder = _adapter(tmp_path, fresh_base, 1, "a")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["r"] = int(config["r"]) * 2  # the weights are rank r, the config says 2r
+    bad = write_adapter(tmp_path / "bad-rank", read_adapter(folder)[0], config)
+    base = fresh_base()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ArtifactError, match="does not fit this base model"), merged_into(base, bad):
+        pass
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
