@@ -17,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench bench-warm clean chromium ablations zombie-detection
+.PHONY: install demo test lint bench bench-warm clean chromium ablations zombie-detection results
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ test: install chromium
 
 lint: install
 	$(BIN)/ruff check icm_core tasks flows tests scripts
+
+# The committed results table (results/seeds): every method incl. the COND P-DIFF shared-norm variant, 3 seeds
+# (LoRA fine-tune, generators, z draw). Cached and resumable: rerun the same command after an interruption; seed 0
+# reuses make demo's artifacts. About 3x make demo plus one more diffusion model per seed.
+RESULTS_METHODS := [base,lora,trajectory_mean,soup_own,model_soup,cond_pdiff,cond_pdiff_shared,icm_lora]
+results: install
+	$(BIN)/python -m flows.pipeline --seeds 3 --set "methods=$(RESULTS_METHODS)" --results-dir results/seeds $(ARGS)
 
 ablations: install
 	$(BIN)/python -m flows.ablations $(ARGS)

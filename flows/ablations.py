@@ -114,6 +114,8 @@ def icm_ablations(
     """
     logger = get_run_logger()
     root = normalize_root(root)
+    # The ablation tables compare scored adapters; the z-draw diagnostics (extra draws, scored) are left out.
+    config = config.model_copy(update={"diagnostics": config.diagnostics.model_copy(update={"z_draws": 1})})
     variants = ablation_variants(config, ranks, depths, depth_ranks, sources)
     done: dict[str, dict[str, Any]] = {}
     results = []

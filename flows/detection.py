@@ -33,9 +33,9 @@ from tasks.detection import (
     detection_data_task,
     detection_evaluate_task,
     detection_finetune_task,
-    detection_report_task,
     detection_task_vector_task,
 )
+from tasks.detection_report import detection_report_task
 from tasks.records import on_root
 from tasks.stages import sample_adapter_task, train_generator_task
 from tasks.store import normalize_root, write_root_json
@@ -131,7 +131,9 @@ def detection_pipeline(
         "cvae": f"{len(cfg.cvae.channels)} layers, latent {cfg.cvae.latent_dim}, {cfg.cvae.epochs} epochs",
         "config_fingerprint": config_fingerprint(cfg)[:16],
     }
-    report = on_root(detection_report_task, root)(evals, lora_by_name, generator, run_info, root)
+    report = on_root(detection_report_task, root)(
+        evals, lora_by_name, generator, run_info, root, data=dict(zip(names, data, strict=True))
+    )
     rows = report.meta["rows"]
     if publish:
         create_table_artifact(

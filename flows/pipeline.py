@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from collections.abc import Collection, Sequence
 from contextlib import contextmanager
@@ -35,8 +36,9 @@ from icm_core.runner import format_table
 from tasks.artifacts import ArtifactRef
 from tasks.manifest import VERIFY_ENV
 from tasks.records import on_root
-from tasks.report import publish_report, report_task
+from tasks.report import FIGURES, publish_report, report_task
 from tasks.stages import (
+    diagnostics_task,
     evaluate_task,
     finetune_task,
     prepare_data_task,
@@ -46,6 +48,7 @@ from tasks.stages import (
     task_vector_task,
     train_generator_task,
     train_pdiff_task,
+    trajectory_mean_task,
 )
 from tasks.store import normalize_root, write_root_json
 
@@ -76,6 +79,20 @@ class Baselines:
     adapters: dict[str, list[ArtifactRef]] = field(default_factory=dict)
     soups: dict[str, ArtifactRef] = field(default_factory=dict)
     pdiff: ArtifactRef | None = None
+    pdiff_shared: ArtifactRef | None = None
+
+
+def renamed(task_obj, suffix: str):
+    """The task with ``suffix`` appended to its run name (extra z draws, seeds and variants get their own names)."""
+    name = task_obj.task_run_name
+    if not suffix or not isinstance(name, str):
+        return task_obj
+    return task_obj.with_options(task_run_name=name + suffix)
+
+
+def bound(task_obj, root: str, suffix: str = ""):
+    """The task with its result records inside ``root`` (``tasks/records.py``) and ``suffix`` on its run name."""
+    return renamed(on_root(task_obj, root), suffix)
 
 
 def baseline_adapters(
@@ -86,30 +103,64 @@ def baseline_adapters(
     cfg: Any,
     device: str,
     root: str,
+    suffix: str = "",
 ) -> Baselines:
-    """Model Soup and COND P-DIFF adapters for the methods asked for, from the same trajectories and task
-    vectors as the generator (``cfg`` has ``soup``, ``pdiff`` and ``sample`` sections). Shared by the
-    language and the detection pipelines."""
+    """Reference and baseline adapters for the methods asked for, from the same trajectories and task vectors as
+    the generator (``cfg`` has ``soup``, ``pdiff`` and ``sample`` sections): the trajectory mean and Model Soup
+    of each category's own checkpoints, the ``soup.scope`` Model Soup, COND P-DIFF and its shared-normalisation
+    variant. Shared by the language and the detection pipelines."""
     out = Baselines()
-    soup = on_root(soup_task, root)
+    if "trajectory_mean" in methods:
+        out.adapters["trajectory_mean"] = gather(
+            bound(trajectory_mean_task, root, suffix).map(names, [lora_by_name[n] for n in names], unmapped(root)),
+            names,
+            "trajectory-mean",
+        )
+    if "soup_own" in methods:
+        own_cfg = cfg.soup.model_copy(update={"scope": "trajectory"})
+        out.adapters["soup_own"] = gather(
+            bound(soup_task, root, "-own" + suffix).map(
+                names, [{n: lora_by_name[n]} for n in names], unmapped(own_cfg), unmapped(root)
+            ),
+            names,
+            "model-soup-own",
+        )
     if "model_soup" in methods:
         if cfg.soup.scope == "all_categories":
-            out.soups = {"all": soup("all", lora_by_name, cfg.soup, root)}
+            out.soups = {"all": bound(soup_task, root, suffix)("all", lora_by_name, cfg.soup, root)}
             out.adapters["model_soup"] = [out.soups["all"]] * len(names)
         else:
             refs = gather(
-                soup.map(names, [{n: lora_by_name[n]} for n in names], unmapped(cfg.soup), unmapped(root)),
+                bound(soup_task, root, suffix).map(
+                    names, [{n: lora_by_name[n]} for n in names], unmapped(cfg.soup), unmapped(root)
+                ),
                 names,
                 "model-soup",
             )
             out.soups = dict(zip(names, refs, strict=True))
             out.adapters["model_soup"] = refs
     if "cond_pdiff" in methods:
-        out.pdiff = on_root(train_pdiff_task, root)(lora_by_name, vector_by_name, cfg.pdiff, device, root, cfg.resume)
+        out.pdiff = bound(train_pdiff_task, root, suffix)(
+            lora_by_name, vector_by_name, cfg.pdiff, device, root, cfg.resume
+        )
         out.adapters["cond_pdiff"] = gather(
-            on_root(sample_pdiff_task, root).map(names, unmapped(out.pdiff), unmapped(cfg.sample), unmapped(root)),
+            bound(sample_pdiff_task, root, suffix).map(
+                names, unmapped(out.pdiff), unmapped(cfg.sample), unmapped(root)
+            ),
             names,
             "sample-pdiff",
+        )
+    if "cond_pdiff_shared" in methods:
+        shared_cfg = cfg.pdiff.model_copy(update={"normalization": "shared"})
+        out.pdiff_shared = bound(train_pdiff_task, root, "-shared" + suffix)(
+            lora_by_name, vector_by_name, shared_cfg, device, root, cfg.resume
+        )
+        out.adapters["cond_pdiff_shared"] = gather(
+            bound(sample_pdiff_task, root, "-shared" + suffix).map(
+                names, unmapped(out.pdiff_shared), unmapped(cfg.sample), unmapped(root)
+            ),
+            names,
+            "sample-pdiff-shared",
         )
     return out
 
@@ -136,6 +187,161 @@ def _run_name() -> str:
     params = flow_run.parameters
     only = params.get("only")
     return f"icm-pipeline-{'-'.join(only) if only else 'all'}"
+
+
+def seed_config(cfg: RunConfig, index: int) -> RunConfig:
+    """The config of seed ``index``: ``index`` added to the LoRA, CVAE, COND P-DIFF and sampling seeds (the data
+    split and the task-vector samples stay fixed, so every seed is scored on the same test blocks)."""
+    if index == 0:
+        return cfg
+    tree = cfg.model_dump(mode="json")
+    for section in ("lora", "cvae", "pdiff", "sample"):
+        tree[section]["seed"] += index
+    return RunConfig.model_validate(tree)
+
+
+@dataclass
+class SeedRun:
+    """Everything one seed produced: refs per category (``names`` order) and the evaluations."""
+
+    loras: dict[str, ArtifactRef]
+    vectors: dict[str, ArtifactRef]
+    generator: ArtifactRef
+    adapters: list[ArtifactRef]
+    baselines: Baselines
+    evals: dict[str, dict[str, ArtifactRef]]
+    z_evals: dict[str, list[ArtifactRef]]
+    diagnostics: dict[str, ArtifactRef]
+
+
+def run_seed(
+    cfg: RunConfig, categories: list[Category], data: list[ArtifactRef], root: str, index: int = 0
+) -> SeedRun:
+    """Fine-tune, train the generators, sample, build the references and evaluate, for one seed's config.
+    Seed ``index`` > 0 suffixes its task run names with ``-seed<index>``."""
+    names = [c.name for c in categories]
+    sfx = f"-seed{index}" if index else ""
+    loras = gather(
+        bound(finetune_task, root, sfx).map(
+            names,
+            data,
+            unmapped(cfg.model),
+            unmapped(cfg.data),
+            unmapped(cfg.lora),
+            unmapped(root),
+            unmapped(cfg.resume),
+        ),
+        names,
+        "finetune-lora",
+    )
+    needs_lora = cfg.task_vector.source == "hidden_state" and cfg.task_vector.hidden_from == "finetuned"
+    vectors = gather(
+        bound(task_vector_task, root, sfx).map(
+            categories,
+            data,
+            loras if needs_lora else unmapped(None),
+            unmapped(cfg.model),
+            unmapped(cfg.data),
+            unmapped(cfg.task_vector),
+            unmapped(root),
+        ),
+        names,
+        "task-vector",
+    )
+    lora_by_name = dict(zip(names, loras, strict=True))
+    vector_by_name = dict(zip(names, vectors, strict=True))
+    methods = set(cfg.methods) | {"base", "lora", "icm_lora"}
+    generator: ArtifactRef = bound(train_generator_task, root, sfx)(
+        lora_by_name, vector_by_name, cfg.cvae, cfg.model.device, root, cfg.resume
+    )
+    by_method: dict[str, list] = {"base": [None] * len(names), "lora": loras}
+    by_method["icm_lora"] = gather(
+        bound(sample_adapter_task, root, sfx).map(names, unmapped(generator), unmapped(cfg.sample), unmapped(root)),
+        names,
+        "sample",
+    )
+    baselines = baseline_adapters(methods, names, lora_by_name, vector_by_name, cfg, cfg.model.device, root, sfx)
+    by_method.update(baselines.adapters)
+
+    # Extra z draws (sample.seed + 1, ...) for the generator diagnostics; draw 0 is the scored adapter.
+    draws = cfg.diagnostics.z_draws
+    icm_draws = {n: [a] for n, a in zip(names, by_method["icm_lora"], strict=True)}
+    pdiff_draws = {n: [a] for n, a in zip(names, by_method.get("cond_pdiff", []), strict=False)}
+    shared_draws = {n: [a] for n, a in zip(names, by_method.get("cond_pdiff_shared", []), strict=False)}
+    for k in range(1, draws):
+        sample_k = cfg.sample.model_copy(update={"seed": cfg.sample.seed + k})
+        refs = gather(
+            bound(sample_adapter_task, root, f"-z{k}{sfx}").map(
+                names, unmapped(generator), unmapped(sample_k), unmapped(root)
+            ),
+            names,
+            "sample-z",
+        )
+        for n, ref in zip(names, refs, strict=True):
+            icm_draws[n].append(ref)
+        for variant, model_ref, store in (
+            ("", baselines.pdiff, pdiff_draws),
+            ("-shared", baselines.pdiff_shared, shared_draws),
+        ):
+            if model_ref is None:
+                continue
+            refs = gather(
+                bound(sample_pdiff_task, root, f"{variant}-z{k}{sfx}").map(
+                    names, unmapped(model_ref), unmapped(sample_k), unmapped(root)
+                ),
+                names,
+                "sample-pdiff-z",
+            )
+            for n, ref in zip(names, refs, strict=True):
+                store[n].append(ref)
+    diagnose = bound(diagnostics_task, root, sfx)
+    diagnostics = {"icm_lora": diagnose("icm_lora", icm_draws, lora_by_name, root, generator, vector_by_name)}
+    if pdiff_draws:
+        diagnostics["cond_pdiff"] = diagnose("cond_pdiff", pdiff_draws, lora_by_name, root)
+    if shared_draws:
+        diagnostics["cond_pdiff_shared"] = diagnose("cond_pdiff_shared", shared_draws, lora_by_name, root)
+
+    evaluate = bound(evaluate_task, root, sfx)
+    eval_futures, labels = [], []
+    for method in METHOD_NAMES:
+        if method not in by_method:
+            continue
+        eval_futures += evaluate.map(
+            names,
+            unmapped(method),
+            data,
+            by_method[method],
+            unmapped(cfg.model),
+            unmapped(cfg.data),
+            unmapped(cfg.eval),
+            unmapped(root),
+        )
+        labels += [f"{n} ({method})" for n in names]
+    z_futures, z_labels = [], []
+    if cfg.diagnostics.score_z_draws:
+        for k in range(1, draws):
+            z_futures += evaluate.map(
+                names,
+                unmapped(f"icm_lora@z{k}"),
+                data,
+                [icm_draws[n][k] for n in names],
+                unmapped(cfg.model),
+                unmapped(cfg.data),
+                unmapped(cfg.eval),
+                unmapped(root),
+            )
+            z_labels += [f"{n} (icm_lora z{k})" for n in names]
+    scores = gather(eval_futures, labels, "evaluate")
+    z_scores = gather(z_futures, z_labels, "evaluate-z") if z_futures else []
+    evals: dict[str, dict[str, ArtifactRef]] = {name: {} for name in names}
+    for ref in scores:
+        evals[ref.category][ref.meta["method"]] = ref
+    z_evals: dict[str, list[ArtifactRef]] = {name: [] for name in names}
+    for ref in z_scores:
+        z_evals[ref.category].append(ref)
+    return SeedRun(
+        lora_by_name, vector_by_name, generator, by_method["icm_lora"], baselines, evals, z_evals, diagnostics
+    )
 
 
 @contextmanager
@@ -166,10 +372,12 @@ def icm_pipeline(
     verify: bool = False,
     pointer: str = "latest.json",
 ) -> dict[str, Any]:
-    """Fine-tune every category, train one ICM-LoRA generator, generate and evaluate an adapter per category.
+    """Fine-tune every category, train one ICM-LoRA generator, generate and evaluate an adapter per category,
+    once per seed (``config.seeds``).
 
     Args:
-        config: All stage configs (model, data, lora, task_vector, cvae, sample, eval); defaults are the CPU demo.
+        config: All stage configs (model, data, lora, task_vector, cvae, sample, eval, ...) and ``seeds``;
+            defaults are the one-seed CPU demo.
         categories_file: YAML/JSON file with a ``categories:`` list, or a folder of such files (a category
             registry); default: the five built-in demo categories.
         only: Run just these category names.
@@ -195,7 +403,13 @@ def _pipeline(
     names = [c.name for c in categories]
     root = normalize_root(root)
     cfg = device_from_env(config)
-    logger.info("categories: %s; artifacts under %s; device %s", ", ".join(names), root, cfg.model.device)
+    logger.info(
+        "categories: %s; artifacts under %s; device %s; %d seed(s)",
+        ", ".join(names),
+        root,
+        cfg.model.device,
+        cfg.seeds,
+    )
 
     data = gather(
         on_root(prepare_data_task, root).map(
@@ -204,87 +418,35 @@ def _pipeline(
         names,
         "prepare-data",
     )
-    loras = gather(
-        on_root(finetune_task, root).map(
-            names,
-            data,
-            unmapped(cfg.model),
-            unmapped(cfg.data),
-            unmapped(cfg.lora),
-            unmapped(root),
-            unmapped(cfg.resume),
-        ),
-        names,
-        "finetune-lora",
-    )
-    needs_lora = cfg.task_vector.source == "hidden_state" and cfg.task_vector.hidden_from == "finetuned"
-    vectors = gather(
-        on_root(task_vector_task, root).map(
-            categories,
-            data,
-            loras if needs_lora else unmapped(None),
-            unmapped(cfg.model),
-            unmapped(cfg.data),
-            unmapped(cfg.task_vector),
-            unmapped(root),
-        ),
-        names,
-        "task-vector",
-    )
-    lora_by_name = dict(zip(names, loras, strict=True))
-    vector_by_name = dict(zip(names, vectors, strict=True))
-    methods = set(cfg.methods) | {"base", "lora", "icm_lora"}
-    generator: ArtifactRef = on_root(train_generator_task, root)(
-        lora_by_name, vector_by_name, cfg.cvae, cfg.model.device, root, cfg.resume
-    )
-    by_method: dict[str, list] = {"base": [None] * len(names), "lora": loras}
-    by_method["icm_lora"] = gather(
-        on_root(sample_adapter_task, root).map(names, unmapped(generator), unmapped(cfg.sample), unmapped(root)),
-        names,
-        "sample",
-    )
-    baselines = baseline_adapters(methods, names, lora_by_name, vector_by_name, cfg, cfg.model.device, root)
-    by_method.update(baselines.adapters)
-    soups, pdiff = baselines.soups, baselines.pdiff
-    eval_futures, labels = [], []
-    for method in METHOD_NAMES:
-        if method not in by_method:
-            continue
-        eval_futures += on_root(evaluate_task, root).map(
-            names,
-            unmapped(method),
-            data,
-            by_method[method],
-            unmapped(cfg.model),
-            unmapped(cfg.data),
-            unmapped(cfg.eval),
-            unmapped(root),
-        )
-        labels += [f"{n} ({method})" for n in names]
-    scores = gather(eval_futures, labels, "evaluate")
-    evals = {name: {} for name in names}
-    for ref in scores:
-        evals[ref.category][ref.meta["method"]] = ref
-    adapters = dict(zip(names, by_method["icm_lora"], strict=True))
+    runs = []
+    for index in range(cfg.seeds):  # one seed after the other: a partial multi-seed run keeps whole seeds
+        logger.info("seed %d of %d", index + 1, cfg.seeds)
+        runs.append(run_seed(seed_config(cfg, index), categories, data, root, index))
+    first = runs[0]
+    adapters = dict(zip(names, first.adapters, strict=True))
     report = on_root(report_task, root)(
-        evals,
+        [run.evals for run in runs],
         adapters,
-        generator,
+        first.generator,
         root,
         data=dict(zip(names, data, strict=True)),
-        loras=lora_by_name,
-        task_vectors=vector_by_name,
-        pdiff=pdiff,
-        soups=soups,
+        loras=first.loras,
+        task_vectors=first.vectors,
+        pdiff=first.baselines.pdiff,
+        soups=first.baselines.soups,
+        diagnostics=[run.diagnostics for run in runs],
+        z_evals=[run.z_evals for run in runs],
+        pdiff_shared=first.baselines.pdiff_shared,
     )
     if publish:
-        publish_report(report, generator, pdiff)
+        publish_report(report, first.generator, first.baselines.pdiff)
     summary = {
         "rows": report.meta["rows"],
+        "seeds": cfg.seeds,
         "report": str(report.file("report.md")),
         "results_json": str(report.file("results.json")),
-        "generator": str(generator.file("generator.safetensors")),
-        "generator_meta": generator.meta,
+        "generator": str(first.generator.file("generator.safetensors")),
+        "generator_meta": first.generator.meta,
         "report_dir": str(report.folder),
         "storage": report.meta["storage"],
     }
@@ -292,10 +454,26 @@ def _pipeline(
     return summary
 
 
+REPORT_FILES = ("report.md", "results.json", "results.csv", "storage.csv", *FIGURES)
+
+
+def copy_report(report_dir: str, target: str) -> str:
+    """Copy a report's files into ``target`` (e.g. ``results/demo``), replacing what is there."""
+    out = Path(target)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:
+        source = Path(report_dir) / name
+        if source.is_file():
+            shutil.copyfile(source, out / name)
+    return str(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the ICM-LoRA Prefect pipeline (local Prefect by default).")
     parser.add_argument("--config", help="YAML/JSON run config (sections model, data, lora, task_vector, cvae, ...)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
+    parser.add_argument("--seeds", type=int, help="run with this many seeds (= --set seeds=N; default 1)")
+    parser.add_argument("--results-dir", help="also copy the report's files (report.md, results.*, figures) here")
     parser.add_argument("--categories", help="category file (default: the five built-in demo categories)")
     parser.add_argument("--only", help="comma-separated category names")
     parser.add_argument("--root", default="artifacts", help="artifacts folder or fsspec URL")
@@ -309,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        cfg = load_run_config(args.config, args.set)
+        cfg = load_run_config(args.config, args.set + ([f"seeds={args.seeds}"] if args.seeds else []))
         runner = make_task_runner(args.runner, args.runner_address, args.workers)
     except (ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -331,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(summary["rows"]))
     print()
     print(f"report:    {summary['report']}")
+    if args.results_dir:
+        print(f"copied:    {copy_report(summary['report_dir'], args.results_dir)}")
     print(f"generator: {summary['generator']}")
     print("adapters:")
     for row in summary["rows"]:

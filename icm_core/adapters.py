@@ -131,3 +131,81 @@ def merge_adapter(base_model, folder: str | Path, base_model_id: str | None = No
     ``base_model`` is modified in place; load a fresh base model per adapter.
     """
     return load_adapter(base_model, folder, base_model_id).merge_and_unload().eval()
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def _merge_plan(base_model, folder: Path, state: dict[str, torch.Tensor], config: dict[str, Any]):
+    """(module, delta) pairs that merging the adapter adds to the base weights, checked against the model."""
+    from icm_core.baselines import merged_delta
+
+    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora") or config.get("fan_in_fan_out"):
+        return None  # not a plain LoRA: the caller falls back to peft's own merge
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        return None  # per-module ranks: peft knows them
+    rank = int(config.get("r", 0))
+    for key, tensor in state.items():
+        got = tensor.shape[0] if ".lora_A." in key else tensor.shape[-1] if ".lora_B." in key else rank
+        if got != rank:
+            raise ArtifactError(
+                f"{folder}: adapter does not fit this base model "
+                f"({key} has rank {got}, adapter_config.json says r={rank})"
+            )
+    try:
+        deltas = merged_delta(state, config)
+    except (ValueError, KeyError) as exc:
+        raise ArtifactError(f"{folder}: not a plain LoRA adapter ({exc})") from exc
+    modules = dict(base_model.named_modules())
+    plan = []
+    for key, delta in deltas.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        module = modules.get(name)
+        weight = getattr(module, "weight", None)
+        if weight is None or tuple(weight.shape) != tuple(delta.shape):
+            shape = None if weight is None else tuple(weight.shape)
+            raise ArtifactError(
+                f"{folder}: adapter module {name!r} (delta {tuple(delta.shape)}) does not fit this base model "
+                f"(weight {shape})"
+            )
+        plan.append((weight, delta))
+    return plan
+
+
+class merged_into:  # noqa: N801 - used as a context manager, reads like ``with``
+    """Merge an adapter into ``base_model``'s weights in place for the ``with`` block, then restore them.
+
+    ``W <- W + scaling * B @ A`` for every adapted module (what ``merge_and_unload`` computes), and on exit
+    every touched weight is copied back from a saved copy, so the base model is bit-identical afterwards and
+    the next adapter can be evaluated without reloading it. Adapters peft merges differently (DoRA,
+    fan_in_fan_out, other PEFT types) go through peft on a deep copy of the base model instead.
+    ``folder=None`` yields the base model itself.
+    """
+
+    def __init__(self, base_model, folder: str | Path | None, base_model_id: str | None = None) -> None:
+        self.base, self.folder, self.base_model_id = base_model, folder, base_model_id
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __enter__(self):
+        if self.folder is None:
+            return self.base
+        folder = Path(self.folder)
+        state, config = read_adapter(folder)
+        if self.base_model_id is not None:
+            check_adapter_base(config, self.base_model_id, folder)
+        plan = _merge_plan(self.base, folder, state, config)
+        if plan is None:
+            import copy
+
+            return merge_adapter(copy.deepcopy(self.base), folder, self.base_model_id)
+        with torch.no_grad():
+            for weight, delta in plan:
+                self.saved.append((weight, weight.detach().clone()))
+                weight.add_(delta.to(dtype=weight.dtype, device=weight.device))
+        return self.base
+
+    def __exit__(self, *exc) -> None:
+        with torch.no_grad():
+            for weight, original in self.saved:
+                weight.copy_(original)
+        self.saved.clear()

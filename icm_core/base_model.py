@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import threading
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -182,3 +184,25 @@ def load_base_model(cfg: ModelConfig):
     except Exception as exc:
         raise ModelLoadError(f"model {cfg.name_or_path!r}: cannot load ({type(exc).__name__}: {exc})") from exc
     return model.to(resolve_device(cfg.device)).eval()
+
+
+_shared: dict[str, tuple[torch.nn.Module, threading.Lock]] = {}
+_shared_guard = threading.Lock()
+
+
+@contextmanager
+def shared_base_model(cfg: ModelConfig):
+    """The base model loaded once per process and configuration, held under a lock for the ``with`` block.
+
+    Evaluation merges one adapter at a time into this model and restores it afterwards
+    (``icm_core.adapters.merged_into``), so a process scoring many adapters loads the base model once.
+    Callers must leave the weights as they found them.
+    """
+    key = cfg.model_dump_json()
+    with _shared_guard:
+        entry = _shared.get(key)
+        if entry is None:
+            entry = _shared[key] = (load_base_model(cfg), threading.Lock())
+    model, lock = entry
+    with lock:
+        yield model.eval()

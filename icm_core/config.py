@@ -240,6 +240,12 @@ class PDiffConfig(StageConfig):
     ddpm_lr: float = Field(1e-3, gt=0, description="Denoiser AdamW learning rate.")
     batch_size: int = Field(16, ge=1, description="Checkpoints (or latents) per step.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of both networks.")
+    normalization: Literal["per_task", "shared"] = Field(
+        "per_task",
+        description="'per_task' (public code): z-score each coordinate over that task's checkpoints and store every "
+        "task's mean and std in the artifact (the stored mean is that task's mean checkpoint). 'shared': one "
+        "per-tensor z-score over all tasks' checkpoints, as the ICM-LoRA generator uses (no per-task statistics).",
+    )
     norm_eps: float = Field(1e-8, gt=0, description="Floor of the per-coordinate std.")
     log_every: int = Field(100, ge=1, description="DDPM steps per history row / progress log.")
     seed: int = Field(2024, description="Seed of initialisation, noise and batches.")
@@ -257,16 +263,33 @@ class PDiffConfig(StageConfig):
         return self
 
 
-METHOD_NAMES: tuple[str, ...] = ("base", "lora", "model_soup", "cond_pdiff", "icm_lora")
+METHOD_NAMES: tuple[str, ...] = (
+    "base",
+    "lora",
+    "trajectory_mean",
+    "soup_own",
+    "model_soup",
+    "cond_pdiff",
+    "cond_pdiff_shared",
+    "icm_lora",
+)
 """Every method the pipeline can evaluate, in report order."""
 METHOD_TITLES: dict[str, str] = {
     "base": "Original model",
     "lora": "Original LoRA",
-    "model_soup": "Model Soup",
+    "trajectory_mean": "Trajectory mean (own checkpoints)",
+    "soup_own": "Model Soup (own trajectory)",
+    "model_soup": "Model Soup (all categories)",
     "cond_pdiff": "COND P-DIFF",
+    "cond_pdiff_shared": "COND P-DIFF (shared norm)",
     "icm_lora": "ICM-LoRA",
 }
 """Display names of the methods in tables and figures (the language and the detection reports)."""
+REFERENCE_METHODS: tuple[str, ...] = ("trajectory_mean", "soup_own")
+"""Seen-category reference points built from the category's own checkpoints (no generator involved)."""
+DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHOD_NAMES if m != "cond_pdiff_shared")
+"""What the demo builds: every method but the COND P-DIFF variant (a second diffusion model to train; the
+multi-seed results command adds it)."""
 
 
 class SampleConfig(StageConfig):
@@ -281,7 +304,13 @@ class SampleConfig(StageConfig):
 class EvalConfig(StageConfig):
     """Perplexity / bits-per-character evaluation on held-out test text."""
 
-    max_tokens: int = Field(2048, ge=16, description="Cap on test tokens evaluated per category.")
+    max_tokens: int = Field(
+        4096,
+        ge=16,
+        description="Test tokens scored per category: max_tokens // seq_len blocks spread evenly over the test split "
+        "(the whole split when it is smaller). 4096 = 32 blocks of 128 in the demo; chosen from measurement, see "
+        "the README (intervals vs budget).",
+    )
     batch_size: int = Field(8, ge=1, description="Blocks per forward pass.")
 
 
@@ -295,6 +324,21 @@ class ResumeConfig(StageConfig):
     cvae_every_epochs: int = Field(20, ge=0, description="CVAE generator training: epochs between saved states.")
     pdiff_every_epochs: int = Field(20, ge=0, description="COND P-DIFF autoencoder: epochs between saved states.")
     pdiff_every_steps: int = Field(250, ge=0, description="COND P-DIFF denoiser: DDPM steps between saved states.")
+
+
+class DiagnosticsConfig(StageConfig):
+    """What the report measures about the generators beyond their scored adapter."""
+
+    z_draws: int = Field(
+        3,
+        ge=1,
+        le=32,
+        description="Draws z per category and generator (sample.seed, +1, ...; the first is the scored adapter): "
+        "spread of the generated weights, distance to the training checkpoints. 1 turns the spread off.",
+    )
+    score_z_draws: bool = Field(
+        True, description="Also score the extra ICM-LoRA draws on the test blocks (spread of PPL across z draws)."
+    )
 
 
 class RunConfig(StageConfig):
@@ -312,11 +356,30 @@ class RunConfig(StageConfig):
     resume: ResumeConfig = Field(
         default_factory=ResumeConfig, description="How often long stages save resumable state (not in cache keys)."
     )
-    methods: tuple[Literal["base", "lora", "model_soup", "cond_pdiff", "icm_lora"], ...] = Field(
-        METHOD_NAMES,
+    methods: tuple[
+        Literal[
+            "base", "lora", "trajectory_mean", "soup_own", "model_soup", "cond_pdiff", "cond_pdiff_shared", "icm_lora"
+        ],
+        ...,
+    ] = Field(
+        DEFAULT_METHODS,
         min_length=1,
-        description="Methods to build and evaluate: base (original model), lora (original LoRA), model_soup, "
-        "cond_pdiff, icm_lora. base, lora and icm_lora are always evaluated (the gain is measured against them).",
+        description="Methods to build and evaluate: base (original model), lora (original LoRA), trajectory_mean "
+        "(coordinate mean of the category's own checkpoints), soup_own (Model Soup of the category's own "
+        "trajectory), model_soup (the soup.scope soup, by default one of all categories' final adapters), "
+        "cond_pdiff, cond_pdiff_shared (COND P-DIFF with one shared normalisation), icm_lora. base, lora and "
+        "icm_lora are always evaluated (the gain is measured against them).",
+    )
+    seeds: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="Run the method with this many seeds: seed i adds i to lora.seed, cvae.seed, pdiff.seed and "
+        "sample.seed (LoRA fine-tune, generator training, z draw); the data split and the test blocks stay the "
+        "same. The report gives mean and spread across seeds. Seed 0 is exactly the one-seed run.",
+    )
+    diagnostics: DiagnosticsConfig = Field(
+        default_factory=lambda: DiagnosticsConfig(), description="Generator diagnostics (z draws)."
     )
 
 

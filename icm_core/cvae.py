@@ -47,6 +47,7 @@ from icm_core.resume import (
 
 __all__ = [
     "ConditionalVAE",
+    "bounded_logvar",
     "cvae_loss",
     "padded_length",
     "recalibrate_batchnorm",
@@ -57,8 +58,25 @@ __all__ = [
 GRAD_CLIP_NORM: float = 1.0
 """Global gradient-norm clip used by :func:`train_cvae`."""
 
+LOGVAR_BOUND: float = 6.0
+"""The encoder's log-variance is squashed softly into ``(-LOGVAR_BOUND, LOGVAR_BOUND)`` (posterior std between
+0.05 and 20): see :func:`bounded_logvar`."""
+
 RECALIBRATION_MIN_BATCHES: int = 32
 """BatchNorm recalibration averages the statistics of at least this many training-mode batches."""
+
+
+def bounded_logvar(raw: Tensor, bound: float = LOGVAR_BOUND) -> Tensor:
+    """``bound * tanh(raw / bound)``: close to ``raw`` near 0, never beyond ``+-bound``, gradient never zero.
+
+    Why: with a shallow encoder the last feature map is long (4 layers over 122,880 weights leave 61,440
+    features for ``to_latent``), and AdamW moves each of those weights by about ``lr`` per step, so the
+    pre-activation of ``fc_logvar`` can jump by tens in one step; ``exp(logvar)`` in the KL term then
+    overflows (the ``depth-4-rank-8`` ablation stopped with ``kld: inf`` in its first epoch). A hard clamp
+    would stop the gradient at the bound and could leave the log-variance stuck there; tanh keeps a
+    (small) gradient that brings it back.
+    """
+    return bound * torch.tanh(raw / bound)
 
 
 def padded_length(length: int, depth: int) -> int:
@@ -178,7 +196,7 @@ class ConditionalVAE(nn.Module):
             cond: ``[B, cond_dim]`` task vectors.
 
         Returns:
-            ``(mu, logvar)``, each ``[B, latent_dim]``.
+            ``(mu, logvar)``, each ``[B, latent_dim]``; ``logvar`` is bounded by :func:`bounded_logvar`.
 
         Raises:
             ValueError: On a shape mismatch.
@@ -190,7 +208,7 @@ class ConditionalVAE(nn.Module):
         h = F.pad(x, (0, self.padded_len - self.input_len)).unsqueeze(1)
         h = self.encoder(h).flatten(1)
         h = torch.cat([self.to_latent(h), cond], dim=1)
-        return self.fc_mu(h), self.fc_logvar(h)
+        return self.fc_mu(h), bounded_logvar(self.fc_logvar(h))
 
     def decode(self, z: Tensor, cond: Tensor) -> Tensor:
         """Decode latent codes under their conditions.

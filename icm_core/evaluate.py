@@ -1,13 +1,19 @@
-"""Perplexity and bits-per-character on held-out text.
+"""Perplexity and bits-per-character on held-out text, kept per block so results can be resampled.
 
 The test documents are joined with blank lines into one string, tokenised once with character
-offsets, and cut into non-overlapping blocks. Every block's tokens after the first are predicted;
-each predicted token covers the characters from the previous token's end to its own end, so
+offsets, and cut into non-overlapping blocks of ``seq_len`` tokens. When the split holds more blocks
+than the budget (``EvalConfig.max_tokens // seq_len``), evenly spaced blocks across the whole split are
+scored (not only its first documents); otherwise every block is. Every block's tokens after the first
+are predicted; each predicted token covers the characters from the previous token's end to its own
+end, so
 
     PPL = exp(total NLL in nats / predicted tokens)
     BPC = (total NLL in nats / ln 2) / characters covered by the predicted tokens
 
-The base model, the original LoRA and every generated adapter go through this same code.
+The NLL sum, token count and character count of every block are returned too (``block_nll``,
+``block_tokens``, ``block_chars``): the report's paired bootstrap resamples blocks from them
+(``icm_core.stats``). The base model, the original LoRA and every generated adapter go through this
+same code on the same blocks.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class EvalBlocks:
 
     input_ids: torch.Tensor  # [N, T]
     target_chars: torch.Tensor  # [N, T-1] characters covered by tokens 1..T-1 of each block
+    available: int = 0  # full blocks in the whole split (>= N)
 
 
 @dataclass(frozen=True)
@@ -37,52 +44,70 @@ class LMScore:
     chars: int
     ppl: float
     bpc: float
+    block_nll: list[float]
+    block_tokens: list[int]
+    block_chars: list[int]
+    blocks_available: int = 0
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self) -> dict[str, float | int | list]:
         return asdict(self)
 
 
+def spread_indices(available: int, wanted: int) -> list[int]:
+    """``wanted`` block indices spread evenly over ``range(available)`` (all of them when wanted >= available)."""
+    if wanted >= available:
+        return list(range(available))
+    return [int(i * available // wanted) for i in range(wanted)]
+
+
 def eval_blocks(texts: list[str], tokenizer, seq_len: int, max_tokens: int) -> EvalBlocks:
-    """Tokenise ``texts`` with offsets and cut into at most ``max_tokens // seq_len`` blocks."""
+    """Tokenise ``texts`` with offsets, cut into blocks and keep at most ``max_tokens // seq_len`` of them,
+    evenly spaced over the split."""
     text = "\n\n".join(t for t in texts if t.strip())
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = torch.tensor(enc["input_ids"], dtype=torch.long)
     ends = torch.tensor([end for _, end in enc["offset_mapping"]], dtype=torch.long)
     # Characters per token: from the previous token's end to this token's end (gaps included).
     chars = torch.diff(ends, prepend=torch.zeros(1, dtype=torch.long))
-    n_blocks = min(len(ids) // seq_len, max(1, max_tokens // seq_len))
-    if n_blocks == 0:
+    available = len(ids) // seq_len
+    if available == 0:
         raise ValueError(f"test text has {len(ids)} tokens, fewer than one block of {seq_len}")
-    used = n_blocks * seq_len
-    blocks = ids[:used].view(n_blocks, seq_len)
-    target_chars = chars[:used].view(n_blocks, seq_len)[:, 1:]
-    return EvalBlocks(blocks, target_chars)
+    keep = torch.tensor(spread_indices(available, max(1, max_tokens // seq_len)))
+    used = available * seq_len
+    blocks = ids[:used].view(available, seq_len)[keep]
+    target_chars = chars[:used].view(available, seq_len)[keep][:, 1:]
+    return EvalBlocks(blocks, target_chars, available)
 
 
 @torch.no_grad()
 def score_blocks(model: torch.nn.Module, blocks: EvalBlocks, batch_size: int = 8) -> LMScore:
-    """Sum next-token NLL over all blocks and turn it into PPL and BPC."""
+    """Next-token NLL summed per block, and the totals turned into PPL and BPC."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    nll_total, token_total = 0.0, 0
+    block_nll: list[float] = []
     try:
         for batch in blocks.input_ids.split(batch_size):
             batch = batch.to(device)
             logits = model(input_ids=batch).logits[:, :-1, :].float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-            nll_total += nll.item()
-            token_total += batch[:, 1:].numel()
+            nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # [B, T-1]
+            block_nll += nll.double().sum(dim=1).tolist()
             fault_point("evaluate.batch")
     finally:
         model.train(was_training)
-    chars = int(blocks.target_chars.sum())
+    block_tokens = [blocks.input_ids.shape[1] - 1] * blocks.input_ids.shape[0]
+    block_chars = [int(c) for c in blocks.target_chars.sum(dim=1)]
+    nll_total, token_total, chars = math.fsum(block_nll), sum(block_tokens), sum(block_chars)
     return LMScore(
         nll_nats=nll_total,
         tokens=token_total,
         chars=chars,
         ppl=math.exp(nll_total / token_total),
         bpc=nll_total / math.log(2) / chars,
+        block_nll=block_nll,
+        block_tokens=block_tokens,
+        block_chars=block_chars,
+        blocks_available=blocks.available or blocks.input_ids.shape[0],
     )
 
 

@@ -19,9 +19,11 @@ STAGES = (
     "generator",
     "adapters",
     "soup",
+    "trajectory_mean",
     "pdiff",
     "pdiff_adapters",
     "eval",
+    "diagnostics",
     "report",
     "ablation_report",
 )

@@ -3,8 +3,12 @@ latent DDPM over the same flattened LoRA weights, conditioned on the same task v
 
 Following the public code's design (see ``shared/notes/anchors.md``):
 
-* **normalisation**: per task, per coordinate z-score across that task's checkpoints; the statistics
-  of every task travel with the artifact (and count in its size);
+* **normalisation** (``PDiffConfig.normalization``): ``per_task`` (the public code) z-scores every
+  coordinate across that task's checkpoints, and those statistics travel with the artifact: its
+  ``norm.mean`` rows *are* each task's mean checkpoint, so de-normalising any decoder output near zero
+  gives back that stored mean. ``shared`` is the variant without per-task statistics: one per-tensor
+  z-score over all tasks' checkpoints, as the ICM-LoRA generator uses, so everything task-specific must
+  come from the networks and the condition;
 * **autoencoder**: 1-D convolutions that fold the sequence by ``fold_rate`` per layer (encoder channels
   ``[4, 4, 4, 4]``, decoder ``[4, 256, 256, 8]`` -> 1), InstanceNorm + LeakyReLU, a tanh latent, noise
   augmentation on the input (0.001) and on the latent (0.1, then clamped to [-1, 1]);
@@ -33,7 +37,7 @@ from torch import Tensor, nn
 
 from icm_core.config import PDiffConfig, SampleConfig
 from icm_core.faults import fault_point
-from icm_core.flatten import LoraLayout, unflatten_lora
+from icm_core.flatten import LoraLayout, NormStats, denormalize, fit_norm_stats, normalize, unflatten_lora
 from icm_core.generator import ConditionNorm, GeneratorDataset
 from icm_core.io import ArtifactError, load_tensors, save_tensors
 from icm_core.resume import (
@@ -271,6 +275,40 @@ class TaskNorm:
         return flat * self.std[i] + self.mean[i]
 
 
+@dataclass(frozen=True)
+class SharedNorm:
+    """One per-tensor z-score over the checkpoints of all tasks (no per-task statistics are stored)."""
+
+    names: tuple[str, ...]
+    stats: NormStats
+    layout: LoraLayout
+
+    @classmethod
+    def fit(cls, weights: Tensor, owners: list[str], layout: LoraLayout, eps: float) -> SharedNorm:
+        return cls(tuple(sorted(set(owners))), fit_norm_stats(weights, layout, eps=eps), layout)
+
+    def index(self, name: str) -> int:
+        if name not in self.names:
+            raise KeyError(f"category {name!r} is not known to this COND P-DIFF model ({list(self.names)})")
+        return self.names.index(name)
+
+    def normalize(self, weights: Tensor, owners: list[str]) -> Tensor:
+        for owner in set(owners):
+            self.index(owner)
+        return normalize(weights, self.stats, self.layout)
+
+    def denormalize(self, flat: Tensor, name: str) -> Tensor:
+        self.index(name)
+        return denormalize(flat.unsqueeze(0), self.stats, self.layout)[0]
+
+
+def fit_task_norm(weights: Tensor, owners: list[str], layout: LoraLayout, cfg: PDiffConfig) -> TaskNorm | SharedNorm:
+    """The normalisation ``cfg.normalization`` asks for, fitted on the training checkpoints."""
+    if cfg.normalization == "shared":
+        return SharedNorm.fit(weights, owners, layout, cfg.norm_eps)
+    return TaskNorm.fit(weights, owners, cfg.norm_eps)
+
+
 # --- the model --------------------------------------------------------------------------------------
 
 
@@ -281,7 +319,7 @@ class PDiffModel:
     autoencoder: FoldingAutoencoder
     denoiser: ConditionalUNet1d
     layout: LoraLayout
-    norm: TaskNorm
+    norm: TaskNorm | SharedNorm
     cond_norm: ConditionNorm
     adapter_config: dict[str, Any]
     task_vectors: dict[str, Tensor]
@@ -352,8 +390,9 @@ def train_pdiff(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed)
         order = torch.Generator().manual_seed(cfg.seed)
-        # 1. Per-task, per-coordinate z-score (the official normalisation), fitted on each task's checkpoints.
-        norm = TaskNorm.fit(dataset.weights, dataset.row_category, cfg.norm_eps)
+        # 1. Per-task, per-coordinate z-score (the official normalisation), fitted on each task's checkpoints,
+        #    or one shared per-tensor z-score (normalization='shared').
+        norm = fit_task_norm(dataset.weights, dataset.row_category, dataset.layout, cfg)
         x_all = norm.normalize(dataset.weights, dataset.row_category).to(device)
         cond_norm = ConditionNorm.fit(torch.stack([dataset.task_vectors[n] for n in sorted(dataset.task_vectors)]))
         c_all = cond_norm(dataset.conds).to(device)
@@ -471,7 +510,11 @@ def save_pdiff(path: str | Path, model: PDiffModel, extra_meta: dict[str, Any] |
     """One safetensors file + sidecar holding both networks, per-task statistics and task vectors."""
     tensors = {f"ae.{k}": v for k, v in model.autoencoder.state_dict().items()}
     tensors |= {f"unet.{k}": v for k, v in model.denoiser.state_dict().items()}
-    tensors |= {"norm.mean": model.norm.mean, "norm.std": model.norm.std, "cond.mean": model.cond_norm.mean}
+    if isinstance(model.norm, SharedNorm):
+        tensors |= {"norm.mean": model.norm.stats.mean, "norm.std": model.norm.stats.std}
+    else:
+        tensors |= {"norm.mean": model.norm.mean, "norm.std": model.norm.std}
+    tensors["cond.mean"] = model.cond_norm.mean
     tensors |= {f"task_vector.{name}": v for name, v in model.task_vectors.items()}
     meta = {
         "kind": "cond-pdiff-generator",
@@ -498,11 +541,17 @@ def load_pdiff(path: str | Path) -> PDiffModel:
     autoencoder.load_state_dict({k[3:]: v for k, v in tensors.items() if k.startswith("ae.")})
     denoiser = ConditionalUNet1d(autoencoder.latent_shape, int(meta["cond_dim"]), cfg)
     denoiser.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+    layout = LoraLayout.from_json(meta["layout"])
+    names = tuple(meta["norm_names"])
+    if cfg.normalization == "shared":
+        norm: TaskNorm | SharedNorm = SharedNorm(names, NormStats(tensors["norm.mean"], tensors["norm.std"]), layout)
+    else:
+        norm = TaskNorm(names, tensors["norm.mean"], tensors["norm.std"])
     return PDiffModel(
         autoencoder.eval(),
         denoiser.eval(),
-        LoraLayout.from_json(meta["layout"]),
-        TaskNorm(tuple(meta["norm_names"]), tensors["norm.mean"], tensors["norm.std"]),
+        layout,
+        norm,
         ConditionNorm(tensors["cond.mean"], float(meta["cond_scale"])),
         meta["adapter_config"],
         {k.removeprefix("task_vector."): v for k, v in tensors.items() if k.startswith("task_vector.")},

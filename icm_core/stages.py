@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from icm_core.adapters import adapter_sha256, load_adapter, merge_adapter, read_adapter, write_adapter
-from icm_core.base_model import load_base_model, load_tokenizer, model_identity
+from icm_core.adapters import adapter_sha256, load_adapter, merged_into, read_adapter, write_adapter
+from icm_core.base_model import load_base_model, load_tokenizer, model_identity, shared_base_model
 from icm_core.baselines import model_soup
 from icm_core.config import (
     CVAEConfig,
@@ -35,6 +35,7 @@ from icm_core.data import (
     token_blocks,
     write_splits,
 )
+from icm_core.diagnostics import adapter_report, latent_usage
 from icm_core.evaluate import evaluate_lm
 from icm_core.generator import GeneratorDataset, build_dataset, load_generator, save_generator, train_generator
 from icm_core.io import load_tensors, save_tensors, sidecar_path, write_json
@@ -187,13 +188,16 @@ def evaluate_adapter(
     eval_cfg: EvalConfig,
     out_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """PPL/BPC on the category's test split of the base model merged with ``adapter_dir`` (None: base model)."""
+    """PPL/BPC on the category's test split of the base model merged with ``adapter_dir`` (None: base model),
+    with the NLL, token and character count of every scored block. The base model is loaded once per process
+    and each adapter merged into it for the evaluation only (see ``merged_into``)."""
+    started = time.perf_counter()
     tokenizer = load_tokenizer(model_cfg)
-    model = load_base_model(model_cfg)
-    if adapter_dir is not None:
-        model = merge_adapter(model, adapter_dir, model_identity(model_cfg))
-    score = evaluate_lm(model, tokenizer, read_splits(data_dir).test, data_cfg.seq_len, eval_cfg).as_dict()
+    texts = read_splits(data_dir).test
+    with shared_base_model(model_cfg) as base, merged_into(base, adapter_dir, model_identity(model_cfg)) as model:
+        score = evaluate_lm(model, tokenizer, texts, data_cfg.seq_len, eval_cfg).as_dict()
     result = {"adapter_dir": str(adapter_dir) if adapter_dir else None, **score}
+    result["seconds"] = time.perf_counter() - started
     if out_path is not None:
         write_json(out_path, result)
     return result
@@ -226,6 +230,21 @@ def soup_adapter(trajectory_dirs: dict[str, str | Path], soup_cfg: SoupConfig, o
         "adapter_sha256": adapter_sha256(out_dir),
         "rank": int(config["r"]),
         "sources": sources,
+    }
+
+
+def trajectory_mean_adapter(trajectory_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Reference point: the coordinate-wise mean of a category's own trajectory checkpoints (A and B averaged
+    separately), written as an adapter with the trajectory's config. This is what a lookup table keyed by
+    category would serve, and what COND P-DIFF's per-task statistics store (``norm.mean``)."""
+    trajectory = read_trajectory(trajectory_dir)
+    checkpoints = load_trajectory_checkpoints(trajectory_dir)
+    state = {key: torch.stack([c[key].float() for c in checkpoints]).mean(0) for key in checkpoints[0]}
+    write_adapter(out_dir, state, trajectory.adapter_config)
+    return {
+        "adapter_dir": str(out_dir),
+        "adapter_sha256": adapter_sha256(out_dir),
+        "sources": [Path(f).name for f in trajectory.files],
     }
 
 
@@ -266,3 +285,26 @@ def sample_pdiff_adapter(
     seconds = time.perf_counter() - started
     write_adapter(out_dir, state, model.adapter_config)
     return {"adapter_dir": str(out_dir), "adapter_sha256": adapter_sha256(out_dir), "seconds": seconds}
+
+
+def generator_diagnostics(
+    draw_dirs: dict[str, list[str | Path]],
+    trajectory_dirs: dict[str, str | Path],
+    out_path: str | Path,
+    generator_path: str | Path | None = None,
+    task_vector_paths: dict[str, str | Path] | None = None,
+) -> dict[str, Any]:
+    """Diagnostics of one generator's adapters (``draw_dirs``: per category, its draws, the scored one first):
+    distance to the nearest training checkpoint of its own and of any other category, to its final adapter,
+    spread across z draws; with ``generator_path`` (an ICM-LoRA generator) also the CVAE's latent usage."""
+    draws = {name: [read_adapter(folder)[0] for folder in dirs] for name, dirs in draw_dirs.items()}
+    checkpoints = {name: load_trajectory_checkpoints(folder) for name, folder in trajectory_dirs.items()}
+    finals = {name: read_adapter(read_trajectory(folder).adapter_dir)[0] for name, folder in trajectory_dirs.items()}
+    result: dict[str, Any] = {"categories": adapter_report(draws, checkpoints, finals)}
+    if generator_path is not None:
+        if task_vector_paths is None:
+            raise ValueError("generator_diagnostics: latent usage needs the task vectors")
+        dataset, _ = generator_training_data(trajectory_dirs, task_vector_paths)
+        result["latent"] = latent_usage(load_generator(generator_path), dataset.weights, dataset.conds)
+    write_json(out_path, result)
+    return result

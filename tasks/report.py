@@ -24,12 +24,19 @@ from icm_core.lora_train import read_trajectory
 from icm_core.plots import plot_main_bars, plot_task_vectors, plot_training_curves
 from icm_core.reporting import (
     METHOD_TITLES,
+    _fmt,
+    add_intervals,
+    diagnostics_table,
     gain_table,
     human_bytes,
+    interval_table,
     main_table,
     mean_row,
     methods_in,
+    ppl_across_draws,
     result_rows,
+    seed_rows,
+    seed_table,
     storage_rows,
     storage_table,
 )
@@ -51,6 +58,7 @@ def storage_inputs(
     generator: ArtifactRef,
     pdiff: ArtifactRef | None,
     soups: dict[str, ArtifactRef],
+    pdiff_shared: ArtifactRef | None = None,
 ) -> tuple[list[Path], list[Path], list[Path], dict[str, list[Path]]]:
     """The files behind each storage row: train text, checkpoints, final adapters, and each generator's files."""
     train_text = [data[name].file("splits") / "train.jsonl" for name in sorted(data)]
@@ -60,10 +68,21 @@ def storage_inputs(
         checkpoints += [trajectory.folder / f for f in trajectory.files]
         finals.append(trajectory.adapter_dir / "adapter_model.safetensors")
     gen_file = generator.file("generator.safetensors")
-    generators = {"ICM-LoRA generator (CVAE + stats + task vectors)": [gen_file, sidecar_path(gen_file)]}
+    generators = {
+        "ICM-LoRA generator (CVAE + shared per-tensor stats + task vectors)": [gen_file, sidecar_path(gen_file)]
+    }
     if pdiff is not None:
         pdiff_file = pdiff.file("pdiff.safetensors")
-        generators["COND P-DIFF (AE + DDPM + per-task stats)"] = [pdiff_file, sidecar_path(pdiff_file)]
+        generators["COND P-DIFF (AE + DDPM + per-task mean/std of every weight)"] = [
+            pdiff_file,
+            sidecar_path(pdiff_file),
+        ]
+    if pdiff_shared is not None:
+        shared_file = pdiff_shared.file("pdiff.safetensors")
+        generators["COND P-DIFF, shared norm (AE + DDPM + per-tensor stats)"] = [
+            shared_file,
+            sidecar_path(shared_file),
+        ]
     if soups:
         generators[f"Model Soup adapter(s) ({len(soups)})"] = [
             ref.file("adapter") / "adapter_model.safetensors" for ref in soups.values()
@@ -71,26 +90,95 @@ def storage_inputs(
     return train_text, checkpoints, finals, generators
 
 
+def eval_summary(evals: list[dict[str, dict[str, ArtifactRef]]]) -> dict[str, Any]:
+    """The evaluation budget actually used (blocks scored / available per category) and seconds per evaluation."""
+    blocks, seconds = {}, []
+    for by_method in evals:
+        for name, refs in by_method.items():
+            for ref in refs.values():
+                if ref.meta.get("block_nll") is not None:
+                    blocks[name] = [len(ref.meta["block_nll"]), ref.meta.get("blocks_available")]
+                if ref.meta.get("seconds") is not None:
+                    seconds.append(float(ref.meta["seconds"]))
+    return {
+        "blocks": dict(sorted(blocks.items())),
+        "evaluations": len(seconds),
+        "seconds_mean": sum(seconds) / len(seconds) if seconds else None,
+        "seconds_total": sum(seconds),
+    }
+
+
+def diagnostics_summary(
+    diagnostics: list[dict[str, ArtifactRef]] | None,
+    evals: list[dict[str, dict[str, ArtifactRef]]],
+    z_evals: list[dict[str, list[ArtifactRef]]] | None,
+    gen_history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Seed 0's generator diagnostics, the PPL of the ICM-LoRA z draws, and the CVAE's latent usage per seed."""
+    if not diagnostics:
+        return {}
+    first = {label: ref.meta for label, ref in diagnostics[0].items()}
+    ppl = {}
+    if z_evals:
+        for name, refs in z_evals[0].items():
+            draws = [evals[0][name]["icm_lora"].meta["ppl"], *(ref.meta["ppl"] for ref in refs)]
+            ppl[name] = ppl_across_draws(draws)
+    latent = [d["icm_lora"].meta.get("latent") for d in diagnostics if "icm_lora" in d]
+    return {
+        "generators": first,
+        "ppl_across_z": {"icm_lora": ppl},
+        "latent_per_seed": latent,
+        "training_kld_last_epoch": gen_history[-1].get("kld") if gen_history else None,
+    }
+
+
 def markdown_report(
-    rows: list[dict[str, Any]], storage: list[dict[str, Any]], generator: ArtifactRef, notes: dict
+    rows: list[dict[str, Any]],
+    storage: list[dict[str, Any]],
+    generator: ArtifactRef,
+    notes: dict,
+    per_seed_rows: list[list[dict[str, Any]]] | None = None,
+    diag: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> str:
     methods = methods_in(rows)
+    seeds = len(per_seed_rows or [rows])
+    sd = seeds > 1
     per_category = ["| category | " + " | ".join(f"PPL {METHOD_TITLES[m]}" for m in methods) + " | gain |"]
     per_category.append("|---|" + "---:|" * (len(methods) + 1))
     for r in rows:
         gain = "n/a" if r.get("gain_recovered") is None else f"{r['gain_recovered']:.1%}"
-        per_category.append(
-            f"| {r['category']} | " + " | ".join(f"{r[f'ppl_{m}']:.3f}" for m in methods) + f" | {gain} |"
-        )
-    meta = generator.meta
+        cells = [
+            f"{r[f'ppl_{m}']:.3f}" + (f" ± {r[f'ppl_{m}_sd']:.3f}" if sd and r.get(f"ppl_{m}_sd") is not None else "")
+            for m in methods
+        ]
+        per_category.append(f"| {r['category']} | " + " | ".join(cells) + f" | {gain} |")
+    evaluation = evaluation or {}
+    budget = ", ".join(f"{name} {used}/{avail}" for name, (used, avail) in evaluation.get("blocks", {}).items())
     lines = [
         "# ICM-LoRA results",
         "",
         "PPL and BPC on each category's held-out test split (lower is better); every method is merged into the "
-        "base model and scored by the same code on the same text. *Gain* is the share of the fine-tuning gain a "
-        "method recovers: (PPL base - PPL method) / (PPL base - PPL LoRA).",
+        "base model and scored by the same code on the same test blocks. *Gain* is the share of the fine-tuning "
+        "gain a method recovers: (PPL base - PPL method) / (PPL base - PPL LoRA).",
+        "",
+        f"Seeds: {seeds}"
+        + (" (values are the mean over seeds, ± the standard deviation across seeds)." if sd else ".")
+        + f" Test blocks scored per category (scored / available in the test split): {budget}.",
         "",
         *per_category,
+        "",
+        "## Differences to the original LoRA, with 95% intervals",
+        "",
+        "PPL_method / PPL_LoRA - 1 (negative: lower PPL than the LoRA), with a paired bootstrap 95% interval over "
+        "test blocks" + (" (block NLL averaged over the seeds first)" if sd else "") + ". A method is called "
+        "**better** or **worse** only where the interval excludes zero.",
+        "",
+        interval_table(rows, "lora"),
+        "",
+        "## Differences to the original model, with 95% intervals",
+        "",
+        interval_table(rows, "base"),
         "",
         "## Main results (paper Table 2)",
         "",
@@ -100,14 +188,59 @@ def markdown_report(
         "",
         gain_table(rows),
         "",
+    ]
+    if sd:
+        lines += ["## Spread across seeds (mean PPL over categories)", "", seed_table(per_seed_rows), ""]
+    if diag:
+        latent = [x for x in diag.get("latent_per_seed", []) if x]
+        lines += ["## What the generators do", ""]
+        if latent:
+            kls = ", ".join(f"{x['kl_total']:.3f}" for x in latent)
+            active = ", ".join(f"{x['active_dims']}/{x['latent_dim']}" for x in latent)
+            lines += [
+                f"ICM-LoRA's CVAE latent: KL(q(z|x,c) || N(0,I)) summed over dimensions, mean over the training "
+                f"checkpoints: {kls} nats (per seed); dimensions carrying more than 0.01 nats: {active}; mean "
+                f"posterior std {latent[0]['posterior_std_mean']:.3f}. KL term of the last training epoch: "
+                f"{_fmt(diag.get('training_kld_last_epoch'), '.4f')}. A latent with (almost) no KL carries "
+                "(almost) no information: the decoder then maps the task vector to nearly the same weights "
+                "whatever z is drawn.",
+                "",
+            ]
+        lines += [
+            "Relative L2 distances between flattened LoRA weights (all A and B matrices). *Nearest own checkpoint*: "
+            "to the closest of the category's own training checkpoints (which one); *nearest other category*: to "
+            "the closest checkpoint of any other category; *own trajectory radius*: the category's own checkpoints' "
+            "mean distance to their mean (the scale to read the first two on); *weights across z draws*: mean "
+            "(max) pairwise distance between adapters drawn with different z for the same category; *PPL across z "
+            "draws*: the same draws scored on the test blocks. Seed 0.",
+            "",
+            diagnostics_table(
+                {label: meta for label, meta in diag["generators"].items()}, diag.get("ppl_across_z", {})
+            ),
+            "",
+        ]
+    lines += [
         "## Storage (paper Table 3)",
+        "",
+        "Keeping the final adapters themselves (one per category) is the honest alternative to any generator for "
+        "the categories it was trained on; it is listed next to the generators.",
         "",
         storage_table(storage),
         "",
-        "## Methods",
+        "## Methods: what each artifact stores",
         "",
         *[f"- {line}" for line in notes["methods"]],
         "",
+    ]
+    if evaluation.get("seconds_mean") is not None:
+        lines += [
+            f"Evaluation: {evaluation['evaluations']} scored adapters, {evaluation['seconds_mean']:.1f} s each on "
+            f"average ({evaluation['seconds_total']:.0f} s in all; the base model is loaded once per process and "
+            "each adapter merged into it and restored).",
+            "",
+        ]
+    meta = generator.meta
+    lines += [
         "## Figures",
         "",
         *[f"![{title}]({name})" for name, title in FIGURES.items()],
@@ -122,25 +255,45 @@ def markdown_report(
     return "\n".join(lines) + "\n"
 
 
-def method_notes(soups: dict[str, ArtifactRef], pdiff: ArtifactRef | None) -> list[str]:
+def method_notes(
+    soups: dict[str, ArtifactRef], pdiff: ArtifactRef | None, pdiff_shared: ArtifactRef | None = None
+) -> list[str]:
     notes = [
         "Original model: the base model, no adapter.",
-        "Original LoRA: each category's final fine-tuned adapter.",
+        "Original LoRA: each category's final fine-tuned adapter (the artifact the LoRA stage stores next to its "
+        "trajectory; it is also the last of the checkpoints every generator is trained on, so on these seen "
+        "categories a generator can score well by reproducing it).",
+        "Trajectory mean (own checkpoints): the coordinate-wise mean of the category's own trajectory checkpoints "
+        "(A and B averaged separately), i.e. what a lookup table keyed by category would serve; it needs those "
+        "checkpoints (or their mean) stored.",
+        "Model Soup (own trajectory): per category, the uniform average of the weight deltas B@A of its own "
+        "trajectory checkpoints, re-factorised exactly by SVD.",
     ]
     for label, ref in sorted(soups.items()):
         sources = ", ".join(ref.meta.get("sources", []))
+        blind = " The same adapter for every category: it gets no category information." if label == "all" else ""
         notes.append(
-            f"Model Soup ({label}): uniform average of weight deltas B@A of [{sources}], re-factorised by SVD to "
-            f"rank {ref.meta.get('rank')} (exact)."
+            f"Model Soup ({'all categories' if label == 'all' else label}): uniform average of weight deltas B@A of "
+            f"[{sources}], re-factorised by SVD to rank {ref.meta.get('rank')} (exact).{blind}"
         )
     if pdiff is not None:
         notes.append(
             "COND P-DIFF: autoencoder + conditional latent DDPM trained on the same "
-            f"{pdiff.meta.get('num_checkpoints')} checkpoints and task vectors (per-task, per-coordinate "
-            "normalisation; linear-beta DDPM, epsilon prediction)."
+            f"{pdiff.meta.get('num_checkpoints')} checkpoints and task vectors. Its artifact stores, besides the two "
+            "networks, every category's per-coordinate mean and std of its checkpoints (public code's "
+            "normalisation); the stored mean is the category's mean checkpoint, so a decoder output near zero "
+            "de-normalises to the trajectory mean whatever the networks learned."
+        )
+    if pdiff_shared is not None:
+        notes.append(
+            "COND P-DIFF (shared norm): the same networks and training with one per-tensor z-score over all "
+            "categories (as ICM-LoRA), so no per-category statistics are stored: what is category-specific must "
+            "come from the networks and the condition."
         )
     notes.append(
-        "ICM-LoRA: one CVAE for all categories; one draw z ~ N(0, I) decoded with the category's task vector."
+        "ICM-LoRA: one CVAE for all categories; its artifact stores the CVAE, one per-tensor mean/std shared by all "
+        "categories, and each training category's task vector; the adapter is one draw z ~ N(0, I) decoded with "
+        "the category's task vector."
     )
     return notes
 
@@ -152,7 +305,7 @@ def method_notes(soups: dict[str, ArtifactRef], pdiff: ArtifactRef | None) -> li
     **TASK_DEFAULTS,
 )
 def report_task(
-    evals: dict[str, dict[str, ArtifactRef]],
+    evals: list[dict[str, dict[str, ArtifactRef]]],
     adapters: dict[str, ArtifactRef],
     generator: ArtifactRef,
     root: str,
@@ -161,11 +314,17 @@ def report_task(
     task_vectors: dict[str, ArtifactRef] | None = None,
     pdiff: ArtifactRef | None = None,
     soups: dict[str, ArtifactRef] | None = None,
+    diagnostics: list[dict[str, ArtifactRef]] | None = None,
+    z_evals: list[dict[str, list[ArtifactRef]]] | None = None,
+    pdiff_shared: ArtifactRef | None = None,
 ) -> ArtifactRef:
-    """Write results.json / results.csv / storage.csv / report.md and the figures for all categories."""
+    """Write results.json / results.csv / storage.csv / report.md and the figures for all categories.
+
+    ``evals`` holds one ``{category: {method: evaluation}}`` per seed (seed 0 first); ``diagnostics`` and
+    ``z_evals`` one entry per seed too. The tables are means over seeds with intervals and spreads."""
     soups = soups or {}
     # On an fsspec root the inputs may have been built on other machines: read this machine's copies.
-    generator, pdiff = localize(generator, root), localize(pdiff, root)
+    generator, pdiff, pdiff_shared = localize(generator, root), localize(pdiff, root), localize(pdiff_shared, root)
     adapters, data, loras, task_vectors, soups = (
         {name: localize(ref, root) for name, ref in refs.items()} if refs else refs
         for refs in (adapters, data, loras, task_vectors, soups)
@@ -180,17 +339,26 @@ def report_task(
         "task_vectors": task_vectors,
         "pdiff": pdiff,
         "soups": soups,
+        "diagnostics": diagnostics,
+        "z_evals": z_evals,
+        "pdiff_shared": pdiff_shared,
     }
 
     def build(out: Path) -> dict[str, Any]:
-        scores = {name: {m: ref.meta for m, ref in by_method.items()} for name, by_method in evals.items()}
-        rows = result_rows(scores)
+        scores = [
+            {name: {m: ref.meta for m, ref in by_method.items()} for name, by_method in seed.items()} for seed in evals
+        ]
+        per_seed_rows = [result_rows(seed) for seed in scores]
+        rows = seed_rows(per_seed_rows)
+        add_intervals(rows, scores)
         for row in rows:
             row["adapter_dir"] = adapters[row["category"]].file("adapter").as_posix()
-        storage = storage_rows(*storage_inputs(data or {}, loras or {}, generator, pdiff, soups))
-        notes = {"methods": method_notes(soups, pdiff)}
+        storage = storage_rows(*storage_inputs(data or {}, loras or {}, generator, pdiff, soups, pdiff_shared))
+        notes = {"methods": method_notes(soups, pdiff, pdiff_shared)}
         gen_meta = read_json(sidecar_path(generator.file("generator.safetensors")))["meta"]
         pdiff_history = read_json(sidecar_path(pdiff.file("pdiff.safetensors")))["meta"]["history"] if pdiff else None
+        diag = diagnostics_summary(diagnostics, evals, z_evals, gen_meta.get("history", []))
+        evaluation = eval_summary(evals)
         if task_vectors:
             vectors = {n: load_task_vector(ref.file("task_vector.safetensors")) for n, ref in task_vectors.items()}
             plot_task_vectors(vectors, out / "task_vectors.png")
@@ -198,12 +366,25 @@ def report_task(
         plot_main_bars(rows, out / "main_results.png")
         write_json(
             out / "results.json",
-            {"rows": rows, "mean": mean_row(rows), "storage": storage, "generator": generator.meta, "notes": notes},
+            {
+                "rows": rows,
+                "mean": mean_row(rows),
+                "seeds": len(evals),
+                "per_seed": per_seed_rows,
+                "storage": storage,
+                "generator": generator.meta,
+                "diagnostics": diag,
+                "evaluation": evaluation,
+                "notes": notes,
+            },
         )
-        write_text(out / "results.csv", csv_text([*rows, mean_row(rows)]))
+        flat = [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows]
+        write_text(out / "results.csv", csv_text([*flat, mean_row(flat)]))
         write_text(out / "storage.csv", csv_text(storage))
-        write_text(out / "report.md", markdown_report(rows, storage, generator, notes))
-        return {"rows": rows, "storage": storage}
+        write_text(
+            out / "report.md", markdown_report(rows, storage, generator, notes, per_seed_rows, diag, evaluation)
+        )
+        return {"rows": flat, "storage": storage, "seeds": len(evals)}
 
     return run_stage("report", None, inputs, build)
 

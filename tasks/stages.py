@@ -480,6 +480,62 @@ def evaluate_task(
         splits = localize(data, root).file("splits")
         with device_slot(model_cfg.device):
             score = stages.evaluate_adapter(splits, adapter_dir, model_cfg, data_cfg, eval_cfg, out / "metrics.json")
-        return {"method": method, **{k: score[k] for k in ("ppl", "bpc", "tokens", "chars", "nll_nats")}}
+        keys = ("ppl", "bpc", "tokens", "chars", "nll_nats", "block_nll", "block_tokens", "block_chars")
+        return {"method": method, **{k: score[k] for k in (*keys, "blocks_available", "seconds")}}
 
     return run_stage("eval", category, inputs, build)
+
+
+@task(
+    name="trajectory-mean",
+    task_run_name="trajectory-mean-{category}",
+    cache_policy=ArtifactCachePolicy("trajectory_mean"),
+    **TASK_DEFAULTS,
+)
+def trajectory_mean_task(category: str, lora: ArtifactRef, root: str) -> ArtifactRef:
+    """Reference point: the coordinate-wise mean of the category's own trajectory checkpoints, as an adapter."""
+    inputs = {"category": category, "lora": lora, "root": root}
+
+    def build(out: Path) -> dict[str, Any]:
+        result = stages.trajectory_mean_adapter(localize(lora, root).folder, out / "adapter")
+        return {k: result[k] for k in ("adapter_sha256", "sources")}
+
+    return run_stage("trajectory_mean", category, inputs, build)
+
+
+@task(
+    name="generator-diagnostics",
+    task_run_name="diagnostics-{label}",
+    cache_policy=ArtifactCachePolicy("diagnostics", category_arg="label"),
+    **TASK_DEFAULTS,
+)
+def diagnostics_task(
+    label: str,
+    draws: dict[str, list[ArtifactRef]],
+    loras: dict[str, ArtifactRef],
+    root: str,
+    generator: ArtifactRef | None = None,
+    task_vectors: dict[str, ArtifactRef] | None = None,
+) -> ArtifactRef:
+    """Distances to training checkpoints, z-draw spread (and, for the CVAE, latent usage) of one generator."""
+    inputs = {
+        "label": label,
+        "draws": draws,
+        "loras": loras,
+        "root": root,
+        "generator": generator,
+        "task_vectors": task_vectors,
+    }
+
+    def build(out: Path) -> dict[str, Any]:
+        draw_dirs = {n: [localize(r, root).file("adapter") for r in refs] for n, refs in draws.items()}
+        lora_dirs = {name: localize(ref, root).folder for name, ref in loras.items()}
+        gen_file = localize(generator, root).file("generator.safetensors") if generator is not None else None
+        vector_files = (
+            {n: localize(r, root).file("task_vector.safetensors") for n, r in task_vectors.items()}
+            if task_vectors
+            else None
+        )
+        return stages.generator_diagnostics(draw_dirs, lora_dirs, out / "diagnostics.json", gen_file, vector_files)
+
+    return run_stage("diagnostics", label, inputs, build)

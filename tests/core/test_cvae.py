@@ -281,3 +281,34 @@ def test_reconstruction_error_restores_mode() -> None:
     model.eval()
     x_hat, _, _ = model(x, cond)
     assert error == pytest.approx((x_hat - x).pow(2).mean().item(), rel=1e-5)
+
+
+def test_bounded_logvar_is_smooth_and_bounded():
+    from icm_core.cvae import LOGVAR_BOUND, bounded_logvar
+
+    raw = torch.tensor([-1e4, -50.0, -1.0, 0.0, 0.5, 50.0, 1e4], requires_grad=True)
+    out = bounded_logvar(raw)
+    assert float(out.abs().max()) <= LOGVAR_BOUND
+    assert torch.allclose(out[2:5], raw[2:5], atol=0.01)  # near identity where training lives
+    out.sum().backward()
+    assert bool((raw.grad[1:-1] > 0).all())  # a gradient even far out: the log-variance can come back
+
+
+def test_shallow_wide_cvae_trains_without_overflow():
+    """The depth-4-rank-8 ablation case: 4 conv layers over 122,880 weights leave 61,440 features for to_latent;
+    its log-variance used to jump past exp's range in the first epoch (loss inf). It must stay finite now."""
+    from icm_core.cvae import LOGVAR_BOUND, train_cvae
+
+    g = torch.Generator().manual_seed(0)
+    length = 8 * 2 * (8 * 576 + 576 * 8) - 8 * (576 - 192) * 8  # 8 layers x (q_proj + v_proj) at rank 8
+    assert length == 122_880
+    weights = torch.randn(8, length, generator=g) * torch.linspace(0.2, 3.0, length)
+    conds = torch.randn(8, 16, generator=g)
+    cfg = CVAEConfig(channels=(8, 16, 16, 8), epochs=2, batch_size=4)
+    model, history = train_cvae(weights, conds, cfg)
+    assert model.to_latent.in_features == 61_440
+    assert all(math.isfinite(row[k]) for row in history for k in ("loss", "recon", "kld"))
+    # Bounded: at most latent_dim * (exp(B) - 1 - B) / 2 plus the mu term; unbounded it reached 1e9+ here.
+    assert history[-1]["kld"] < 1e6
+    _, logvar = model.encode(weights[:2], conds[:2])
+    assert float(logvar.abs().max()) <= LOGVAR_BOUND

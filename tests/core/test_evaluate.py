@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from icm_core.config import EvalConfig
-from icm_core.evaluate import LMScore, eval_blocks, evaluate_lm, gain_recovered, score_blocks
+from icm_core.evaluate import LMScore, eval_blocks, evaluate_lm, gain_recovered, score_blocks, spread_indices
 from tests import helpers
 
 
@@ -34,18 +34,24 @@ def _hand_score(model, tokenizer, texts, seq_len, max_tokens):
     """PPL / BPC computed independently: logits -> log-softmax -> NLL of targets 1..T-1 per block."""
     text = "\n\n".join(t for t in texts if t.strip())
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    n_blocks = min(len(ids) // seq_len, max(1, max_tokens // seq_len))
-    nll, tokens = 0.0, 0
+    available = len(ids) // seq_len
+    wanted = max(1, max_tokens // seq_len)
+    # Evenly spaced blocks over the whole split when the budget is smaller than it.
+    chosen = range(available) if wanted >= available else [i * available // wanted for i in range(wanted)]
+    nll, tokens, per_block = 0.0, 0, []
     with torch.no_grad():
-        for b in range(n_blocks):
+        for b in chosen:
             block = torch.tensor(ids[b * seq_len : (b + 1) * seq_len]).unsqueeze(0)
             logp = torch.log_softmax(model(input_ids=block).logits[0].double(), dim=-1)
+            block_nll = 0.0
             for t in range(1, seq_len):
-                nll -= logp[t - 1, block[0, t]].item()
+                block_nll -= logp[t - 1, block[0, t]].item()
                 tokens += 1
+            per_block.append(block_nll)
+            nll += block_nll
     # Char tokenizer: every predicted token covers exactly one character.
     chars = tokens
-    return nll, tokens, chars, math.exp(nll / tokens), nll / math.log(2) / chars, text
+    return nll, tokens, chars, math.exp(nll / tokens), nll / math.log(2) / chars, text, per_block
 
 
 def test_tokenizer_is_character_level(tokenizer, char_tokenizer):
@@ -69,7 +75,7 @@ def test_loaded_base_equals_built_model(model, tokenizer):
 
 @pytest.mark.parametrize("max_tokens, batch_size", [(4096, 8), (4096, 3), (48, 2)])
 def test_matches_hand_computation(model, tokenizer, max_tokens, batch_size):
-    nll, tokens, chars, ppl, bpc, text = _hand_score(model, tokenizer, TEXTS, SEQ_LEN, max_tokens)
+    nll, tokens, chars, ppl, bpc, text, per_block = _hand_score(model, tokenizer, TEXTS, SEQ_LEN, max_tokens)
     score = evaluate_lm(model, tokenizer, TEXTS, SEQ_LEN, EvalConfig(max_tokens=max_tokens, batch_size=batch_size))
     assert isinstance(score, LMScore)
     n_blocks = min(len(text) // SEQ_LEN, max(1, max_tokens // SEQ_LEN))
@@ -81,7 +87,28 @@ def test_matches_hand_computation(model, tokenizer, max_tokens, batch_size):
     # Characters == tokens, so BPC * ln 2 is the mean NLL per token, i.e. ln PPL.
     assert score.bpc * math.log(2) == pytest.approx(score.nll_nats / score.tokens, rel=1e-12)
     assert score.bpc * math.log(2) == pytest.approx(math.log(score.ppl), rel=1e-12)
-    assert set(score.as_dict()) == {"nll_nats", "tokens", "chars", "ppl", "bpc"}
+    # Per block: what the report's bootstrap resamples; the sums are the totals.
+    assert score.block_nll == pytest.approx(per_block, rel=1e-5)
+    assert score.block_tokens == [SEQ_LEN - 1] * n_blocks and sum(score.block_chars) == chars
+    assert score.blocks_available == len(text) // SEQ_LEN
+    assert set(score.as_dict()) == {
+        "nll_nats",
+        "tokens",
+        "chars",
+        "ppl",
+        "bpc",
+        "block_nll",
+        "block_tokens",
+        "block_chars",
+        "blocks_available",
+    }
+
+
+def test_spread_indices_cover_the_split():
+    assert spread_indices(10, 20) == list(range(10))
+    assert spread_indices(10, 5) == [0, 2, 4, 6, 8]
+    assert spread_indices(119, 32)[-1] >= 110  # the last documents are scored too, not only the first
+    assert len(set(spread_indices(119, 32))) == 32
 
 
 def test_model_mode_is_restored(model, tokenizer):
@@ -100,9 +127,13 @@ def test_eval_blocks_shapes_and_max_tokens(tokenizer):
     assert blocks.target_chars.shape == (len(text) // SEQ_LEN, SEQ_LEN - 1)
     assert bool((blocks.target_chars == 1).all())
     # The joined text (blank lines between non-empty documents) is what gets scored.
-    first = tokenizer(text, add_special_tokens=False)["input_ids"][:SEQ_LEN]
-    assert blocks.input_ids[0].tolist() == first
-    assert eval_blocks(TEXTS, tokenizer, SEQ_LEN, max_tokens=40).input_ids.shape[0] == 2
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert blocks.input_ids[0].tolist() == ids[:SEQ_LEN]
+    two = eval_blocks(TEXTS, tokenizer, SEQ_LEN, max_tokens=40)
+    assert two.input_ids.shape[0] == 2 and two.available == len(text) // SEQ_LEN
+    # Two blocks out of the whole split: the first one and the one half-way through, not blocks 0 and 1.
+    half = (len(text) // SEQ_LEN) // 2
+    assert two.input_ids[1].tolist() == ids[half * SEQ_LEN : (half + 1) * SEQ_LEN]
     assert eval_blocks(TEXTS, tokenizer, SEQ_LEN, max_tokens=1).input_ids.shape[0] == 1
     with pytest.raises(ValueError, match="fewer than one block"):
         eval_blocks(["short"], tokenizer, SEQ_LEN, max_tokens=4096)

@@ -165,6 +165,30 @@ def test_norm_stats_round_trip(peft_state):
     assert torch.allclose(denormalize(normed, stats, layout), rows, rtol=1e-5, atol=1e-5)
 
 
+def test_coordinate_normalisation_removes_the_shared_part(peft_state):
+    """normalization='coordinate': the per-coordinate mean over all rows is subtracted first (it is stored as
+    ``center``), then each tensor is z-scored; what is left is what tells rows apart, and it inverts exactly."""
+    layout = lora_layout(peft_state)
+    generator = torch.Generator().manual_seed(1)
+    shared, _ = flatten_lora(peft_state, layout)  # one large shared vector (like LoRA A's common initialisation)
+    rows = 100.0 * shared + torch.randn(8, layout.total, generator=generator)
+    stats = fit_norm_stats(rows, layout, center=True)
+    assert stats.center is not None and stats.center.shape == (layout.total,)
+    assert torch.allclose(stats.center, rows.double().mean(0).float(), atol=1e-4)
+    normed = normalize(rows, stats, layout)
+    # Every coordinate has mean zero over the rows: the shared vector is gone ...
+    assert float(normed.double().mean(0).abs().max()) < 1e-4
+    for spec in layout.specs:  # ... and every tensor has unit spread
+        block = normed[:, spec.offset : spec.offset + spec.numel].double()
+        assert block.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
+    assert torch.allclose(denormalize(normed, stats, layout), rows, rtol=1e-5, atol=1e-3)
+    # Without centring the shared vector dominates: rows are nearly identical after the z-score.
+    plain = normalize(rows, fit_norm_stats(rows, layout), layout)
+    spread_plain = float((plain - plain.mean(0)).norm() / plain.norm())
+    spread_centred = float((normed - normed.mean(0)).norm() / normed.norm())
+    assert spread_plain < 0.05 < 0.9 < spread_centred
+
+
 def test_norm_stats_constant_tensor_stays_finite(peft_state):
     layout = lora_layout(peft_state)
     rows = torch.zeros(3, layout.total)

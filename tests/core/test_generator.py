@@ -244,3 +244,43 @@ def test_stage_functions_end_to_end(trained, generator, tmp_path, tiny_model_cfg
     assert by_name["adapter_sha256"] == by_vector["adapter_sha256"]
     with pytest.raises(ValueError, match="category or a task vector"):
         sample_adapter(out, tmp_path / "neither", cfg)
+
+
+def _synthetic_category(seed: int, sign: float, n: int = 6) -> list[dict[str, torch.Tensor]]:
+    """Checkpoints of one category: a category-specific direction plus a shared 'initialisation' and small noise,
+    like a LoRA trajectory (A starts from one random init shared by every category)."""
+    shared = torch.Generator().manual_seed(0)
+    init_a = torch.randn(2, 24, generator=shared)
+    g = torch.Generator().manual_seed(seed)
+    direction_b = torch.randn(16, 2, generator=g)
+    rows = []
+    for _ in range(n):
+        rows.append(
+            {
+                "m.layers.0.q.lora_A.weight": init_a + sign * 0.3 + 0.02 * torch.randn(2, 24, generator=g),
+                "m.layers.0.q.lora_B.weight": sign * direction_b.abs() + 0.02 * torch.randn(16, 2, generator=g),
+            }
+        )
+    return rows
+
+
+@pytest.mark.parametrize("normalization", ["tensor", "coordinate"])
+def test_generated_weights_are_close_to_their_own_category(normalization):
+    """Quality, not shape: after training, each category's generated adapter lies near its own checkpoints
+    (within 30% of the distance between the categories) and far from the other category's."""
+    checkpoints = {"up": _synthetic_category(1, 1.0), "down": _synthetic_category(2, -1.0)}
+    vectors = {"up": torch.tensor([1.0, 0.0, 0.3]), "down": torch.tensor([0.0, 1.0, -0.3])}
+    dataset = build_dataset(checkpoints, vectors)
+    cfg = CVAEConfig(channels=(4, 8), latent_dim=8, epochs=150, batch_size=4, lr=3e-3, normalization=normalization)
+    gen, history, _ = train_generator(dataset, cfg, {"r": 2, "lora_alpha": 8})
+    assert history[-1]["recon"] < 0.1 * history[0]["recon"]  # it learned the data, not just its shapes
+    means = {
+        name: dataset.weights[[i for i, o in enumerate(dataset.row_category) if o == name]].mean(0)
+        for name in checkpoints
+    }
+    between = float((means["up"] - means["down"]).norm())
+    for name, other in (("up", "down"), ("down", "up")):
+        flat = flatten_lora(gen.generate_for(name, SampleConfig(seed=3)), dataset.layout)[0]
+        own, far = float((flat - means[name]).norm()), float((flat - means[other]).norm())
+        assert own < 0.3 * between, (name, own, between)
+        assert far > 0.7 * between, (name, far, between)

@@ -16,6 +16,7 @@ from icm_core.pdiff import (
     ConditionalUNet1d,
     FoldingAutoencoder,
     NoiseSchedule,
+    SharedNorm,
     TaskNorm,
     ae_padded_length,
     load_pdiff,
@@ -178,3 +179,42 @@ def test_artifact_round_trip_is_self_contained(trained, tmp_path):
     save_tensors(other, {"x": torch.zeros(1)}, {"kind": "something-else"})
     with pytest.raises(ArtifactError, match="not a COND P-DIFF"):
         load_pdiff(other)
+
+
+SHARED = TINY.model_copy(update={"normalization": "shared"})
+
+
+@pytest.fixture(scope="module")
+def trained_shared(dataset):
+    model, history, _ = train_pdiff(dataset, SHARED, {"r": 2, "lora_alpha": 8})
+    return model, history
+
+
+def test_shared_normalisation_stores_no_per_task_statistics(dataset, trained_shared, tmp_path):
+    """normalization='shared': one per-tensor z-score over all tasks (as ICM-LoRA); the artifact holds no
+    per-task mean, and de-normalising a zero output gives the same weights for every task."""
+    model, history = trained_shared
+    norm = model.norm
+    assert isinstance(norm, SharedNorm) and norm.stats.mean.shape == (len(dataset.layout.specs),)
+    zero = torch.zeros(dataset.layout.total)
+    assert torch.equal(norm.denormalize(zero, "alpha"), norm.denormalize(zero, "beta"))
+    z = norm.normalize(dataset.weights, dataset.row_category)
+    for spec in dataset.layout.specs:  # every tensor z-scored over all checkpoints of all tasks
+        block = z[:, spec.offset : spec.offset + spec.numel].double()
+        assert abs(float(block.mean())) < 1e-5 and abs(float(block.std(unbiased=False)) - 1) < 1e-4
+    assert torch.allclose(norm.denormalize(z[0], "alpha"), dataset.weights[0], atol=1e-5)
+    with pytest.raises(KeyError, match="gamma"):
+        norm.denormalize(zero, "gamma")
+    # The per-task variant's stored mean is each task's mean checkpoint: decoding zero gives it back.
+    per_task = TaskNorm.fit(dataset.weights, dataset.row_category, 1e-8)
+    assert torch.allclose(per_task.denormalize(zero, "alpha"), dataset.weights[:4].mean(0), atol=1e-6)
+    path = tmp_path / "shared.safetensors"
+    save_pdiff(path, model, {"history": history})
+    loaded = load_pdiff(path)
+    assert isinstance(loaded.norm, SharedNorm)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert tuple(f.get_tensor("norm.mean").shape) == (len(dataset.layout.specs),)  # no [tasks, L] rows
+    a, b = model.generate_for("beta", SampleConfig(seed=1)), loaded.generate_for("beta", SampleConfig(seed=1))
+    assert all(torch.equal(a[k], b[k]) for k in a)

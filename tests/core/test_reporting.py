@@ -8,11 +8,14 @@ import torch
 from icm_core.io import csv_text
 from icm_core.plots import pca_2d, plot_main_bars, plot_task_vectors, plot_training_curves
 from icm_core.reporting import (
+    add_intervals,
     gain_table,
+    interval_table,
     main_table,
     mean_row,
     ordered_methods,
     result_rows,
+    seed_rows,
     storage_rows,
     storage_table,
 )
@@ -52,7 +55,7 @@ def test_result_rows_gain_and_gap():
 def test_tables_render_every_method_and_category():
     rows = result_rows(SCORES)
     main = main_table(rows)
-    for title in ("Original model", "Original LoRA", "Model Soup", "COND P-DIFF", "ICM-LoRA"):
+    for title in ("Original model", "Original LoRA", "Model Soup (all categories)", "COND P-DIFF", "ICM-LoRA"):
         assert f"| {title} |" in main
     assert "news PPL" in main and "mean PPL" in main
     gains = gain_table(rows)
@@ -114,3 +117,61 @@ def test_figures_are_written_as_png(tmp_path):
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bars.png", "curves.png", "cvae-only.png", "tv.png"]
+
+
+def _eval(ppl_per_token_nll: float, n: int = 24, seed: int = 0, offset: float = 0.0) -> dict:
+    """An evaluation's metadata with per-block NLL sums: shared block difficulty + a method-specific offset."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    difficulty = np.random.default_rng(99).normal(0.0, 0.4, size=n)  # the same blocks for every method
+    nll = (ppl_per_token_nll + difficulty + offset + rng.normal(0, 0.002, size=n)) * 127
+    ppl = float(np.exp(nll.sum() / (127 * n)))
+    return {"ppl": ppl, "bpc": ppl / 40, "block_nll": nll.tolist(), "block_tokens": [127] * n}
+
+
+def test_seed_rows_mean_and_spread():
+    seeds = [
+        [{"category": "news", "ppl_lora": 40.0, "gain_icm_lora": 0.9, "adapter_dir": "x"}],
+        [{"category": "news", "ppl_lora": 42.0, "gain_icm_lora": 1.0, "adapter_dir": "y"}],
+        [{"category": "news", "ppl_lora": 44.0, "gain_icm_lora": 0.95, "adapter_dir": "z"}],
+    ]
+    [row] = seed_rows(seeds)
+    assert row["ppl_lora"] == 42.0 and row["ppl_lora_sd"] == pytest.approx(2.0)
+    assert row["gain_icm_lora"] == pytest.approx(0.95) and row["gain_icm_lora_sd"] == pytest.approx(0.05)
+    assert row["adapter_dir"] == "x"  # not numeric: seed 0's
+    [single] = seed_rows(seeds[:1])
+    assert single["ppl_lora"] == 40.0 and "ppl_lora_sd" not in single
+
+
+def test_intervals_in_rows_and_tables():
+    seed0 = {
+        "news": {
+            "base": _eval(3.8, seed=1),
+            "lora": _eval(3.7, seed=2),
+            "icm_lora": _eval(3.7, seed=3),  # no real difference to the LoRA
+            "model_soup": _eval(3.7, seed=4, offset=0.02),  # 2% worse per token
+        }
+    }
+    seed1 = {
+        "news": {
+            m: _eval(3.7 + (0.1 if m == "base" else 0.02 if m == "model_soup" else 0.0), seed=10 + i)
+            for i, m in enumerate(("base", "lora", "icm_lora", "model_soup"))
+        }
+    }
+    per_seed = [result_rows(s) for s in (seed0, seed1)]
+    rows = seed_rows(per_seed)
+    add_intervals(rows, [seed0, seed1])
+    [row] = rows
+    assert row["verdict_vs_lora"]["model_soup"] == "worse" and row["ci95_vs_lora"]["model_soup"][0] > 0
+    assert row["verdict_vs_lora"]["icm_lora"] == "no clear difference"
+    low, high = row["ci95_vs_lora"]["icm_lora"]
+    assert low < 0 < high and high - low < 0.01
+    assert row["verdict_vs_base"]["lora"] == "better" and "lora" not in row["ci95_vs_lora"]
+    table = interval_table(rows, "lora")
+    assert "**worse**" in table and "(no clear difference)" in table and "Model Soup (all categories)" in table
+    # Evaluations without per-block data (older artifacts) get no interval rather than a made-up one.
+    seed0["news"]["icm_lora"] = {"ppl": 40.0, "bpc": 1.0}
+    rows = seed_rows([result_rows(seed0)])
+    add_intervals(rows, [seed0])
+    assert "icm_lora" not in rows[0]["ci95_vs_lora"] and "model_soup" in rows[0]["ci95_vs_lora"]

@@ -12,8 +12,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from icm_core.config import (
+    DEFAULT_METHODS,
     CVAEConfig,
     DataConfig,
+    DiagnosticsConfig,
     EvalConfig,
     ModelConfig,
     PDiffConfig,
@@ -114,7 +116,12 @@ def tiny_run_config(model_dir: Path, **lora_overrides: Any) -> RunConfig:
         cvae=CVAEConfig(channels=(4, 8, 8, 4), latent_dim=8, epochs=3, batch_size=2),
         eval=EvalConfig(max_tokens=128),
         pdiff=TINY_PDIFF,
+        diagnostics=DiagnosticsConfig(z_draws=2),
     )
+
+
+EVALUATED = (*DEFAULT_METHODS, "icm_lora@z1")
+"""What a tiny run evaluates: every default method, and ICM-LoRA's second z draw (generator diagnostics)."""
 
 
 TINY_PDIFF = PDiffConfig(
@@ -204,8 +211,9 @@ def states_by_name(state) -> dict[str, str]:
 
 
 def expected_task_runs(categories=CATEGORIES) -> set[str]:
-    names = {"train-cvae", "train-cond-pdiff", "soup-all", "report"}
+    names = {"train-cvae", "train-cond-pdiff", "soup-all", "report", "diagnostics-icm_lora", "diagnostics-cond_pdiff"}
     for c in categories:
         names |= {f"data-{c}", f"lora-{c}", f"task-vector-{c}", f"sample-{c}", f"sample-pdiff-{c}"}
-        names |= {f"eval-{c}-{m}" for m in ("base", "lora", "model_soup", "cond_pdiff", "icm_lora")}
+        names |= {f"trajectory-mean-{c}", f"soup-{c}-own", f"sample-{c}-z1", f"sample-pdiff-{c}-z1"}
+        names |= {f"eval-{c}-{m}" for m in EVALUATED}
     return names

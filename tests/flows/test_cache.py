@@ -38,10 +38,14 @@ def test_cvae_config_change_reruns_only_cvae_and_downstream(workspace):
     assert set(states) == expected_task_runs()
     upstream = {f"{stage}-{c}" for c in CATEGORIES for stage in ("data", "lora", "task-vector")}
     # The baselines do not depend on the CVAE config: Model Soup and COND P-DIFF come from the cache.
-    baselines = {"soup-all", "train-cond-pdiff"} | {f"sample-pdiff-{c}" for c in CATEGORIES}
-    methods = ("base", "lora", "model_soup", "cond_pdiff")
+    baselines = {"soup-all", "train-cond-pdiff", "diagnostics-cond_pdiff"}
+    baselines |= {f"{s}-{c}{z}" for c in CATEGORIES for s in ("sample-pdiff",) for z in ("", "-z1")}
+    baselines |= {f"trajectory-mean-{c}" for c in CATEGORIES} | {f"soup-{c}-own" for c in CATEGORIES}
+    methods = ("base", "lora", "trajectory_mean", "soup_own", "model_soup", "cond_pdiff")
     unaffected = upstream | baselines | {f"eval-{c}-{m}" for c in CATEGORIES for m in methods}
-    rerun = {"train-cvae", "report"} | {f"sample-{c}" for c in CATEGORIES} | {f"eval-{c}-icm_lora" for c in CATEGORIES}
+    rerun = {"train-cvae", "report", "diagnostics-icm_lora"}
+    rerun |= {f"sample-{c}{z}" for c in CATEGORIES for z in ("", "-z1")}
+    rerun |= {f"eval-{c}-{m}" for c in CATEGORIES for m in ("icm_lora", "icm_lora@z1")}
     assert unaffected | rerun == set(states)
     assert {name: states[name] for name in unaffected} == dict.fromkeys(unaffected, "Cached")
     assert {name: states[name] for name in rerun} == dict.fromkeys(rerun, "Completed")

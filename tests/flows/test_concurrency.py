@@ -13,11 +13,10 @@ from pathlib import Path
 
 import yaml
 
-from icm_core.config import METHOD_NAMES
 from icm_core.faults import TRACE_ENV
 from tasks.artifacts import valid_output
 from tests.flows.crash import check_visible_files, hidden_leftovers, output_folders
-from tests.flows.support import CATEGORIES, expected_task_runs, states_by_name
+from tests.flows.support import CATEGORIES, EVALUATED, expected_task_runs, states_by_name
 from tests.flows.test_faults import eval_scores
 
 
@@ -99,7 +98,7 @@ def test_two_pipelines_at_once_build_every_output_once(workspace, prefect_api, t
     assert all(valid_output(folder) is not None for folder in folders)
     assert check_visible_files(workspace.root)["manifests"] == len(expected_task_runs())
     assert hidden_leftovers(workspace.root) == []
-    assert set(eval_scores(workspace.root)) == {(c, m) for c in CATEGORIES for m in METHOD_NAMES}
+    assert set(eval_scores(workspace.root)) == {(c, m) for c in CATEGORIES for m in EVALUATED}
 
     # 4) Prefect's records were not corrupted by the two writers: a third run is all cache hits.
     third = workspace.run(config=config)

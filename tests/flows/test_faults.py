@@ -19,7 +19,6 @@ import pytest
 import yaml
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
-from icm_core.config import METHOD_NAMES
 from icm_core.faults import KILL_ENV, MARKER_ENV, parse_spec
 from tasks.artifacts import MANIFEST, valid_output
 from tests.flows.crash import (
@@ -31,6 +30,7 @@ from tests.flows.crash import (
 )
 from tests.flows.support import (
     CATEGORIES,
+    EVALUATED,
     Workspace,
     expected_task_runs,
     forecast_text,
@@ -106,7 +106,7 @@ def reference(prefect_api, tmp_path_factory, tiny_base_dir) -> Iterator[dict]:
         state = Workspace(root, root / ".prefect" / "results", categories, tiny_run_config(tiny_base_dir)).run()
     assert state.is_completed(), state.message
     scores = eval_scores(root)
-    assert set(scores) == {(c, m) for c in CATEGORIES for m in METHOD_NAMES}
+    assert set(scores) == {(c, m) for c in CATEGORIES for m in EVALUATED}
     yield {"scores": scores, "weights": weight_hashes(root), "report": report_numbers(root)}
 
 

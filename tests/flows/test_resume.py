@@ -14,8 +14,7 @@ from pathlib import Path
 import yaml
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
-from icm_core.config import METHOD_NAMES
-from tests.flows.support import CATEGORIES, states_by_name
+from tests.flows.support import CATEGORIES, EVALUATED, states_by_name
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,7 +117,7 @@ def test_killed_run_resumes_with_same_metrics(workspace, prefect_api, tmp_path):
     assert reference.is_completed(), reference.message
 
     got, want = final_scores(workspace.root), final_scores(reference_root)
-    assert set(got) == {(c, m) for c in CATEGORIES for m in METHOD_NAMES}
+    assert set(got) == {(c, m) for c in CATEGORIES for m in EVALUATED}
     assert set(want) == set(got)
     for key in sorted(want):
         assert abs(got[key][0] - want[key][0]) <= 1e-9 * max(1.0, abs(want[key][0])), (key, got[key], want[key])

@@ -54,6 +54,19 @@ def test_every_stage_runs_on_smollm2(smollm2_run):
         assert 1 < row["ppl_base"] < 200
 
 
+# The generator's adapter must recover at least this share of the fine-tuning gain, (PPL base - PPL ICM) /
+# (PPL base - PPL LoRA), on this small budget (8 LoRA steps, 6 checkpoints, 20 CVAE epochs).
+MIN_GAIN_SHARE = 0.5
+
+
+def test_generated_adapter_recovers_a_share_of_the_gain(smollm2_run):
+    _, result = smollm2_run
+    for row in result["rows"]:
+        assert row["gain_recovered"] is not None, row
+        assert row["gain_recovered"] >= MIN_GAIN_SHARE, (row["category"], row["gain_recovered"])
+        assert row["ppl_icm_lora"] < row["ppl_base"]
+
+
 def test_generated_adapter_is_a_peft_adapter_for_smollm2(smollm2_run):
     cfg, result = smollm2_run
     row = result["rows"][0]
