@@ -30,9 +30,9 @@ from tasks.detection import (
     detection_data_task,
     detection_evaluate_task,
     detection_finetune_task,
-    detection_report_task,
     detection_task_vector_task,
 )
+from tasks.detection_report import detection_report_task
 from tasks.stages import sample_adapter_task, train_generator_task
 
 

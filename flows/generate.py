@@ -3,13 +3,14 @@ task-vector file. No real LoRA checkpoint is involved: the generator artifact ca
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact
+from prefect.artifacts import create_markdown_artifact
 
 from icm_core.adapters import adapter_sha256
 from icm_core.config import SampleConfig, TaskVectorConfig
@@ -65,6 +66,23 @@ def generate_task(
     )
 
 
+def generated_markdown(label: str, out_dir: str, root: str, base: str | None) -> str:
+    """The UI's note on a generated adapter: where it is (relative to the artifacts root when inside it) and
+    how to load it. A path, not a link: the UI cannot open a worker's local files."""
+    folder = Path(out_dir).resolve()
+    try:
+        shown = f"`{folder.relative_to(local_root(root)).as_posix()}` (relative to the artifacts root)"
+    except ValueError:
+        shown = f"`{out_dir}`"
+    return (
+        f"# Generated adapter: {label}\n\n"
+        f"A standard PEFT folder at {shown} on the machine that ran this flow (the UI cannot open a worker's "
+        f"files; a `file://` link would not open in a browser). Its base model: `{base}`.\n\n"
+        "```python\nfrom peft import AutoPeftModelForCausalLM\n\n"
+        "model = AutoPeftModelForCausalLM.from_pretrained(ADAPTER_FOLDER)  # base model + adapter\n```\n"
+    )
+
+
 def _run_name() -> str:
     from prefect.runtime import flow_run
 
@@ -108,11 +126,12 @@ def generate_adapter(
     result = generate_task(
         generator_path, out_dir, sample, label, category, description, task_vector_file, text_encoder, base_model
     )
-    create_link_artifact(
+    base = json.loads((Path(out_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    create_markdown_artifact(
         # Artifact keys allow only lowercase letters, digits and dashes; a task-vector file's stem may hold more.
         key="generated-" + (re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "adapter"),
-        link=Path(out_dir).resolve().as_uri(),
-        link_text=f"generated adapter ({label})",
+        markdown=generated_markdown(label, out_dir, root, base),
+        description=f"generated adapter ({label})",
     )
     get_run_logger().info("adapter written to %s in %.1f ms", out_dir, 1000 * result["seconds"])
     return {**result, "adapter_sha256": adapter_sha256(out_dir)}

@@ -20,12 +20,13 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.futures import PrefectFuture, wait
 
-from flows.runtime import device_from_env
+from flows.runtime import device_from_env, use_hub_token
 from icm_core.base_model import resolve_device
 from icm_core.config import METHOD_NAMES, RunConfig
 from icm_core.data import Category, DataError, builtin_categories, iter_documents, source_fingerprint
 from icm_core.registry import load_registry
 from tasks.artifacts import ArtifactRef
+from tasks.progress import track
 from tasks.report import publish_report, report_task
 from tasks.stages import (
     evaluate_task,
@@ -46,7 +47,13 @@ class CategoryFailed(RuntimeError):
 
 
 def gather(futures: Sequence[PrefectFuture], labels: Sequence[str], stage: str) -> list[Any]:
-    """Wait for fanned-out task runs and return their results, or fail naming every failed category."""
+    """Wait for fanned-out task runs and return their results, or fail naming every failed category.
+
+    A progress artifact of the flow run counts the finished task runs of the stage (evaluation, task
+    vectors, sampling, ... show how far they are in the UI).
+    """
+    for _ in track(futures, f"{stage} ({len(futures)} task runs)"):
+        pass
     wait(list(futures))
     failures = []
     for future, label in zip(futures, labels, strict=True):
@@ -171,6 +178,7 @@ def icm_pipeline(
     root = normalize_root(root)
     cfg = device_from_env(config)
     resolve_device(cfg.model.device)  # a device this machine lacks fails the run here, before any task (no retry)
+    use_hub_token(logger)
     logger.info("categories: %s; artifacts under %s; device %s", ", ".join(names), root, cfg.model.device)
 
     data = gather(

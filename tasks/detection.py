@@ -12,10 +12,8 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from icm_core.io import csv_text, write_json, write_text
 from icm_core.vision import stages as vstages
 from icm_core.vision.config import DetectionDataConfig, DetectionLoraConfig, DetectionTaskVectorConfig, DetectorConfig
-from icm_core.vision.report import markdown_report, result_rows
 from tasks.artifacts import ArtifactCachePolicy, ArtifactRef
 from tasks.stages import TASK_DEFAULTS, device_slot, run_stage
 
@@ -121,33 +119,3 @@ def detection_evaluate_task(
         }
 
     return run_stage("eval", task_name, inputs, build)
-
-
-@task(
-    name="detection-report",
-    task_run_name="det-report",
-    cache_policy=ArtifactCachePolicy("report", category_arg=None),
-    **TASK_DEFAULTS,
-)
-def detection_report_task(
-    evals: dict[str, dict[str, ArtifactRef]],
-    loras: dict[str, ArtifactRef],
-    generator: ArtifactRef,
-    run_info: dict[str, Any],
-    root: str,
-) -> ArtifactRef:
-    """Write report.md / results.csv / results.json: mAP50 and mAP75 per task and method (paper Table 1)."""
-    inputs = {"evals": evals, "loras": loras, "generator": generator, "run_info": run_info, "root": root}
-
-    def build(out: Path) -> dict[str, Any]:
-        scores = {task: {method: ref.meta for method, ref in by.items()} for task, by in evals.items()}
-        training = {task: ref.meta for task, ref in loras.items()}
-        rows = result_rows(scores)
-        write_json(
-            out / "results.json", {"rows": rows, "training": training, "generator": generator.meta, "run": run_info}
-        )
-        write_text(out / "results.csv", csv_text(rows))
-        write_text(out / "report.md", markdown_report(rows, training, generator.meta, run_info))
-        return {"rows": rows}
-
-    return run_stage("report", None, inputs, build)
