@@ -26,6 +26,7 @@ from flows.pipeline import icm_pipeline
 from icm_core.config import OFFICIAL_CHANNELS, RunConfig, config_fingerprint
 from icm_core.io import write_json
 from tasks.ablations import ablation_report_task, publish_ablations
+from tasks.report import root_relative
 
 
 DEFAULT_CATEGORIES = ("news", "python-docs")
@@ -128,7 +129,8 @@ def icm_ablations(
                 "rows": [{k: v for k, v in r.items() if k != "adapter_dir"} for r in summary["rows"]],
                 "storage": summary["storage"],
                 "flat_length": summary["generator_meta"]["flat_length"],
-                "report": summary["report"],
+                # Relative to the artifacts root: the ablation files carry no absolute path of this machine.
+                "report": root_relative(summary["report"], root),
             }
         )
     report = ablation_report_task(results, str(Path(root).resolve()))

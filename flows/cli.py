@@ -146,7 +146,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
             ("report.md", "detection-report.md"),
             ("results.csv", "detection-results.csv"),
             ("results.json", "detection-results.json"),
-            ("detection_results.png", "detection-results.png"),
+            ("detection_results.png", "detection_results.png"),  # the name report.md links to
         ]
         for src, dst in copies:
             if (folder / src).is_file():
@@ -271,7 +271,7 @@ def _flow_commands(sub) -> None:
     p.add_argument(
         "--results-dir",
         help="also copy report.md / results.csv / results.json / the figure here "
-        "(as detection-report.md, detection-results.csv, detection-results.json, detection-results.png)",
+        "(as detection-report.md, detection-results.csv, detection-results.json, detection_results.png)",
     )
 
     p = config_options(add("ablations", cmd_ablations, "Run the ablations (paper Tables 4-6) as one Prefect flow."))

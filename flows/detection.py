@@ -33,6 +33,7 @@ from tasks.detection import (
     detection_task_vector_task,
 )
 from tasks.detection_report import detection_report_task
+from tasks.report import embed_figures
 from tasks.stages import sample_adapter_task, train_generator_task
 
 
@@ -125,8 +126,8 @@ def detection_pipeline(
         )
         create_markdown_artifact(
             key="icm-detection-report",
-            markdown=Path(report.file("report.md")).read_text(),
-            description="ICM-LoRA detection report",
+            markdown=embed_figures(Path(report.file("report.md")).read_text(), Path(report.folder)),
+            description="ICM-LoRA detection report (figure embedded)",
         )
     summary = {
         "rows": rows,

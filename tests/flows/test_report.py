@@ -64,7 +64,7 @@ def test_report_artifacts(workspace):
 
     # Where the outputs are: root-relative paths and a note instead of file:// links a browser cannot open.
     [outputs] = artifacts_of(flow_run_id, "icm-outputs")
-    assert "file://" not in outputs.data and root not in outputs.data
+    assert "](file:" not in outputs.data and root not in outputs.data
     assert "cannot open" in outputs.data
     for row in rows:
         relative = Path(row["adapter_dir"]).resolve().relative_to(workspace.root.resolve()).as_posix()
