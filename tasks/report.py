@@ -271,6 +271,7 @@ def files_markdown(rows: list[dict[str, Any]], generator: ArtifactRef, pdiff: Ar
         lines.append(f"| COND P-DIFF baseline | `{root_relative(pdiff.file('pdiff.safetensors'), root)}` |")
     if rows:
         example = root_relative(rows[0]["adapter_dir"], root)
+        prefix = "ARTIFACTS_ROOT" if is_remote(root) else local_root(root).name  # (a remote root: its local copy)
         lines += [
             "",
             "Load an adapter (run from the artifacts root's parent folder, or give the full path):",
@@ -278,7 +279,7 @@ def files_markdown(rows: list[dict[str, Any]], generator: ArtifactRef, pdiff: Ar
             "```python",
             "from peft import AutoPeftModelForCausalLM",
             "",
-            f'model = AutoPeftModelForCausalLM.from_pretrained("artifacts/{example}")  # base model + adapter',
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{prefix}/{example}")  # base model + adapter',
             "```",
             "",
             "or write a new one with `icm-lora generate --category NAME` (`artifacts/generated/NAME/adapter`).",
