@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_stage_command(args, PROG)
     command = args.command + (f" {args.registry_command}" if args.command == "registry" else "")
     debug = os.environ.get("ICM_LORA_DEBUG", "") not in ("", "0")
+    # The project's warnings reach the run logs in the UI from any folder (prefect.toml covers the repo root).
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "icm_lora")
     try:
         return args.fn(args)
     except RunFailed as exc:
