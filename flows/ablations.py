@@ -19,17 +19,16 @@ The root may be a local folder or an fsspec URL, as for the pipeline. Variants:
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from flows.pipeline import icm_pipeline
-from icm_core.config import OFFICIAL_CHANNELS, RunConfig, config_fingerprint, load_run_config
+from icm_core.config import OFFICIAL_CHANNELS, RunConfig, config_fingerprint
 from tasks.ablations import ablation_report_task, publish_ablations
 from tasks.records import on_root
+from tasks.report import root_relative
 from tasks.store import normalize_root, write_root_json
 
 
@@ -141,7 +140,8 @@ def icm_ablations(
                 "rows": [{k: v for k, v in r.items() if k != "adapter_dir"} for r in summary["rows"]],
                 "storage": summary["storage"],
                 "flat_length": summary["generator_meta"]["flat_length"],
-                "report": summary["report"],
+                # Relative to the artifacts root: the ablation files carry no absolute path of this machine.
+                "report": root_relative(summary["report"], root),
             }
         )
     report = on_root(ablation_report_task, root)(results, root)
@@ -151,44 +151,11 @@ def icm_ablations(
     return out
 
 
-def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the ICM-LoRA ablations (paper Tables 4-6) as one Prefect flow.")
-    parser.add_argument("--config", help="YAML/JSON base run config")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
-    parser.add_argument("--categories", help="category file (default: the built-in demo categories)")
-    parser.add_argument("--only", default=",".join(DEFAULT_CATEGORIES), help="comma-separated categories ('' = all)")
-    parser.add_argument("--ranks", default="1,2,4,8", help="LoRA ranks (Table 4)")
-    parser.add_argument("--depths", default="4,8,12", help="CVAE conv-layer counts (Table 5)")
-    parser.add_argument("--depth-ranks", default="2,8", help="ranks at which depths are compared")
-    parser.add_argument("--sources", default="hidden_state,description", help="task-vector sources (Table 6)")
-    parser.add_argument("--root", default="artifacts", help="artifacts root (default: artifacts)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_run_config(args.config, args.set)
-        ranks, depths, depth_ranks = _ints(args.ranks), _ints(args.depths), _ints(args.depth_ranks)
-        sources = [s.strip() for s in args.sources.split(",") if s.strip()]
-        ablation_variants(cfg, ranks, depths, depth_ranks, sources)  # validate before starting anything
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    only = [n.strip() for n in args.only.split(",") if n.strip()] or None
-    out = icm_ablations(
-        config=cfg,
-        categories_file=args.categories,
-        only=only,
-        ranks=ranks,
-        depths=depths,
-        depth_ranks=depth_ranks,
-        sources=sources,
-        root=args.root,
-    )
-    print(open(out["report"], encoding="utf-8").read())
-    print(f"ablation report: {out['report']}")
-    return 0
+    """``python -m flows.ablations``: an alias of ``icm-lora ablations`` (flows/cli.py)."""
+    from flows.cli import alias
+
+    return alias("ablations", argv)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,6 @@ paper's detector) through ``--set detector.kind=florence2`` (see docs/vision.md)
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,6 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.pipeline import baseline_adapters, gather
 from icm_core.config import config_fingerprint, load_run_config
 from icm_core.vision.config import DetectionRunConfig, task_slug
-from icm_core.vision.report import table_markdown
 from icm_core.vision.stages import source_fingerprint
 from tasks.artifacts import ArtifactRef
 from tasks.detection import (
@@ -37,6 +33,7 @@ from tasks.detection import (
 )
 from tasks.detection_report import detection_report_task
 from tasks.records import on_root
+from tasks.report import embed_figures
 from tasks.stages import sample_adapter_task, train_generator_task
 from tasks.store import normalize_root, write_root_json
 
@@ -141,8 +138,8 @@ def detection_pipeline(
         )
         create_markdown_artifact(
             key="icm-detection-report",
-            markdown=Path(report.file("report.md")).read_text(),
-            description="ICM-LoRA detection report",
+            markdown=embed_figures(Path(report.file("report.md")).read_text(), Path(report.folder)),
+            description="ICM-LoRA detection report (figure embedded)",
         )
     summary = {
         "rows": rows,
@@ -155,38 +152,10 @@ def detection_pipeline(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run ICM-LoRA on detection tasks (local Prefect by default).")
-    parser.add_argument("--config", help="YAML/JSON config (sections data, detector, lora, task_vector, cvae, ...)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
-    parser.add_argument("--root", default="artifacts/detection", help="artifacts root (default: artifacts/detection)")
-    parser.add_argument(
-        "--results-dir",
-        help="also copy report.md / results.csv / results.json here "
-        "(as detection-report.md, detection-results.csv, detection-results.json)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_detection_config(args.config, args.set)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    summary = detection_pipeline(config=cfg, root=args.root)
-    print()
-    print(table_markdown(summary["rows"]))
-    print()
-    print(f"report: {summary['report']}")
-    if args.results_dir:
-        target = Path(args.results_dir)
-        target.mkdir(parents=True, exist_ok=True)
-        folder = Path(summary["report_dir"])
-        for src, dst in (
-            ("report.md", "detection-report.md"),
-            ("results.csv", "detection-results.csv"),
-            ("results.json", "detection-results.json"),
-        ):
-            shutil.copyfile(folder / src, target / dst)
-        print(f"copied to {target}/detection-report.md, detection-results.csv, detection-results.json")
-    return 0
+    """``python -m flows.detection``: an alias of ``icm-lora detect`` (flows/cli.py)."""
+    from flows.cli import alias
+
+    return alias("detect", argv)
 
 
 if __name__ == "__main__":

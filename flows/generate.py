@@ -10,15 +10,15 @@ request writes the same bytes again. An explicit ``out`` that already exists is 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
+import json
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact
+from prefect.artifacts import create_markdown_artifact
 
 from icm_core.adapters import adapter_sha256
 from icm_core.config import SampleConfig, TaskVectorConfig
@@ -33,7 +33,10 @@ def latest_generator(root: str | Path) -> Path:
     staging copy, fetched and verified when the run happened elsewhere)."""
     latest = read_root_json(str(root), "latest.json")
     if latest is None:
-        raise FileNotFoundError(f"{root}/latest.json: no pipeline run recorded here; pass generator= explicitly")
+        raise FileNotFoundError(
+            f"{root}/latest.json: no pipeline run recorded here; run `icm-lora pipeline` first, or give the "
+            "generator file (--generator / generator=)"
+        )
     path = Path(latest["generator"])
     if is_remote(str(root)):
         # The path in latest.json is the producing machine's; use this machine's staging copy of that output.
@@ -54,6 +57,7 @@ def generate_task(
     description: str | None,
     task_vector_file: str | None,
     text_encoder: str,
+    base_model: str | None = None,
 ) -> dict[str, Any]:
     if task_vector_file:
         vector = load_task_vector(task_vector_file)
@@ -62,7 +66,30 @@ def generate_task(
     else:
         vector = None
     return sample_adapter(
-        generator, out, sample_cfg, category=category, task_vector=vector, task_vector_source=task_vector_file
+        generator,
+        out,
+        sample_cfg,
+        category=category,
+        task_vector=vector,
+        task_vector_source=task_vector_file,
+        base_model=base_model,
+    )
+
+
+def generated_markdown(label: str, out_dir: str, root: str, base: str | None) -> str:
+    """The UI's note on a generated adapter: where it is (relative to the artifacts root when inside it) and
+    how to load it. A path, not a link: the UI cannot open a worker's local files."""
+    folder = Path(out_dir).resolve()
+    try:
+        shown = f"`{folder.relative_to(local_root(root)).as_posix()}` (relative to the artifacts root)"
+    except ValueError:
+        shown = f"`{out_dir}`"
+    return (
+        f"# Generated adapter: {label}\n\n"
+        f"A standard PEFT folder at {shown} on the machine that ran this flow (the UI cannot open a worker's "
+        f"files; a `file://` link would not open in a browser). Its base model: `{base}`.\n\n"
+        "```python\nfrom peft import AutoPeftModelForCausalLM\n\n"
+        "model = AutoPeftModelForCausalLM.from_pretrained(ADAPTER_FOLDER)  # base model + adapter\n```\n"
     )
 
 
@@ -112,6 +139,7 @@ def generate_adapter(
     text_encoder: str = TaskVectorConfig().text_encoder,
     root: str = "artifacts",
     overwrite: bool = False,
+    base_model: str | None = None,
 ) -> dict[str, Any]:
     """Generate a PEFT adapter folder.
 
@@ -127,6 +155,8 @@ def generate_adapter(
         text_encoder: Sentence encoder for ``description``.
         root: Artifacts root.
         overwrite: Replace an existing ``out`` folder.
+        base_model: What the adapter's ``base_model_name_or_path`` names (a hub id or a model folder); default:
+            what the generator's training data recorded (see ``ModelConfig.adapter_base``).
     """
     given = [x for x in (category, description, task_vector_file) if x]
     if len(given) != 1:
@@ -141,42 +171,24 @@ def generate_adapter(
         condition = condition_label(category, description, task_vector_file, text_encoder)
         out_dir = str(default_out(root, Path(generator_path), condition, sample))
     result = generate_task(
-        generator_path, out_dir, sample, label, category, description, task_vector_file, text_encoder
+        generator_path, out_dir, sample, label, category, description, task_vector_file, text_encoder, base_model
     )
-    create_link_artifact(
+    base = json.loads((Path(out_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    create_markdown_artifact(
         # Artifact keys allow only lowercase letters, digits and dashes; a task-vector file's stem may hold more.
         key="generated-" + (re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "adapter"),
-        link=Path(out_dir).resolve().as_uri(),
-        link_text=f"generated adapter ({label})",
+        markdown=generated_markdown(label, out_dir, root, base),
+        description=f"generated adapter ({label})",
     )
     get_run_logger().info("adapter written to %s in %.1f ms", out_dir, 1000 * result["seconds"])
     return {**result, "adapter_sha256": adapter_sha256(out_dir)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate a PEFT adapter with a trained ICM-LoRA generator.")
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--category")
-    group.add_argument("--description")
-    group.add_argument("--task-vector", dest="task_vector_file")
-    parser.add_argument("--out")
-    parser.add_argument("--generator")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--root", default="artifacts")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    args = parser.parse_args(argv)
-    result = generate_adapter(
-        category=args.category,
-        description=args.description,
-        task_vector_file=args.task_vector_file,
-        out=args.out,
-        generator=args.generator,
-        sample=SampleConfig(seed=args.seed),
-        root=args.root,
-        overwrite=args.overwrite,
-    )
-    print(result["adapter_dir"])
-    return 0
+    """``python -m flows.generate``: an alias of ``icm-lora generate`` (flows/cli.py)."""
+    from flows.cli import alias
+
+    return alias("generate", argv)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,8 @@ inside the artifacts root (``tasks/records.py``). Run it with ``python -m flows.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
 from collections.abc import Collection, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,13 +26,14 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.futures import PrefectFuture, wait
 
-from flows.runtime import RUNNERS, device_from_env, make_task_runner
-from icm_core.config import METHOD_NAMES, RunConfig, load_run_config
-from icm_core.data import Category, builtin_categories, source_fingerprint
+from flows.runtime import device_from_env, use_hub_token
+from icm_core.base_model import resolve_device
+from icm_core.config import METHOD_NAMES, RunConfig
+from icm_core.data import Category, DataError, builtin_categories, iter_documents, source_fingerprint
 from icm_core.registry import load_registry
-from icm_core.runner import format_table
 from tasks.artifacts import ArtifactRef
 from tasks.manifest import VERIFY_ENV
+from tasks.progress import track
 from tasks.records import on_root
 from tasks.report import FIGURES, publish_report, report_task
 from tasks.stages import (
@@ -58,7 +57,13 @@ class CategoryFailed(RuntimeError):
 
 
 def gather(futures: Sequence[PrefectFuture], labels: Sequence[str], stage: str) -> list[Any]:
-    """Wait for fanned-out task runs and return their results, or fail naming every failed category."""
+    """Wait for fanned-out task runs and return their results, or fail naming every failed category.
+
+    A progress artifact of the flow run counts the finished task runs of the stage (evaluation, task
+    vectors, sampling, ... show how far they are in the UI).
+    """
+    for _ in track(futures, f"{stage} ({len(futures)} task runs)"):
+        pass
     wait(list(futures))
     failures = []
     for future, label in zip(futures, labels, strict=True):
@@ -179,6 +184,24 @@ def select_categories(categories_file: str | None, only: Sequence[str] | None) -
     if not categories:
         raise ValueError("no categories to run")
     return categories
+
+
+def check_category_sources(categories: Sequence[Category]) -> list[Category]:
+    """Fail early, naming the category and file, when a user category's source is missing or holds no text.
+
+    Reads each source only up to its first non-empty document (built-in sources ship with the install), so
+    the CLI can refuse a bad category file in well under a second, before any Prefect server starts.
+
+    Raises:
+        DataError: A source is missing, unreadable or empty.
+    """
+    for category in categories:
+        if category.is_builtin:
+            continue
+        source_fingerprint(category)  # every file of the source exists
+        if next(iter_documents(category), None) is None:
+            raise DataError(f"category {category.name!r}: source {category.source} is empty (no non-whitespace text)")
+    return list(categories)
 
 
 def _run_name() -> str:
@@ -403,6 +426,8 @@ def _pipeline(
     names = [c.name for c in categories]
     root = normalize_root(root)
     cfg = device_from_env(config)
+    resolve_device(cfg.model.device)  # a device this machine lacks fails the run here, before any task (no retry)
+    use_hub_token(logger)
     logger.info(
         "categories: %s; artifacts under %s; device %s; %d seed(s)",
         ", ".join(names),
@@ -469,53 +494,10 @@ def copy_report(report_dir: str, target: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the ICM-LoRA Prefect pipeline (local Prefect by default).")
-    parser.add_argument("--config", help="YAML/JSON run config (sections model, data, lora, task_vector, cvae, ...)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
-    parser.add_argument("--seeds", type=int, help="run with this many seeds (= --set seeds=N; default 1)")
-    parser.add_argument("--results-dir", help="also copy the report's files (report.md, results.*, figures) here")
-    parser.add_argument("--categories", help="category file (default: the five built-in demo categories)")
-    parser.add_argument("--only", help="comma-separated category names")
-    parser.add_argument("--root", default="artifacts", help="artifacts folder or fsspec URL")
-    parser.add_argument("--runner", choices=RUNNERS, default="threads", help="task runner (default: threads)")
-    parser.add_argument("--runner-address", help="Dask scheduler / Ray address (default: start a local cluster)")
-    parser.add_argument("--workers", type=int, help="local cluster size / thread pool size")
-    parser.add_argument(
-        "--verify",
-        action="store_true",
-        help="re-hash every reused output and model file (slow; default: sizes+mtimes)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_run_config(args.config, args.set + ([f"seeds={args.seeds}"] if args.seeds else []))
-        runner = make_task_runner(args.runner, args.runner_address, args.workers)
-    except (ValueError, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    only = [n.strip() for n in args.only.split(",")] if args.only else None
-    try:
-        select_categories(args.categories, only)  # a bad category file fails here, before any flow run starts
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        summary = icm_pipeline.with_options(task_runner=runner)(
-            config=cfg, categories_file=args.categories, only=only, root=args.root, verify=args.verify
-        )
-    except (ValueError, RuntimeError, OSError) as exc:  # CategoryFailed, DataError, ModelLoadError, ArtifactError
-        print(f"error: pipeline run failed: {exc}", file=sys.stderr)
-        return 1
-    print()
-    print(format_table(summary["rows"]))
-    print()
-    print(f"report:    {summary['report']}")
-    if args.results_dir:
-        print(f"copied:    {copy_report(summary['report_dir'], args.results_dir)}")
-    print(f"generator: {summary['generator']}")
-    print("adapters:")
-    for row in summary["rows"]:
-        print(f"  {row['category']:<14} {row['adapter_dir']}")
-    return 0
+    """``python -m flows.pipeline``: an alias of ``icm-lora pipeline`` (flows/cli.py)."""
+    from flows.cli import alias
+
+    return alias("pipeline", argv)
 
 
 if __name__ == "__main__":

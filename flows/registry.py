@@ -22,7 +22,6 @@ retrain it triggers is all cache hits), whereas the reverse order could lose a c
 
 from __future__ import annotations
 
-import argparse
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -104,6 +103,7 @@ def retrain_categories(
     registry: str = "categories",
     root: str = "artifacts",
     config: RunConfig = RunConfig(),  # noqa: B008 - pydantic default, shown as a form in the UI
+    baseline: bool = False,
 ) -> dict[str, Any]:
     """Bring the generator, adapters and evaluations up to date with the registry after a category change.
 
@@ -113,7 +113,11 @@ def retrain_categories(
         change: ``added``, ``changed`` or ``removed``.
         registry: The category registry (file or folder) to train on: all of its current categories.
         root: Artifacts root (folder or fsspec URL); cached stages of unchanged categories are reused.
-        config: All stage configs, as for ``icm_pipeline``.
+        config: All stage configs, as for ``icm_pipeline``. ``model.device`` "auto" takes the worker's
+            ``ICM_DEVICE`` if set, else cuda when the machine has it, else cpu; a device the machine lacks
+            fails the run at once (never retried).
+        baseline: After the run, record the registry as the scan baseline (``scan_categories(baseline=True)``):
+            the first retrain of a new registry, so that the next scan emits only later changes.
     """
     logger = get_run_logger()
     if change not in ("added", "changed", "removed"):
@@ -126,19 +130,17 @@ def retrain_categories(
         logger.warning("category %s was %s but is %s the registry now", category, change, where)
     cause = f"after {category} {change}" if category else "on request"
     logger.info("retraining %s: %d categories (%s)", cause, len(names), ", ".join(names))
-    return icm_pipeline(config=config, categories_file=registry, root=root)
+    summary = icm_pipeline(config=config, categories_file=registry, root=root)
+    if baseline:
+        scan_categories(registry=registry, root=root, baseline=True)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Scan a category registry once and emit icm.category.* events.")
-    parser.add_argument("--registry", default="categories", help="category file or folder (default: categories)")
-    parser.add_argument("--root", default="artifacts", help="artifacts folder or fsspec URL (default: artifacts)")
-    parser.add_argument("--baseline", action="store_true", help="record the registry without emitting events")
-    args = parser.parse_args(argv)
-    result = scan_categories(registry=args.registry, root=args.root, baseline=args.baseline)
-    for change in ("added", "removed", "changed"):
-        print(f"{change:>8}: {', '.join(result[change]) or '-'}")
-    return 0
+    """``python -m flows.registry``: an alias of ``icm-lora registry scan`` (flows/cli.py)."""
+    from flows.cli import alias
+
+    return alias("registry scan", argv)
 
 
 if __name__ == "__main__":

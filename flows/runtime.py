@@ -81,3 +81,28 @@ def device_from_env(config: RunConfig) -> RunConfig:
     if not device or config.model.device != "auto":
         return config
     return config.model_copy(update={"model": config.model.model_copy(update={"device": device})})
+
+
+HUB_TOKEN_BLOCK_ENV = "ICM_HF_TOKEN_BLOCK"
+
+
+def use_hub_token(logger: Any = None) -> bool:
+    """Put the Hugging Face token of a Prefect Secret block into ``HF_TOKEN`` for this run (gated models).
+
+    The block's name comes from ``$ICM_HF_TOKEN_BLOCK`` (the GPU pool sets ``hf-token``); the token is read
+    at run time on the worker, so it never sits in a deployment's job variables. A token already in the
+    environment wins; a missing block is a warning (public models need no token). Returns whether a token
+    is set.
+    """
+    name = os.environ.get(HUB_TOKEN_BLOCK_ENV, "").strip()
+    if os.environ.get("HF_TOKEN") or not name:
+        return bool(os.environ.get("HF_TOKEN"))
+    try:
+        from prefect.blocks.system import Secret
+
+        os.environ["HF_TOKEN"] = Secret.load(name).get()
+        return True
+    except ValueError as exc:  # no such block
+        if logger is not None:
+            logger.warning("no Secret block %r for the hub token (%s); gated models will be refused", name, exc)
+        return False

@@ -1,7 +1,9 @@
-"""``icm-lora`` / ``python -m icm_core``: one subcommand per stage, usable without Prefect.
+"""``python -m icm_core``: one subcommand per stage, usable without Prefect (no Prefect import).
 
-Every subcommand takes ``--config run.yaml`` (sections: model, data, lora, task_vector, cvae, sample,
-eval) and ``--set section.field=value`` overrides; the defaults are the CPU demo on SmolLM2-135M.
+The same stage subcommands are part of ``icm-lora`` (``flows/cli.py``), which adds the Prefect jobs
+(pipeline, generate, detect, ablations, registry). Every subcommand takes ``--config run.yaml`` (sections:
+model, data, lora, task_vector, cvae, sample, eval) and ``--set section.field=value`` overrides; the
+defaults are the CPU demo on SmolLM2-135M. Only the standard library is imported until a command runs.
 """
 
 from __future__ import annotations
@@ -144,27 +146,44 @@ def cmd_run(args):
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="icm-lora",
-        description="ICM-LoRA stages without Prefect: fine-tune LoRA per category, compute task vectors, train "
-        "one CVAE generator for all categories, sample PEFT adapters and evaluate PPL/BPC.",
-    )
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+STAGE_COMMANDS = (
+    "categories",
+    "config",
+    "prepare-data",
+    "finetune",
+    "task-vector",
+    "train-generator",
+    "sample",
+    "evaluate",
+    "run",
+)
+
+
+def config_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--config`` and ``--set``, shared by every command that takes a run config."""
+    parser.add_argument(
         "--config",
         help="YAML/JSON run config with sections model, data, lora, task_vector, cvae, "
         "sample, eval (default: the built-in CPU demo settings)",
     )
-    common.add_argument(
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
         help="override one config field, e.g. --set lora.steps=20 (repeatable)",
     )
+    return parser
+
+
+def common_parser() -> argparse.ArgumentParser:
+    common = config_options(argparse.ArgumentParser(add_help=False))
     common.add_argument("--categories", help="YAML/JSON category file (default: the five built-in demo categories)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    return common
+
+
+def add_stage_commands(sub, common: argparse.ArgumentParser) -> None:
+    """Add the stage subcommands (:data:`STAGE_COMMANDS`) to ``sub`` (an argparse subparsers action)."""
 
     def add(name: str, fn, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
@@ -224,18 +243,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="artifacts/core-run", help="artifacts root (default: artifacts/core-run)")
     p.add_argument("--only", help="comma-separated subset of category names")
     p.add_argument("--json", help="also write the full results as JSON here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from icm_core import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="icm-lora",
+        description="ICM-LoRA stages without Prefect: fine-tune LoRA per category, compute task vectors, train "
+        "one CVAE generator for all categories, sample PEFT adapters and evaluate PPL/BPC. The installed "
+        "`icm-lora` command has the same subcommands plus the Prefect jobs (pipeline, generate, ...).",
+    )
+    parser.add_argument("--version", action="version", version=f"icm-lora {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_stage_commands(sub, common_parser())
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def error_line(exc: BaseException) -> str:
+    """An exception as one line (str(KeyError) adds quotes; multi-line messages are joined)."""
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    return " ".join(str(message).split()) or type(exc).__name__
+
+
+STAGE_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError)
+"""What a stage command reports as one line with exit status 2 (bad input, a model or file that will not load)."""
+
+
+def run_stage_command(args: argparse.Namespace, prog: str = "icm-lora") -> int:
     try:
         args.fn(args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # str(KeyError) adds quotes
-        print(f"icm-lora {args.command}: error: {message}", file=sys.stderr)
+    except STAGE_ERRORS as exc:
+        print(f"{prog} {args.command}: error: {error_line(exc)}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

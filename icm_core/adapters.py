@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,14 +105,18 @@ def adapter_sha256(folder: str | Path) -> str:
     return sha256_file(Path(folder) / ADAPTER_WEIGHTS)
 
 
-def check_adapter_base(adapter_config: dict[str, Any], base_model_id: str, folder: str | Path) -> None:
-    """Refuse an adapter made for another base model (its config names the base it was trained on)."""
+def check_adapter_base(adapter_config: dict[str, Any], base_model_id: str | Sequence[str], folder: str | Path) -> None:
+    """Refuse an adapter made for another base model (its config names the base it was trained on).
+
+    ``base_model_id`` is the base's name, or all names it goes by (alias, hub id, folder path).
+    """
+    names = [base_model_id] if isinstance(base_model_id, str) else list(base_model_id)
     made_for = adapter_config.get("base_model_name_or_path")
-    if made_for and made_for != base_model_id:
-        raise ValueError(f"{folder}: adapter was made for base model {made_for!r}, not {base_model_id!r}")
+    if made_for and made_for not in names:
+        raise ValueError(f"{folder}: adapter was made for base model {made_for!r}, not {names[0]!r}")
 
 
-def load_adapter(base_model, folder: str | Path, base_model_id: str | None = None):
+def load_adapter(base_model, folder: str | Path, base_model_id: str | Sequence[str] | None = None):
     """Wrap ``base_model`` with the adapter in ``folder`` (a PeftModel in eval mode)."""
     from peft import PeftModel
 
@@ -125,7 +130,7 @@ def load_adapter(base_model, folder: str | Path, base_model_id: str | None = Non
     return model.eval()
 
 
-def merge_adapter(base_model, folder: str | Path, base_model_id: str | None = None):
+def merge_adapter(base_model, folder: str | Path, base_model_id: str | Sequence[str] | None = None):
     """Merge the adapter in ``folder`` into ``base_model`` and return the plain merged model.
 
     ``base_model`` is modified in place; load a fresh base model per adapter.
@@ -182,7 +187,9 @@ class merged_into:  # noqa: N801 - used as a context manager, reads like ``with`
     ``folder=None`` yields the base model itself.
     """
 
-    def __init__(self, base_model, folder: str | Path | None, base_model_id: str | None = None) -> None:
+    def __init__(
+        self, base_model, folder: str | Path | None, base_model_id: str | Sequence[str] | None = None
+    ) -> None:
         self.base, self.folder, self.base_model_id = base_model, folder, base_model_id
         self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
 

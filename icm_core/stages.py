@@ -13,7 +13,13 @@ from typing import Any
 import torch
 
 from icm_core.adapters import adapter_sha256, load_adapter, merged_into, read_adapter, write_adapter
-from icm_core.base_model import load_base_model, load_tokenizer, model_identity, shared_base_model
+from icm_core.base_model import (
+    adapter_base_reference,
+    base_model_names,
+    load_base_model,
+    load_tokenizer,
+    shared_base_model,
+)
 from icm_core.baselines import model_soup
 from icm_core.config import (
     CVAEConfig,
@@ -67,7 +73,9 @@ def finetune_lora(
     blocks = token_blocks(read_splits(data_dir).train, tokenizer, data_cfg.seq_len)
     base = load_base_model(model_cfg)
     started = time.perf_counter()
-    trajectory = train_lora(base, blocks, lora_cfg, out, model_identity(model_cfg), on_step=on_step, resume=resume)
+    trajectory = train_lora(
+        base, blocks, lora_cfg, out, adapter_base_reference(model_cfg), on_step=on_step, resume=resume
+    )
     return {
         "folder": str(out),
         "adapter_dir": str(trajectory.adapter_dir),
@@ -101,7 +109,7 @@ def compute_task_vector(
         if tv_cfg.hidden_from == "finetuned":
             if trajectory_dir is None:
                 raise ValueError("task_vector.hidden_from='finetuned' needs the category's trajectory")
-            model = load_adapter(model, read_trajectory(trajectory_dir).adapter_dir, model_identity(model_cfg))
+            model = load_adapter(model, read_trajectory(trajectory_dir).adapter_dir, base_model_names(model_cfg))
         vector = hidden_state_task_vector(model, blocks)
     digest = save_tensors(
         out_path, {"task_vector": vector}, {"category": category.name, "config": tv_cfg.model_dump(mode="json")}
@@ -164,9 +172,11 @@ def sample_adapter(
     category: str | None = None,
     task_vector: torch.Tensor | None = None,
     task_vector_source: str | Path | None = None,
+    base_model: str | None = None,
 ) -> dict[str, Any]:
     """Generate an adapter folder for a known category or for a given task vector (``task_vector_source``,
-    its file, is named in errors)."""
+    its file, is named in errors). ``base_model`` replaces the ``base_model_name_or_path`` the generator's
+    training adapters recorded (e.g. a hub id before publishing)."""
     generator = load_generator(generator_path)
     started = time.perf_counter()
     if task_vector is not None:
@@ -176,7 +186,10 @@ def sample_adapter(
     else:
         raise ValueError("sample_adapter needs a category or a task vector")
     seconds = time.perf_counter() - started
-    write_adapter(out_dir, state, generator.adapter_config)
+    adapter_config = dict(generator.adapter_config)
+    if base_model:
+        adapter_config["base_model_name_or_path"] = base_model
+    write_adapter(out_dir, state, adapter_config)
     return {"adapter_dir": str(out_dir), "adapter_sha256": adapter_sha256(out_dir), "seconds": seconds}
 
 
@@ -194,7 +207,10 @@ def evaluate_adapter(
     started = time.perf_counter()
     tokenizer = load_tokenizer(model_cfg)
     texts = read_splits(data_dir).test
-    with shared_base_model(model_cfg) as base, merged_into(base, adapter_dir, model_identity(model_cfg)) as model:
+    with (
+        shared_base_model(model_cfg) as base,
+        merged_into(base, adapter_dir, base_model_names(model_cfg)) as model,
+    ):
         score = evaluate_lm(model, tokenizer, texts, data_cfg.seq_len, eval_cfg).as_dict()
     result = {"adapter_dir": str(adapter_dir) if adapter_dir else None, **score}
     result["seconds"] = time.perf_counter() - started

@@ -13,9 +13,13 @@ from typing import Any
 from prefect import task
 
 from icm_core.io import csv_text, write_json, write_text
+from icm_core.plots import plot_detection_bars
 from icm_core.vision.report import add_detection_intervals, markdown_report, result_rows
 from tasks.artifacts import ArtifactCachePolicy, ArtifactRef, localize
 from tasks.stages import TASK_DEFAULTS, run_stage
+
+
+FIGURE = "detection_results.png"
 
 
 @task(
@@ -52,7 +56,9 @@ def detection_report_task(
             out / "results.json", {"rows": rows, "training": training, "generator": generator.meta, "run": run_info}
         )
         write_text(out / "results.csv", csv_text(rows))
-        write_text(out / "report.md", markdown_report(rows, training, generator.meta, run_info))
+        plot_detection_bars(rows, out / FIGURE)
+        figure = f"\n## Figure\n\n![mAP50 and mAP75 per task and method]({FIGURE})\n"
+        write_text(out / "report.md", markdown_report(rows, training, generator.meta, run_info) + figure)
         return {"rows": rows}
 
     return run_stage("report", None, inputs, build)

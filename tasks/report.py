@@ -1,24 +1,24 @@
 """The report stage: result tables and figures on disk, and the same results as Prefect UI artifacts.
 
 Files (under ``report/<key>/``): ``report.md``, ``results.json``, ``results.csv`` (one row per category,
-every method), ``storage.csv``, and three PNG figures. UI: a table artifact, the markdown report, image
-artifacts for the figures and links to the generated adapters and generators.
+every method), ``storage.csv``, and three PNG figures. Paths in them are relative to the artifacts root
+(no machine's absolute paths). UI: a table artifact, the markdown report with its figures embedded (data
+URIs: the UI cannot fetch files from the worker), image artifacts for the figures, and one markdown
+artifact that says where the generated adapters and generators are and how to load them (as paths with a
+note: a ``file://`` link from the UI does not open in a browser).
 """
 
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import (
-    create_image_artifact,
-    create_link_artifact,
-    create_markdown_artifact,
-    create_table_artifact,
-)
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
+from icm_core.config import CVAEConfig
 from icm_core.io import csv_text, read_json, sidecar_path, write_json, write_text
 from icm_core.lora_train import read_trajectory
 from icm_core.plots import plot_main_bars, plot_task_vectors, plot_training_curves
@@ -43,6 +43,7 @@ from icm_core.reporting import (
 from icm_core.stages import load_task_vector
 from tasks.artifacts import ArtifactCachePolicy, ArtifactRef, localize
 from tasks.stages import TASK_DEFAULTS, run_stage
+from tasks.store import is_remote, local_root
 
 
 FIGURES = {
@@ -132,6 +133,14 @@ def diagnostics_summary(
     }
 
 
+def root_relative(path: str | Path, root: str) -> str:
+    """``path`` relative to the artifacts root (as this machine holds it), in POSIX form; unchanged if outside."""
+    try:
+        return Path(path).resolve().relative_to(local_root(root)).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
 def markdown_report(
     rows: list[dict[str, Any]],
     storage: list[dict[str, Any]],
@@ -140,7 +149,9 @@ def markdown_report(
     per_seed_rows: list[list[dict[str, Any]]] | None = None,
     diag: dict[str, Any] | None = None,
     evaluation: dict[str, Any] | None = None,
+    root: str = "",
 ) -> str:
+    """The report as markdown; figure links are file names next to report.md, other paths relative to ``root``."""
     methods = methods_in(rows)
     seeds = len(per_seed_rows or [rows])
     sd = seeds > 1
@@ -245,12 +256,15 @@ def markdown_report(
         "",
         *[f"![{title}]({name})" for name, title in FIGURES.items()],
         "",
-        f"Generator: `{generator.file('generator.safetensors')}` ({human_bytes(meta.get('bytes', 0))}, trained on "
+        "Paths below are relative to the artifacts root (`artifacts/` by default).",
+        "",
+        f"Generator: `{root_relative(generator.file('generator.safetensors'), root)}` "
+        f"({human_bytes(meta.get('bytes', 0))}, trained on "
         f"{meta.get('num_checkpoints')} checkpoints of length {meta.get('flat_length')}).",
         "",
-        "Generated adapters (standard PEFT folders):",
+        "Generated adapters (standard PEFT folders; README: *Loading a generated adapter in your own code*):",
         "",
-        *[f"- {r['category']}: `{r['adapter_dir']}`" for r in rows],
+        *[f"- {r['category']}: `{root_relative(r['adapter_dir'], root)}`" for r in rows],
     ]
     return "\n".join(lines) + "\n"
 
@@ -362,12 +376,15 @@ def report_task(
         if task_vectors:
             vectors = {n: load_task_vector(ref.file("task_vector.safetensors")) for n, ref in task_vectors.items()}
             plot_task_vectors(vectors, out / "task_vectors.png")
-        plot_training_curves(gen_meta["history"], pdiff_history, out / "training_curves.png")
+        kld_weight = gen_meta.get("cvae_config", {}).get("kld_weight", CVAEConfig().kld_weight)
+        plot_training_curves(gen_meta["history"], pdiff_history, out / "training_curves.png", kld_weight)
         plot_main_bars(rows, out / "main_results.png")
+        # The files name outputs relative to the artifacts root: no absolute paths of this machine in them.
+        file_rows = [{**row, "adapter_dir": root_relative(row["adapter_dir"], root)} for row in rows]
         write_json(
             out / "results.json",
             {
-                "rows": rows,
+                "rows": file_rows,
                 "mean": mean_row(rows),
                 "seeds": len(evals),
                 "per_seed": per_seed_rows,
@@ -376,15 +393,17 @@ def report_task(
                 "diagnostics": diag,
                 "evaluation": evaluation,
                 "notes": notes,
+                "paths_relative_to": "the artifacts root",
             },
         )
         flat = [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows]
-        write_text(out / "results.csv", csv_text([*flat, mean_row(flat)]))
+        file_flat = [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in file_rows]
+        write_text(out / "results.csv", csv_text([*file_flat, mean_row(flat)]))
         write_text(out / "storage.csv", csv_text(storage))
         write_text(
-            out / "report.md", markdown_report(rows, storage, generator, notes, per_seed_rows, diag, evaluation)
+            out / "report.md", markdown_report(rows, storage, generator, notes, per_seed_rows, diag, evaluation, root)
         )
-        return {"rows": flat, "storage": storage, "seeds": len(evals)}
+        return {"rows": flat, "storage": storage, "seeds": len(evals), "root": root}
 
     return run_stage("report", None, inputs, build)
 
@@ -393,9 +412,67 @@ def png_data_url(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+def embed_figures(markdown: str, folder: Path) -> str:
+    """Replace ``![title](name.png)`` links to files in ``folder`` with data URIs (the UI renders them)."""
+
+    def inline(match: re.Match) -> str:
+        figure = folder / match.group(2)
+        if "/" in match.group(2) or not figure.is_file():
+            return match.group(0)
+        return f"![{match.group(1)}]({png_data_url(figure)})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)", inline, markdown)
+
+
+BROWSER_NOTE = (
+    "These are files on the machine that ran the flow, relative to its artifacts root{where}. The Prefect UI "
+    "cannot open a worker's local files (a browser refuses `file://` links from a web page), so they are "
+    "listed as paths, not links."
+)
+
+
+def files_markdown(rows: list[dict[str, Any]], generator: ArtifactRef, pdiff: ArtifactRef | None, root: str) -> str:
+    """Where the outputs are and how to load an adapter, for the UI."""
+    where = f" `{root}`" if is_remote(root) else ""
+    lines = [
+        "# Where the outputs are",
+        "",
+        BROWSER_NOTE.format(where=where),
+        "",
+        "| output | path |",
+        "|---|---|",
+        *[f"| ICM-LoRA adapter: {r['category']} | `{root_relative(r['adapter_dir'], root)}` |" for r in rows],
+        f"| ICM-LoRA generator | `{root_relative(generator.file('generator.safetensors'), root)}` |",
+    ]
+    if pdiff is not None:
+        lines.append(f"| COND P-DIFF baseline | `{root_relative(pdiff.file('pdiff.safetensors'), root)}` |")
+    if rows:
+        example = root_relative(rows[0]["adapter_dir"], root)
+        prefix = "ARTIFACTS_ROOT" if is_remote(root) else local_root(root).name  # (a remote root: its local copy)
+        lines += [
+            "",
+            "Load an adapter (run from the artifacts root's parent folder, or give the full path):",
+            "",
+            "```python",
+            "from peft import AutoPeftModelForCausalLM",
+            "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{prefix}/{example}")  # base model + adapter',
+            "```",
+            "",
+            "or write a new one with `icm-lora generate --category NAME` (`artifacts/generated/NAME/adapter`).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def report_markdown_for_ui(report: ArtifactRef) -> str:
+    """report.md with its figures embedded, so the UI's markdown artifact shows them."""
+    return embed_figures(Path(report.file("report.md")).read_text(), Path(report.folder))
+
+
 def publish_report(report: ArtifactRef, generator: ArtifactRef, pdiff: ArtifactRef | None = None) -> None:
-    """Show the results in the Prefect UI: tables, the markdown report, figures and links."""
+    """Show the results in the Prefect UI: tables, the markdown report with its figures, and the outputs."""
     rows = report.meta["rows"]
+    root = report.meta.get("root") or str(Path(report.folder).parents[1])  # <root>/report/<key>
     create_table_artifact(
         key="icm-eval-summary",
         table=[{k: v for k, v in row.items() if k != "adapter_dir"} for row in rows],
@@ -407,27 +484,15 @@ def publish_report(report: ArtifactRef, generator: ArtifactRef, pdiff: ArtifactR
             key="icm-storage", table=report.meta["storage"], description="Bytes stored per method (paper Table 3)."
         )
     create_markdown_artifact(
-        key="icm-report", markdown=Path(report.file("report.md")).read_text(), description="ICM-LoRA report"
+        key="icm-report", markdown=report_markdown_for_ui(report), description="ICM-LoRA report (figures embedded)"
     )
     for name, title in FIGURES.items():
         figure = report.file(name)
         if figure.is_file():
             key = "icm-figure-" + name.removesuffix(".png").replace("_", "-")
             create_image_artifact(image_url=png_data_url(figure), key=key, description=title)
-    for row in rows:
-        create_link_artifact(
-            key=f"adapter-{row['category'].replace('_', '-')}",
-            link=Path(row["adapter_dir"]).resolve().as_uri(),
-            link_text=f"generated adapter for {row['category']}",
-        )
-    create_link_artifact(
-        key="icm-generator",
-        link=Path(generator.file("generator.safetensors")).resolve().as_uri(),
-        link_text="ICM-LoRA generator (safetensors)",
+    create_markdown_artifact(
+        key="icm-outputs",
+        markdown=files_markdown(rows, generator, pdiff, root),
+        description="Generated adapters and generators: where they are, how to load them",
     )
-    if pdiff is not None:
-        create_link_artifact(
-            key="cond-pdiff-generator",
-            link=Path(pdiff.file("pdiff.safetensors")).resolve().as_uri(),
-            link_text="COND P-DIFF baseline (safetensors)",
-        )

@@ -57,6 +57,7 @@ from tasks.artifacts import (
     valid_output,
     write_manifest,
 )
+from tasks.progress import Progress
 from tasks.store import fetch, is_remote, publish, remote_manifest
 
 
@@ -230,7 +231,12 @@ def finetune_task(
         "root": root,
     }
 
+    progress: list[Progress] = []
+
     def on_step(step: int, loss: float) -> None:
+        if not progress:  # created on the first step: a cache hit shows no bar
+            progress.append(Progress(f"fine-tune lora-{category} (steps)", lora_cfg.steps))
+        progress[0].update(step)
         if step % 10 == 0 or step == lora_cfg.steps:
             logger.info("lora-%s step %d/%d loss %.4f", category, step, lora_cfg.steps, loss)
 
@@ -316,8 +322,13 @@ def train_generator_task(
     logger = get_run_logger()
     inputs = {"loras": loras, "task_vectors": task_vectors, "cvae_cfg": cvae_cfg, "device": device, "root": root}
 
+    progress: list[Progress] = []
+
     def on_epoch(epoch: int, row: dict) -> None:
         epoch += 1  # train_cvae counts epochs from 0
+        if not progress:
+            progress.append(Progress("train the ICM-LoRA CVAE (epochs)", cvae_cfg.epochs))
+        progress[0].update(epoch)
         if epoch % max(1, cvae_cfg.epochs // 10) == 0 or epoch == cvae_cfg.epochs:
             logger.info("cvae epoch %d/%d recon %.5f kld %.3f", epoch, cvae_cfg.epochs, row["recon"], row["kld"])
 
@@ -400,7 +411,14 @@ def train_pdiff_task(
     logger = get_run_logger()
     inputs = {"loras": loras, "task_vectors": task_vectors, "pdiff_cfg": pdiff_cfg, "device": device, "root": root}
 
+    bars: dict[str, Progress] = {}
+    totals = {"autoencoder": pdiff_cfg.ae_epochs, "ddpm": pdiff_cfg.ddpm_steps}
+
     def on_progress(phase: str, step: int, loss: float) -> None:
+        if phase in totals:
+            if phase not in bars:
+                bars[phase] = Progress(f"COND P-DIFF {phase}", totals[phase])
+            bars[phase].update(step + 1 if phase == "autoencoder" else step)
         if phase == "autoencoder":
             step += 1
             if step % max(1, pdiff_cfg.ae_epochs // 5) == 0 or step == pdiff_cfg.ae_epochs:

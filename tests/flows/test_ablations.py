@@ -90,6 +90,8 @@ def test_ablation_flow_writes_tables(workspace):
     folder = workspace.root / "ablation_report"
     [md] = folder.glob("*/ablations.md")
     assert str(md) == report
+    for name in ("ablations.md", "ablations.json", "ablations.csv"):  # no absolute path of this machine
+        assert str(workspace.root.resolve()) not in (md.parent / name).read_text(), name
     body = md.read_text()
     for heading in ("LoRA rank (paper Table 4)", "paper Table 5", "paper Table 6"):
         assert heading in body

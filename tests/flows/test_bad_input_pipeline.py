@@ -28,7 +28,8 @@ def config_file(workspace, tmp_path) -> Path:
 def refused_before_run(workspace, capsys, argv: list[str], *mentions: str) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err, err
+    assert err.startswith("icm-lora pipeline: error: ") and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
     for text in mentions:
         assert text in err, err
     assert not workspace.root.exists(), "a refused run wrote to the artifacts root"
@@ -56,6 +57,17 @@ def test_category_name_with_path_parts(workspace, config_file, tmp_path, capsys,
     refused_before_run(workspace, capsys, pipeline_args(workspace, config_file, cats), str(cats), repr(name))
 
 
+@pytest.mark.parametrize("problem", ["missing", "empty", "blank"])
+def test_missing_or_empty_source_is_refused_before_any_run(workspace, config_file, tmp_path, capsys, problem):
+    cats = write_categories(tmp_path / problem, {"recipes": recipe_text(), "notes": "placeholder"})
+    if problem == "missing":
+        (tmp_path / problem / "notes.txt").unlink()
+    else:
+        (tmp_path / problem / "notes.txt").write_text("" if problem == "empty" else "  \n\n \t\n")
+    argv = pipeline_args(workspace, config_file, cats)
+    refused_before_run(workspace, capsys, argv, "'notes'", str(tmp_path / problem / "notes.txt"))
+
+
 def failed_run_left_nothing_half_written(root: Path) -> None:
     """After a failed run: every output folder is either complete (valid manifest) or holds no file at all."""
     check_visible_files(root)
@@ -71,7 +83,7 @@ def test_too_little_text_fails_the_run_naming_the_category(workspace, config_fil
     )
     assert main(pipeline_args(workspace, config_file, cats)) == 1
     err = capsys.readouterr().err
-    assert "error: pipeline run failed: stage prepare-data failed for tiny-notes" in err
+    assert "icm-lora pipeline: error: run failed: stage prepare-data failed for tiny-notes" in err
     assert f"at least {workspace.config.data.min_chars}" in err and str(tmp_path / "short" / "tiny-notes.txt") in err
     assert not (workspace.root / "lora").exists()
     failed_run_left_nothing_half_written(workspace.root)

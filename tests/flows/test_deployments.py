@@ -55,12 +55,39 @@ def test_gpu_and_cpu_pools():
     for name in heavy:
         env = spec[name]["work_pool"]["job_variables"]["env"]
         assert spec[name]["work_pool"]["name"] == "gpu-pool", name
-        assert env["ICM_DEVICE"].startswith("cuda") and "CUDA_VISIBLE_DEVICES" in env, name
+        # The device comes from the worker (ICM_DEVICE / CUDA_VISIBLE_DEVICES in its environment, else cuda
+        # when the machine has one, else cpu): the pool forces none, so retraining also runs on a CPU machine.
+        assert "ICM_DEVICE" not in env and "CUDA_VISIBLE_DEVICES" not in env, name
+        assert env["HF_HUB_OFFLINE"] == "0" and env["ICM_HF_TOKEN_BLOCK"] == "hf-token", name
+    for name, deployment in spec.items():
+        env = deployment["work_pool"]["job_variables"]["env"]
+        assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "icm_lora", name
+        if deployment["work_pool"]["name"] == "cpu-pool":
+            assert env["HF_HUB_OFFLINE"] == "1", name  # the CPU demo stays offline
+        assert "HF_TOKEN" not in env, f"{name}: a token belongs in a Secret block, not in job variables"
     assert spec["registry"]["work_pool"]["name"] == "cpu-pool"
     assert spec["registry"]["schedules"], "the registry scan must be scheduled"
     [trigger] = spec["on-category-change"]["triggers"]
     assert set(trigger["expect"]) == {"icm.category.added", "icm.category.changed", "icm.category.removed"}
     assert trigger["parameters"]["category"] == "{{ event.payload.category }}"
+
+
+def test_pull_step_runs_from_this_machines_checkout(tmp_path, monkeypatch):
+    from flows.deploy_steps import HOME_ENV, use_checkout
+
+    spec = yaml.safe_load(PREFECT_YAML.read_text(encoding="utf-8"))
+    assert spec["pull"] == [{"flows.deploy_steps.use_checkout": {}}]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(HOME_ENV, raising=False)
+    assert use_checkout() == {"directory": str(REPO)} and Path.cwd() == REPO  # the installed checkout
+    other = tmp_path / "elsewhere"
+    (other / "flows").mkdir(parents=True)
+    (other / "prefect.yaml").write_text("name: icm-lora\n")
+    monkeypatch.setenv(HOME_ENV, str(other))
+    assert use_checkout() == {"directory": str(other)} and Path.cwd() == other
+    monkeypatch.setenv(HOME_ENV, str(tmp_path / "nothing"))
+    with pytest.raises(FileNotFoundError, match=HOME_ENV):
+        use_checkout()
 
 
 def test_deploy_all_against_a_local_server(live_server, monkeypatch):
@@ -83,6 +110,7 @@ def test_deploy_all_against_a_local_server(live_server, monkeypatch):
                 assert deployment.parameters == (spec.get("parameters") or {})
                 assert bool(deployment.schedules) == bool(spec.get("schedules")), spec["name"]
                 assert deployment.job_variables["env"] == spec["work_pool"]["job_variables"]["env"]
+                assert deployment.pull_steps == [{"flows.deploy_steps.use_checkout": {}}], deployment.pull_steps
                 automations = client.read_resource_related_automations(f"prefect.deployment.{deployment.id}")
                 assert len(automations) == len(spec.get("triggers") or []), spec["name"]
                 for automation in automations:

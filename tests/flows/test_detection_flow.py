@@ -58,6 +58,9 @@ def test_detection_flow_runs_and_resumes(prefect_api: str, tmp_path: Path):
         report = Path(summary["report"]).read_text()
         assert "| Original model |" in report and "| ICM-LoRA |" in report and "blur mAP50" in report
         assert read_json(root / "latest.json")["report"] == summary["report"]
+        # The detection figure (mAP50 / mAP75 bars per task and method) sits next to the report, linked from it.
+        assert "](detection_results.png)" in report
+        assert (Path(summary["report_dir"]) / "detection_results.png").read_bytes()[:4] == b"\x89PNG"
 
         second = detection_pipeline(config=cfg, root=str(root), publish=False, return_state=True)
         states = settled_states(second)
@@ -69,6 +72,8 @@ def test_detection_flow_runs_and_resumes(prefect_api: str, tmp_path: Path):
         assert main(["--root", str(root), "--results-dir", str(out), *overrides(cfg)]) == 0
         assert (out / "detection-report.md").read_text() == report
         assert (out / "detection-results.csv").read_text().startswith("method,task,map50,map75")
+        figure = (Path(summary["report_dir"]) / "detection_results.png").read_bytes()
+        assert (out / "detection_results.png").read_bytes() == figure  # the name report.md links to
 
 
 def settled_states(state, timeout: float = 60.0) -> dict[str, str]:

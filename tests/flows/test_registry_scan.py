@@ -29,3 +29,20 @@ def test_scan_reports_added_changed_removed_and_keeps_state(prefect_api, tmp_pat
     third = scan_categories(registry=str(registry), root=str(root))
     assert (third["added"], third["changed"], third["removed"]) == ([], [], ["recipes"])
     assert sorted(json.loads((root / STATE_FILE).read_text())[str(registry.resolve())]["categories"]) == ["forecast"]
+
+
+def test_retrain_with_baseline_records_the_registry(workspace, tmp_path):
+    """The retrain deployment's ``baseline=true`` run trains a new registry and records it as the scan baseline,
+    so the first scheduled scan emits nothing (no retrain per existing category)."""
+    from flows.registry import retrain_categories
+
+    registry = tmp_path / "registry"
+    add_category(registry, "recipes", recipe_text())
+    add_category(registry, "forecast", forecast_text())
+    root = str(workspace.root)
+    summary = retrain_categories(registry=str(registry), root=root, config=workspace.config, baseline=True)
+    assert sorted(row["category"] for row in summary["rows"]) == ["forecast", "recipes"]
+    state = json.loads((workspace.root / STATE_FILE).read_text())
+    assert sorted(state[str(registry.resolve())]["categories"]) == ["forecast", "recipes"]
+    scan = scan_categories(registry=str(registry), root=str(workspace.root))
+    assert (scan["added"], scan["changed"], scan["removed"]) == ([], [], [])

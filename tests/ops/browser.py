@@ -99,6 +99,17 @@ class Browser:
             time.sleep(0.5)
         raise TimeoutError(f"the page did not show what was expected within {timeout:.0f} s; it shows:\n{text}")
 
+    def wait_for_value(self, expression: str, ready: Callable, timeout: float = 90):
+        """Poll a JavaScript expression until ``ready(value)``; return the value (raise with it on timeout)."""
+        deadline = time.monotonic() + timeout
+        value = None
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value is not None and ready(value):
+                return value
+            time.sleep(0.5)
+        raise TimeoutError(f"{expression!r} did not become ready within {timeout:.0f} s; last value: {value!r}")
+
     def click(self, selector: str) -> None:
         found = self.evaluate(f"(e => e ? (e.click(), true) : false)(document.querySelector({json.dumps(selector)}))")
         if not found:

@@ -9,13 +9,16 @@ text, take screenshots (saved in the test's temporary folder).
 from __future__ import annotations
 
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
+from tasks.report import FIGURES
 from tests.flows.support import CATEGORIES, forecast_text, recipe_text, tiny_run_config, write_categories
 from tests.ops.browser import Browser, find_chromium
 
@@ -47,11 +50,13 @@ def test_flow_run_and_results_in_a_browser(live_server, tiny_base_dir, tmp_path,
         flow_run_id = state.state_details.flow_run_id
         with get_client(sync_client=True) as client:
             flow_run = client.read_flow_run(flow_run_id)
-            [table] = client.read_artifacts(
-                artifact_filter=ArtifactFilter(
-                    key=ArtifactFilterKey(any_=["icm-eval-summary"]),
-                    flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+            [table], [report], [outputs] = (
+                client.read_artifacts(
+                    artifact_filter=ArtifactFilter(
+                        key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+                    )
                 )
+                for key in ("icm-eval-summary", "icm-report", "icm-outputs")
             )
     rows = state.result()["rows"]
     cells = json.loads(table.data) if isinstance(table.data, str) else table.data
@@ -84,3 +89,33 @@ def test_flow_run_and_results_in_a_browser(live_server, tiny_base_dir, tmp_path,
         for column in checked:
             assert str(row[column]) in near, f"{row['category']} {column}={row[column]} not shown near it: {near}"
     assert sorted(r["category"] for r in cells) == sorted(r["category"] for r in rows)
+
+    # The markdown report: its figures render as images (decoded, non-zero size), and no absolute path of the
+    # machine that ran the flow appears; the outputs artifact explains why it lists paths, not file:// links.
+    browser.open(f"{live_server.url}/artifacts/artifact/{report.id}")
+    browser.wait_for(lambda text: "ICM-LoRA results" in text and "Figures" in text)
+    images = browser.wait_for_value(RENDERED_IMAGES, lambda found: len(found) >= 3 and all(w > 0 for _, w, _ in found))
+    assert sorted(alt for alt, _, _ in images) == sorted(FIGURES.values()), images
+    text = browser.text()
+    assert str(root.resolve()) not in text and "Paths below are relative to the artifacts root" in text
+    browser.screenshot(keep(tmp_path / "report-artifact-top.png"))
+    browser.evaluate("document.querySelector('img[alt]').scrollIntoView()")
+    browser.screenshot(keep(tmp_path / "report-artifact.png"))
+    browser.open(f"{live_server.url}/artifacts/artifact/{outputs.id}")
+    text = browser.wait_for(lambda text: "Where the outputs are" in text)
+    assert "cannot open" in text and str(root.resolve()) not in text
+    assert browser.evaluate("document.querySelectorAll('a[href^=\"file:\"]').length") == 0
+    browser.screenshot(keep(tmp_path / "outputs-artifact.png"))
+
+
+# Every decoded image in the page: (alt text, natural width, natural height).
+RENDERED_IMAGES = (
+    "[...document.querySelectorAll('img')].filter(i => i.complete && i.src.startsWith('data:image/png'))"
+    ".map(i => [i.alt, i.naturalWidth, i.naturalHeight])"
+)
+
+
+def keep(path):
+    """Screenshots go to the test's folder; ICM_LORA_SCREENSHOTS=<folder> keeps a copy there."""
+    folder = os.environ.get("ICM_LORA_SCREENSHOTS")
+    return Path(folder) / path.name if folder else path

@@ -23,20 +23,38 @@ def scene(seed: int, images: int = 30):
             cat = int(rng.integers(1, 3))
             crowd = int(rng.random() < 0.08)
             gt["annotations"].append(
-                {"id": ann_id, "image_id": image, "category_id": cat, "bbox": [x, y, w, h], "area": w * h,
-                 "iscrowd": crowd}
+                {
+                    "id": ann_id,
+                    "image_id": image,
+                    "category_id": cat,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": crowd,
+                }
             )
             ann_id += 1
             for dets, jitter, miss in ((good, 3.0, 0.05), (poor, 12.0, 0.35)):
                 if rng.random() < miss:
                     continue
                 jx, jy = rng.normal(0, jitter, size=2)
-                dets.append({"image_id": image, "category_id": cat, "bbox": [x + jx, y + jy, w, h],
-                             "score": float(rng.uniform(0.3, 1.0))})
+                dets.append(
+                    {
+                        "image_id": image,
+                        "category_id": cat,
+                        "bbox": [x + jx, y + jy, w, h],
+                        "score": float(rng.uniform(0.3, 1.0)),
+                    }
+                )
         for dets in (good, poor):  # a false positive now and then
             if rng.random() < 0.3:
-                dets.append({"image_id": image, "category_id": int(rng.integers(1, 3)),
-                             "bbox": [150.0, 150.0, 30.0, 30.0], "score": float(rng.uniform(0.0, 0.9))})
+                dets.append(
+                    {
+                        "image_id": image,
+                        "category_id": int(rng.integers(1, 3)),
+                        "bbox": [150.0, 150.0, 30.0, 30.0],
+                        "score": float(rng.uniform(0.0, 0.9)),
+                    }
+                )
     return gt, good, poor
 
 

@@ -1,0 +1,379 @@
+"""``icm-lora``: the one command line for every job.
+
+    icm-lora pipeline      the full Prefect pipeline (what ``make demo`` runs)
+    icm-lora generate      a PEFT adapter from the trained generator (category, description or task vector)
+    icm-lora detect        ICM-LoRA on detection tasks (docs/vision.md)
+    icm-lora ablations     the ablations (paper Tables 4-6)
+    icm-lora registry scan | retrain   the category registry: emit change events, retrain after a change
+    icm-lora categories | config | prepare-data | finetune | task-vector | train-generator | sample |
+             evaluate | run            single stages without Prefect (also ``python -m icm_core``)
+
+Only the standard library is imported until a command runs: ``--help`` and ``--version`` do not load
+torch or Prefect (``make bench-cli`` measures it). Every command checks its input before anything starts
+(no temporary Prefect server for a bad category file): bad input is one line on stderr and exit status 2;
+a run that starts and fails is one line and exit status 1 (``ICM_LORA_DEBUG=1`` shows the traceback).
+``python -m flows.pipeline|generate|detection|ablations|registry`` are aliases of the matching command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from icm_core.__main__ import (
+    STAGE_COMMANDS,
+    STAGE_ERRORS,
+    add_stage_commands,
+    common_parser,
+    config_options,
+    error_line,
+    run_stage_command,
+)
+
+
+PROG = "icm-lora"
+FLOW_COMMANDS = ("pipeline", "generate", "detect", "ablations", "registry")
+RUNNERS = ("threads", "dask", "ray")  # flows.runtime.RUNNERS, repeated so that --help imports no Prefect
+
+
+class RunFailed(Exception):
+    """A flow run started and failed (exit status 1); bad input found before the run is exit status 2."""
+
+
+def _names(text: str | None) -> list[str] | None:
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    return names or None
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def _run(flow_call, *args: Any, **kwargs: Any) -> Any:
+    """Call a flow; any failure inside the run becomes :class:`RunFailed` (exit status 1)."""
+    try:
+        return flow_call(*args, **kwargs)
+    except Exception as exc:  # the flow's own exception type, re-raised by Prefect
+        raise RunFailed(error_line(exc)) from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands (each imports what it needs when it runs)
+# --------------------------------------------------------------------------------------------------
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from flows.pipeline import check_category_sources, copy_report, icm_pipeline, select_categories
+    from flows.runtime import device_from_env, make_task_runner
+    from icm_core.base_model import resolve_device
+    from icm_core.config import load_run_config
+    from icm_core.runner import format_table
+
+    cfg = load_run_config(args.config, args.set + ([f"seeds={args.seeds}"] if args.seeds else []))
+    resolve_device(device_from_env(cfg).model.device)
+    runner = make_task_runner(args.runner, args.runner_address, args.workers)
+    only = _names(args.only)
+    # A bad category file or a missing/empty source fails here, before a Prefect server or flow run starts.
+    check_category_sources(select_categories(args.categories, only))
+    summary = _run(
+        icm_pipeline.with_options(task_runner=runner),
+        config=cfg,
+        categories_file=args.categories,
+        only=only,
+        root=args.root,
+        verify=args.verify,
+    )
+    print()
+    print(format_table(summary["rows"]))
+    print()
+    print(f"report:    {summary['report']}")
+    if args.results_dir:
+        print(f"copied:    {copy_report(summary['report_dir'], args.results_dir)}")
+    print(f"generator: {summary['generator']}")
+    print("adapters:")
+    for row in summary["rows"]:
+        print(f"  {row['category']:<14} {row['adapter_dir']}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from flows.generate import generate_adapter, latest_generator
+    from icm_core.config import SampleConfig
+
+    if args.task_vector_file and not Path(args.task_vector_file).is_file():
+        raise FileNotFoundError(f"--task-vector {args.task_vector_file}: no such file")
+    if args.generator:
+        if not Path(args.generator).is_file():
+            raise FileNotFoundError(f"--generator {args.generator}: no such file")
+    else:
+        latest_generator(args.root)  # no pipeline run under the root yet: say so before starting a flow run
+    sample = SampleConfig(seed=args.seed)
+    result = _run(
+        generate_adapter,
+        category=args.category,
+        description=args.description,
+        task_vector_file=args.task_vector_file,
+        out=args.out,
+        generator=args.generator,
+        sample=sample,
+        root=args.root,
+        base_model=args.base_model,
+        overwrite=args.overwrite,
+    )
+    print(result["adapter_dir"])
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    import shutil
+
+    from flows.detection import detection_pipeline, load_detection_config
+    from icm_core.vision.report import table_markdown
+
+    cfg = load_detection_config(args.config, args.set)
+    summary = _run(detection_pipeline, config=cfg, root=args.root)
+    print()
+    print(table_markdown(summary["rows"]))
+    print()
+    print(f"report: {summary['report']}")
+    if args.results_dir:
+        target = Path(args.results_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        folder = Path(summary["report_dir"])
+        copies = [
+            ("report.md", "detection-report.md"),
+            ("results.csv", "detection-results.csv"),
+            ("results.json", "detection-results.json"),
+            ("detection_results.png", "detection_results.png"),  # the name report.md links to
+        ]
+        for src, dst in copies:
+            if (folder / src).is_file():
+                shutil.copyfile(folder / src, target / dst)
+        print(f"copied to {target}: " + ", ".join(dst for src, dst in copies if (folder / src).is_file()))
+    return 0
+
+
+def cmd_ablations(args: argparse.Namespace) -> int:
+    from flows.ablations import ablation_variants, icm_ablations
+    from icm_core.config import load_run_config
+
+    cfg = load_run_config(args.config, args.set)
+    ranks, depths = _ints(args.ranks, "--ranks"), _ints(args.depths, "--depths")
+    depth_ranks = _ints(args.depth_ranks, "--depth-ranks")
+    sources = _names(args.sources) or []
+    ablation_variants(cfg, ranks, depths, depth_ranks, sources)  # validate before starting anything
+    out = _run(
+        icm_ablations,
+        config=cfg,
+        categories_file=args.categories,
+        only=_names(args.only),
+        ranks=ranks,
+        depths=depths,
+        depth_ranks=depth_ranks,
+        sources=sources,
+        root=args.root,
+    )
+    print(Path(out["report"]).read_text())
+    print(f"ablation report: {out['report']}")
+    return 0
+
+
+def cmd_registry_scan(args: argparse.Namespace) -> int:
+    from flows.registry import scan_categories
+    from icm_core.registry import load_registry
+
+    load_registry(args.registry)  # a missing or invalid registry fails here, before a flow run
+    result = _run(scan_categories, registry=args.registry, root=args.root, baseline=args.baseline)
+    for change in ("added", "removed", "changed"):
+        print(f"{change:>8}: {', '.join(result[change]) or '-'}")
+    return 0
+
+
+def cmd_registry_retrain(args: argparse.Namespace) -> int:
+    from flows.pipeline import check_category_sources
+    from flows.registry import retrain_categories
+    from flows.runtime import device_from_env
+    from icm_core.base_model import resolve_device
+    from icm_core.config import load_run_config
+    from icm_core.registry import load_registry
+
+    cfg = load_run_config(args.config, args.set)
+    resolve_device(device_from_env(cfg).model.device)
+    check_category_sources(load_registry(args.registry))
+    if args.baseline and args.category:
+        raise ValueError("--baseline retrains the whole registry; it takes no --category")
+    summary = _run(
+        retrain_categories,
+        category=args.category,
+        change=args.change,
+        registry=args.registry,
+        root=args.root,
+        config=cfg,
+        baseline=args.baseline,
+    )
+    print(f"report: {summary['report']}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------------
+
+
+def _flow_commands(sub) -> None:
+    def add(name: str, fn, help_text: str, **kwargs: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, **kwargs)
+        p.set_defaults(fn=fn, flow_command=True)
+        return p
+
+    p = config_options(
+        add(
+            "pipeline",
+            cmd_pipeline,
+            "Run the full ICM-LoRA pipeline as a Prefect flow: fine-tune every category, one generator, "
+            "generated adapters, baselines, evaluation and the report (a temporary local Prefect server "
+            "unless PREFECT_API_URL is set).",
+        )
+    )
+    p.add_argument("--categories", help="category file or folder (default: the five built-in demo categories)")
+    p.add_argument("--only", help="comma-separated category names")
+    p.add_argument("--root", default="artifacts", help="artifacts folder or fsspec URL (default: artifacts)")
+    p.add_argument("--runner", choices=RUNNERS, default="threads", help="task runner (default: threads)")
+    p.add_argument("--runner-address", help="Dask scheduler / Ray address (default: start a local cluster)")
+    p.add_argument("--workers", type=int, help="local cluster size / thread pool size")
+    p.add_argument("--seeds", type=int, help="run with this many seeds (= --set seeds=N; default 1)")
+    p.add_argument("--results-dir", help="also copy the report's files (report.md, results.*, figures) here")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash every reused output and model file (slow; default: sizes + mtimes)",
+    )
+
+    p = add(
+        "generate",
+        cmd_generate,
+        "Generate a PEFT adapter with the trained generator (the latest pipeline run under --root unless "
+        "--generator is given), for a category, a task description or a task-vector file.",
+    )
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--category", help="a category the generator was trained on")
+    group.add_argument("--description", help="a task description (generators trained on description vectors)")
+    group.add_argument("--task-vector", dest="task_vector_file", help="a .safetensors file with a task_vector")
+    p.add_argument(
+        "--out",
+        help="output adapter folder (default: <root>/generated/<generator>/<condition>/seed-<s>-draws-<n>/adapter, "
+        "one folder per generator and condition)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--generator", help="generator .safetensors file (default: the latest run's under --root)")
+    p.add_argument("--seed", type=int, default=0, help="seed of z ~ N(0, I) (default: 0)")
+    p.add_argument("--root", default="artifacts", help="artifacts root (default: artifacts)")
+    p.add_argument(
+        "--base-model",
+        help="what the adapter's base_model_name_or_path names (default: what the generator's training "
+        "recorded, a hub id or model folder transformers can load)",
+    )
+
+    p = config_options(
+        add("detect", cmd_detect, "Run ICM-LoRA on detection tasks (docs/vision.md; needs the vision extra).")
+    )
+    p.add_argument("--root", default="artifacts/detection", help="artifacts root (default: artifacts/detection)")
+    p.add_argument(
+        "--results-dir",
+        help="also copy report.md / results.csv / results.json / the figure here "
+        "(as detection-report.md, detection-results.csv, detection-results.json, detection_results.png)",
+    )
+
+    p = config_options(add("ablations", cmd_ablations, "Run the ablations (paper Tables 4-6) as one Prefect flow."))
+    p.add_argument("--categories", help="category file (default: the built-in demo categories)")
+    p.add_argument("--only", default="news,python-docs", help="comma-separated categories ('' = all)")
+    p.add_argument("--ranks", default="1,2,4,8", help="LoRA ranks (Table 4)")
+    p.add_argument("--depths", default="4,8,12", help="CVAE conv-layer counts (Table 5)")
+    p.add_argument("--depth-ranks", default="2,8", help="ranks at which depths are compared")
+    p.add_argument("--sources", default="hidden_state,description", help="task-vector sources (Table 6)")
+    p.add_argument("--root", default="artifacts", help="artifacts root (default: artifacts)")
+
+    registry = sub.add_parser(
+        "registry",
+        help="The category registry: scan it for changes, retrain after one.",
+        description="The category registry (a category file or a folder of them): `scan` compares it with the "
+        "last scan and emits icm.category.* events; `retrain` brings the generator up to date with it.",
+    )
+    reg_sub = registry.add_subparsers(dest="registry_command", required=True, metavar="SUBCOMMAND")
+    p = reg_sub.add_parser("scan", help="Scan once and emit icm.category.* events for the changes.")
+    p.set_defaults(fn=cmd_registry_scan, flow_command=True)
+    p.add_argument("--registry", default="categories", help="category file or folder (default: categories)")
+    p.add_argument("--root", default="artifacts", help="artifacts folder or fsspec URL (default: artifacts)")
+    p.add_argument("--baseline", action="store_true", help="record the registry without emitting events")
+    p = config_options(
+        reg_sub.add_parser(
+            "retrain",
+            help="Run the pipeline on the whole registry (only changed categories are recomputed).",
+            description="Run the pipeline on the whole registry; cached stages of unchanged categories are "
+            "reused. --baseline also records the registry as the scan baseline (the first retrain of a "
+            "new registry), so the next scan emits only later changes.",
+        )
+    )
+    p.set_defaults(fn=cmd_registry_retrain, flow_command=True)
+    p.add_argument("--registry", default="categories", help="category file or folder (default: categories)")
+    p.add_argument("--root", default="artifacts", help="artifacts folder or fsspec URL (default: artifacts)")
+    p.add_argument("--category", help="the category whose change this retrain follows (for the log)")
+    p.add_argument("--change", default="added", choices=("added", "changed", "removed"))
+    p.add_argument("--baseline", action="store_true", help="record the registry as the scan baseline after")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from icm_core import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="ICM-LoRA: one conditional VAE that generates LoRA adapters for many tasks. Prefect jobs "
+        "(pipeline, generate, detect, ablations, registry) and single stages without Prefect.",
+        epilog="Bad input: one line on stderr, exit status 2. A run that fails: one line, exit status 1 "
+        "(ICM_LORA_DEBUG=1 shows the traceback). `icm-lora COMMAND --help` describes each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _flow_commands(sub)
+    add_stage_commands(sub, common_parser())
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not getattr(args, "flow_command", False):
+        return run_stage_command(args, PROG)
+    command = args.command + (f" {args.registry_command}" if args.command == "registry" else "")
+    debug = os.environ.get("ICM_LORA_DEBUG", "") not in ("", "0")
+    # The project's warnings reach the run logs in the UI from any folder (prefect.toml covers the repo root).
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "icm_lora")
+    try:
+        return args.fn(args)
+    except RunFailed as exc:
+        if debug:
+            raise
+        print(f"{PROG} {command}: error: run failed: {exc}", file=sys.stderr)
+        return 1
+    except (*STAGE_ERRORS, ImportError, OSError) as exc:
+        if debug:
+            raise
+        print(f"{PROG} {command}: error: {error_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def alias(command: str, argv: list[str] | None = None) -> int:
+    """``python -m flows.<module>``: the same as ``icm-lora <command>``."""
+    return main([*command.split(), *(sys.argv[1:] if argv is None else argv)])
+
+
+__all__ = ["FLOW_COMMANDS", "STAGE_COMMANDS", "alias", "build_parser", "main"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""The one command line, ``icm-lora`` (flows/cli.py): every job is a subcommand, ``--help`` / ``--version``
+load no torch or Prefect, bad input is one line and exit status 2 before any flow run, and the
+``python -m flows.*`` entry points are aliases of it. (Start-up time is measured by scripts/bench_cli.py.)"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import icm_core
+from flows.cli import FLOW_COMMANDS, build_parser, main
+from icm_core.__main__ import STAGE_COMMANDS
+
+
+REPO = Path(__file__).resolve().parents[2]
+# Nothing listens here: a command that reached a Prefect API (or started a flow run) would fail differently.
+NO_SERVER = {"PREFECT_API_URL": "http://127.0.0.1:9/api", "ICM_DEVICE": ""}
+
+
+def _exit_code(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse exits for --help, --version and usage errors
+        return 0 if exc.code is None else int(exc.code)
+
+
+def _cli(*argv: str, cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **NO_SERVER, **env}
+    code = "import sys; from flows.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300
+    )
+
+
+def _one_line_error(result: subprocess.CompletedProcess, command: str) -> str:
+    err = result.stderr.strip()
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], err[-3000:])
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"icm-lora {command}: error: "), err
+    return err
+
+
+def test_every_job_is_a_subcommand():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted([*FLOW_COMMANDS, *STAGE_COMMANDS])
+    registry = next(a for a in sub.choices["registry"]._actions if a.dest == "registry_command")
+    assert sorted(registry.choices) == ["retrain", "scan"]
+
+
+@pytest.mark.parametrize(
+    "command", [[c] for c in (*FLOW_COMMANDS, *STAGE_COMMANDS)] + [["registry", "scan"], ["registry", "retrain"]]
+)
+def test_subcommand_help(command, capsys):
+    assert _exit_code([*command, "--help"]) == 0
+    assert f"icm-lora {' '.join(command)}" in capsys.readouterr().out
+
+
+def test_version_is_the_one_version_string(capsys):
+    assert _exit_code(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"icm-lora {icm_core.__version__}"
+    assert importlib.metadata.version("icm-lora") == icm_core.__version__  # pyproject reads the same string
+
+
+def test_help_and_version_import_no_torch_or_prefect():
+    code = (
+        "import sys; from flows.cli import main\n"
+        "for argv in (['--help'], ['--version'], ['pipeline', '--help'], ['registry', 'scan', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'prefect') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "HEAVY []"
+
+
+def test_usage_errors_exit_2(capsys):
+    assert _exit_code([]) == 2
+    assert _exit_code(["no-such-command"]) == 2
+    assert _exit_code(["generate"]) == 2  # one of --category / --description / --task-vector is required
+    assert _exit_code(["registry"]) == 2
+    assert "required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty"])
+def test_bad_category_source_is_refused_before_any_flow_run(tmp_path, problem):
+    (tmp_path / "news.txt").write_text("" if problem == "empty" else "unused")
+    source = "news.txt" if problem == "empty" else "gone.txt"
+    (tmp_path / "cats.yaml").write_text(f"categories:\n  - name: news\n    source: {source}\n    description: d\n")
+    result = _cli("pipeline", "--categories", str(tmp_path / "cats.yaml"), "--root", str(tmp_path / "root"))
+    err = _one_line_error(result, "pipeline")
+    assert "'news'" in err and str(tmp_path / source) in err
+    assert ("empty" if problem == "empty" else "does not exist") in err
+    assert not (tmp_path / "root").exists()
+
+
+def test_generate_without_a_pipeline_run_is_one_line(tmp_path):
+    err = _one_line_error(_cli("generate", "--category", "news", "--root", str(tmp_path)), "generate")
+    assert "latest.json" in err and "icm-lora pipeline" in err
+
+
+def test_generate_with_a_missing_task_vector_file(tmp_path):
+    err = _one_line_error(_cli("generate", "--task-vector", str(tmp_path / "tv.safetensors")), "generate")
+    assert "tv.safetensors" in err
+
+
+def test_a_device_this_machine_lacks_is_refused_naming_it(tmp_path):
+    result = _cli("pipeline", "--set", "model.device=cuda:7", "--root", str(tmp_path / "root"))
+    if result.returncode == 0:  # pragma: no cover - a machine with 8 GPUs
+        pytest.skip("this machine has a cuda:7")
+    err = _one_line_error(result, "pipeline")
+    assert "'cuda:7'" in err
+    result = _cli("pipeline", "--root", str(tmp_path / "root"), ICM_DEVICE="tpu:0")
+    assert "'tpu:0'" in _one_line_error(result, "pipeline")
+
+
+def test_bad_values_are_one_line(tmp_path):
+    assert "--ranks" in _one_line_error(_cli("ablations", "--ranks", "1,x"), "ablations")
+    err = _one_line_error(_cli("registry", "scan", "--registry", str(tmp_path / "nope")), "registry scan")
+    assert str(tmp_path / "nope") in err
+    assert "bogus" in _one_line_error(_cli("detect", "--set", "bogus.x=1"), "detect")
+
+
+@pytest.mark.parametrize(
+    ("module", "command"),
+    [
+        ("flows.pipeline", "pipeline"),
+        ("flows.generate", "generate"),
+        ("flows.detection", "detect"),
+        ("flows.ablations", "ablations"),
+        ("flows.registry", "registry scan"),
+    ],
+)
+def test_module_entry_points_are_aliases(module, command, capsys):
+    entry = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exit_info:
+        entry(["--help"])
+    assert exit_info.value.code == 0
+    assert f"icm-lora {command}" in capsys.readouterr().out
