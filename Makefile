@@ -17,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench clean chromium ablations
+.PHONY: install demo test lint bench clean chromium ablations corpora library zeroshot
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,12 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
 
-test: install chromium
+# The category library's Debian text (docs, code, quotes, tables): apt-get download + dpkg-deb -x into
+# artifacts/corpora/debian (nothing is installed; ~60 MB of .debs, ~240 MB extracted, ~1 min). Needs apt (root).
+corpora: install
+	$(BIN)/python -m icm_core.corpora.debian
+
+test: install chromium corpora
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
