@@ -14,7 +14,7 @@ from prefect.artifacts import create_link_artifact
 
 from icm_core.adapters import adapter_sha256
 from icm_core.config import SampleConfig, TaskVectorConfig
-from icm_core.stages import load_task_vector, sample_adapter
+from icm_core.stages import load_task_vector_with_kind, sample_adapter
 from icm_core.task_vectors import TextEncoder, text_task_vector
 from tasks.store import fetch, is_remote, local_root, read_root_json
 
@@ -45,14 +45,21 @@ def generate_task(
     task_vector_file: str | None,
     text_encoder: str,
 ) -> dict[str, Any]:
+    kind = None
     if task_vector_file:
-        vector = load_task_vector(task_vector_file)
+        vector, kind = load_task_vector_with_kind(task_vector_file)
     elif description:
-        vector = text_task_vector(description, TextEncoder(text_encoder))
+        vector, kind = text_task_vector(description, TextEncoder(text_encoder)), f"description:{text_encoder}"
     else:
         vector = None
     return sample_adapter(
-        generator, out, sample_cfg, category=category, task_vector=vector, task_vector_source=task_vector_file
+        generator,
+        out,
+        sample_cfg,
+        category=category,
+        task_vector=vector,
+        task_vector_source=task_vector_file or ("description" if description else None),
+        task_vector_kind=kind,
     )
 
 
