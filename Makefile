@@ -44,6 +44,14 @@ chromium:
 corpora: install
 	$(BIN)/python -m icm_core.corpora.debian
 
+# Smoke run of the library: prepare every category's splits and count its tokens (results/zeroshot/library.md).
+library: corpora
+	$(BIN)/python scripts/library_stats.py $(ARGS)
+
+# The leave-out benchmark (K folds over the library's categories; heavy: hours on 2 CPU cores, cached, resumable).
+zeroshot: corpora
+	$(BIN)/python -m flows.zeroshot $(ARGS)
+
 test: install chromium corpora
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

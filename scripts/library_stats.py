@@ -10,7 +10,6 @@ tokens of each split. It prints a table and writes ``library.md`` and ``library.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
