@@ -67,4 +67,4 @@ bench: install
 clean:
 	rm -rf artifacts/data artifacts/lora artifacts/task_vectors artifacts/generator artifacts/adapters \
 		artifacts/soup artifacts/pdiff artifacts/pdiff_adapters artifacts/ablation_report artifacts/latest-ablations.json \
-		artifacts/eval artifacts/report artifacts/.prefect artifacts/latest.json artifacts/registry-state.json
+		artifacts/eval artifacts/report artifacts/zs_pooled artifacts/zs_library artifacts/zs_generated artifacts/zs_eval artifacts/.prefect artifacts/latest.json artifacts/registry-state.json

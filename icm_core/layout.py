@@ -24,6 +24,10 @@ STAGES = (
     "eval",
     "report",
     "ablation_report",
+    "zs_pooled",
+    "zs_library",
+    "zs_generated",
+    "zs_eval",
 )
 
 
