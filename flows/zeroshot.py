@@ -20,22 +20,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, unmapped
 
 from flows.pipeline import gather
 from flows.runtime import device_from_env
 from icm_core.categories import category_family, library_categories
 from icm_core.config import ZeroShotRunConfig, load_run_config
 from icm_core.data import Category, source_fingerprint
-from icm_core.io import read_json
-from icm_core.lora_train import read_trajectory
 from icm_core.registry import load_registry
-from icm_core.stages import load_task_vector
-from icm_core.zeroshot import assert_no_leakage, make_folds, shuffled_partner, summarize
-from icm_core.zeroshot_report import write_results
-from tasks.artifacts import ArtifactRef, localize
+from icm_core.zeroshot import assert_no_leakage, make_folds, shuffled_partner
+from tasks.artifacts import ArtifactRef
 from tasks.stages import finetune_task, prepare_data_task, task_vector_task, train_generator_task
-from tasks.zeroshot import block_eval_task, library_adapter_task, pool_data_task, vector_adapter_task
+from tasks.zeroshot import (
+    block_eval_task,
+    library_adapter_task,
+    pool_data_task,
+    vector_adapter_task,
+)
+from tasks.zeroshot_report import report_task
 
 
 def select(categories_file: str | None, only: list[str] | None) -> list[Category]:
@@ -48,36 +50,6 @@ def select(categories_file: str | None, only: list[str] | None) -> list[Category
             raise ValueError(f"only: unknown categories {unknown}")
         categories = [c for c in categories if c.name in set(only)]
     return categories
-
-
-@task(name="zeroshot-report", task_run_name="zeroshot-report", persist_result=False)
-def report_task(
-    nll_refs: dict[str, dict[str, ArtifactRef]],
-    folds: list[list[str]],
-    multitask: dict[str, ArtifactRef],
-    vectors: dict[str, ArtifactRef],
-    families: dict[str, str | None],
-    meta: dict[str, Any],
-    samples: int,
-    seed: int,
-    root: str,
-    results_dir: str,
-) -> dict[str, Any]:
-    """Read every per-block NLL file, compute the metric and write the results folder."""
-    nll = {
-        cat: {m: read_json(localize(ref, root).file("nll.json"))["nll"] for m, ref in refs.items()}
-        for cat, refs in nll_refs.items()
-    }
-    result = summarize(nll, folds, samples=samples, seed=seed)
-    mean_nll = {cat: {m: sum(v) / len(v) for m, v in by.items()} for cat, by in nll.items()}
-    losses = {label: read_trajectory(localize(ref, root).folder).losses for label, ref in multitask.items()}
-    tensors = {
-        name: load_task_vector(localize(ref, root).file("task_vector.safetensors")) for name, ref in vectors.items()
-    }
-    files = write_results(
-        results_dir, result, folds, mean_nll, losses, tensors, families, {**meta, "bootstrap_samples": samples}
-    )
-    return {"summary": result["summary"], "files": files}
 
 
 @flow(name="icm-zeroshot", log_prints=True)

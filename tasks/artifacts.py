@@ -60,7 +60,14 @@ class ArtifactRef(BaseModel):
 
 
 PRESENTATION_MODULES = frozenset(
-    {"icm_core/reporting.py", "icm_core/plots.py", "tasks/report.py", "tasks/ablations.py"}
+    {
+        "icm_core/reporting.py",
+        "icm_core/plots.py",
+        "tasks/report.py",
+        "tasks/ablations.py",
+        "icm_core/zeroshot_report.py",
+        "tasks/zeroshot_report.py",
+    }
 )
 """Modules that only format results (tables, figures, UI artifacts). Editing them re-renders reports but
 must not retrain anything, so they are left out of the fingerprint of the compute stages. No other

@@ -122,3 +122,12 @@ def test_summary_has_the_issue_format():
     assert set(summary["win_rate"]) == {
         f"icm_lora_vs_{m}" for m in ["mean_lora", "multitask_lora", "nn1", "knn_softmax"]
     }
+
+
+def test_zeroshot_config_refuses_vectors_a_held_out_category_cannot_have():
+    from icm_core.config import TaskVectorConfig, ZeroShotRunConfig
+
+    with pytest.raises(ValueError, match="hidden_from"):
+        ZeroShotRunConfig(task_vector=TaskVectorConfig(hidden_from="finetuned"))
+    assert ZeroShotRunConfig().task_vector.hidden_from == "base"
+    assert ZeroShotRunConfig(task_vector=TaskVectorConfig(source="description")).task_vector.source == "description"

@@ -85,3 +85,20 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
         assert not set(meta["weights"]) & held, (label, meta)
     kinds = {load_tensors(p)[1]["task_vector_kind"] for p in root.glob("generator/*/generator.safetensors")}
     assert kinds == {f"hidden_state:base:{cfg.model.name_or_path}"}
+
+    # A second run reuses every stage output (no new folder) and reproduces the summary.
+    before = sorted(p for p in root.rglob("manifest.json"))
+    again = zeroshot_protocol(
+        config=cfg, categories_file=str(categories_file), root=str(workspace.root), results_dir=str(results)
+    )
+    assert sorted(p for p in root.rglob("manifest.json")) == before
+    assert again["summary"] == out["summary"]
+
+    # The results are also Prefect UI artifacts.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        keys = ["icm-zeroshot-macro", "icm-zeroshot-per-category", "icm-zeroshot-win-rates"]
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    assert {a.key for a in found} == set(keys)
