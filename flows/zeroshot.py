@@ -33,6 +33,7 @@ from tasks.artifacts import ArtifactRef
 from tasks.stages import finetune_task, prepare_data_task, task_vector_task, train_generator_task
 from tasks.zeroshot import (
     block_eval_task,
+    functional_generator_task,
     library_adapter_task,
     pool_data_task,
     vector_adapter_task,
@@ -116,6 +117,12 @@ def zeroshot_protocol(
              "multi-task text": list(train_data), "k-NN library": list(train_loras)},
         )  # fmt: skip
         generator = train_generator_task(train_loras, train_vectors, cfg.cvae, cfg.model.device, root)
+        functional = None
+        if zs.functional_steps > 0:  # the generator variant aimed at unseen categories (decoder through the LM)
+            functional = functional_generator_task(
+                label, generator, train_loras, train_vectors, train_data, cfg.model, cfg.data, zs.functional_steps,
+                zs.functional_lr, zs.functional_batch_blocks, zs.functional_recon_weight, root,
+            )  # fmt: skip
         mean = library_adapter_task(label, "mean_lora", train_loras, train_vectors, None, 1, 1.0, root)
         pooled = pool_data_task(label, train_data, root)
         multitask_cfg = cfg.lora.model_copy(update={"steps": zs.multitask_steps})
@@ -131,6 +138,10 @@ def zeroshot_protocol(
                     cat, method, train_loras, train_vectors, query, k, zs.knn_temperature, root
                 )
             adapters[cat]["icm_lora"] = vector_adapter_task(cat, "icm_lora", generator, [query], cfg.sample, root)
+            if functional is not None:
+                adapters[cat]["icm_functional"] = vector_adapter_task(
+                    cat, "icm_functional", functional, [query], cfg.sample, root
+                )
             adapters[cat]["icm_shuffled"] = vector_adapter_task(
                 cat, "icm_shuffled", generator, [vector_by[partner[cat]]], cfg.sample, root
             )

@@ -371,6 +371,17 @@ class ZeroShotConfig(StageConfig):
     )
     bootstrap_samples: int = Field(2000, ge=10, description="Paired bootstrap resamples of test blocks.")
     seed: int = Field(0, description="Seed of the bootstrap.")
+    functional_steps: int = Field(
+        0,
+        ge=0,
+        description="Steps of the functional fine-tune of each fold's generator decoder through the frozen base "
+        "model (method 'icm_functional', icm_core/functional_loss.py); 0 leaves the variant out.",
+    )
+    functional_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the functional fine-tune.")
+    functional_batch_blocks: int = Field(2, ge=1, description="Training blocks per functional step.")
+    functional_recon_weight: float = Field(
+        1.0, ge=0, description="Weight of the reconstruction anchor in the functional fine-tune."
+    )
 
 
 class ZeroShotRunConfig(StageConfig):

@@ -47,6 +47,7 @@ METHODS: tuple[str, ...] = (
     "nn1",
     "knn_softmax",
     "icm_lora",
+    "icm_functional",
     "icm_shuffled",
     "icm_mean_condition",
 )
@@ -313,6 +314,14 @@ def summarize(
         for other in (*BASELINES, *CONTROLS)
         if other in methods and "icm_lora" in methods
     }
+    if "icm_functional" in methods:  # the generator variant aimed at unseen categories
+        wins.update(
+            {
+                f"icm_functional_vs_{other}": win_rate(result["per_category"], "icm_functional", other)
+                for other in (*BASELINES, "icm_lora")
+                if other in methods
+            }
+        )
     best_baseline = max((m for m in BASELINES if m in methods), key=lambda m: result["macro"][m]["gap"], default=None)
     summary = {
         "categories": len(nll),

@@ -24,6 +24,7 @@ TITLES = {
     "nn1": "1-NN LoRA",
     "knn_softmax": "Softmax k-NN LoRA",
     "icm_lora": "ICM-LoRA zero-shot",
+    "icm_functional": "ICM-LoRA zero-shot, decoder fine-tuned on the functional loss",
     "icm_shuffled": "ICM-LoRA, shuffled vector (control)",
     "icm_mean_condition": "ICM-LoRA, mean condition (control)",
 }

@@ -13,6 +13,7 @@ from icm_core.adapters import adapter_sha256, merge_adapter, read_adapter, write
 from icm_core.base_model import load_base_model, load_tokenizer, model_identity
 from icm_core.config import DataConfig, EvalConfig, ModelConfig, SampleConfig
 from icm_core.evaluate import eval_blocks
+from icm_core.functional_loss import FunctionalConfig
 from icm_core.generator import load_generator
 from icm_core.io import write_json
 from icm_core.lora_train import read_trajectory
@@ -102,3 +103,38 @@ def evaluate_blocks(
     result = {"blocks": len(nll), "mean_nll": sum(nll) / len(nll), "nll": nll}
     write_json(out_path, result)
     return result
+
+
+def functional_generator(
+    generator_path: str | Path,
+    trajectory_dirs: Mapping[str, str | Path],
+    vector_paths: Mapping[str, str | Path],
+    data_dirs: Mapping[str, str | Path],
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    cfg: FunctionalConfig,
+    out_path: str | Path,
+    on_step=None,
+) -> dict[str, Any]:
+    """Copy of a fold's generator whose decoder is fine-tuned on the functional loss over the same training
+    categories' text (:mod:`icm_core.functional_loss`); saved like any generator (kind and categories kept)."""
+    from icm_core.functional_loss import functional_finetune
+    from icm_core.generator import save_generator
+    from icm_core.stages import generator_training_data
+    from icm_core.tokens import token_blocks
+
+    generator = load_generator(generator_path)
+    dataset, _ = generator_training_data(dict(trajectory_dirs), dict(vector_paths))
+    if sorted(dataset.task_vectors) != sorted(generator.task_vectors):
+        raise ValueError(
+            f"{generator_path}: trained on {sorted(generator.task_vectors)}, given {sorted(dataset.task_vectors)}"
+        )
+    tokenizer = load_tokenizer(model_cfg)
+    blocks = {n: token_blocks(read_splits(data_dirs[n]).train, tokenizer, data_cfg.seq_len) for n in data_dirs}
+    base = load_base_model(model_cfg)
+    started = time.perf_counter()
+    history = functional_finetune(generator, dataset, base, blocks, cfg, on_step=on_step)
+    meta = {k: v for k, v in generator.meta.items() if k in ("history", "task_vector_kind")}
+    digest = save_generator(out_path, generator, {**meta, "functional": history, "functional_config": vars(cfg)})
+    return {"path": str(out_path), "sha256": digest, "seconds": time.perf_counter() - started,
+            "final_lm": history[-1]["lm"] if history else None}  # fmt: skip

@@ -148,3 +148,61 @@ def block_eval_task(
         return {"method": method, "blocks": result["blocks"], "mean_nll": result["mean_nll"]}
 
     return run_stage("zs_eval", category, inputs, build)
+
+
+@task(
+    name="zeroshot-functional-generator",
+    task_run_name="functional-{label}",
+    cache_policy=ArtifactCachePolicy("generator", category_arg=None),
+    retries=1,
+    retry_condition_fn=retry_unless_bad_input,
+    **TASK_DEFAULTS,
+)
+def functional_generator_task(
+    label: str,
+    generator: ArtifactRef,
+    loras: dict[str, ArtifactRef],
+    vectors: dict[str, ArtifactRef],
+    data: dict[str, ArtifactRef],
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    steps: int,
+    lr: float,
+    batch_blocks: int,
+    recon_weight: float,
+    root: str,
+) -> ArtifactRef:
+    """A fold's generator with its decoder fine-tuned on the functional loss over the fold's training text."""
+    from icm_core.functional_loss import FunctionalConfig
+
+    inputs = {
+        "label": label,
+        "generator": generator,
+        "loras": loras,
+        "vectors": vectors,
+        "data": data,
+        "model_cfg": model_cfg,
+        "data_cfg": data_cfg,
+        "steps": steps,
+        "lr": lr,
+        "batch_blocks": batch_blocks,
+        "recon_weight": recon_weight,
+        "root": root,
+    }
+    cfg = FunctionalConfig(steps=steps, lr=lr, batch_blocks=batch_blocks, recon_weight=recon_weight)
+
+    def build(out: Path) -> dict[str, Any]:
+        with device_slot(model_cfg.device):
+            result = zeroshot_stages.functional_generator(
+                localize(generator, root).file("generator.safetensors"),
+                {n: localize(r, root).folder for n, r in loras.items()},
+                {n: localize(r, root).file("task_vector.safetensors") for n, r in vectors.items()},
+                {n: localize(r, root).file("splits") for n, r in data.items()},
+                model_cfg,
+                data_cfg,
+                cfg,
+                out / "generator.safetensors",
+            )
+        return {"functional_steps": steps, "final_lm": result["final_lm"], "seconds": result["seconds"]}
+
+    return run_stage("generator", None, inputs, build)

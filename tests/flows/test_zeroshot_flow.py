@@ -39,7 +39,7 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
         task_vector=TaskVectorConfig(hidden_from="base", num_samples=2, sample_tokens=16),
         cvae=base.cvae,
         eval=base.eval,
-        zeroshot=ZeroShotConfig(folds=2, multitask_steps=4, bootstrap_samples=20, knn_k=2),
+        zeroshot=ZeroShotConfig(folds=2, multitask_steps=4, bootstrap_samples=20, knn_k=2, functional_steps=2),
     )
     results = tmp_path / "results"
     out = zeroshot_protocol(
@@ -67,7 +67,7 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
     root = workspace.root
     held_out_of = {c: set(f) for f in folds for c in f}
     generated = [read_json(m)["meta"] for m in root.glob("zs_generated/*/*/manifest.json")]
-    assert len(generated) == 4 * 3  # icm_lora, shuffled and mean-condition per held-out category
+    assert len(generated) == 4 * 4  # icm_lora, icm_functional, shuffled and mean-condition per held-out category
     for manifest in root.glob("zs_generated/*/*/manifest.json"):
         cat = manifest.parent.parent.name
         meta = read_json(manifest)["meta"]
@@ -83,8 +83,14 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
         label = manifest.parent.parent.name
         held = set(folds[int(label.split("-")[1])]) if label.startswith("fold-") else held_out_of[label]
         assert not set(meta["weights"]) & held, (label, meta)
-    kinds = {load_tensors(p)[1]["task_vector_kind"] for p in root.glob("generator/*/generator.safetensors")}
-    assert kinds == {f"hidden_state:base:{cfg.model.name_or_path}"}
+    generators = [load_tensors(p)[1] for p in root.glob("generator/*/generator.safetensors")]
+    assert len(generators) == 4  # per fold: the reconstruction-trained CVAE and its functional fine-tune
+    assert {g["task_vector_kind"] for g in generators} == {f"hidden_state:base:{cfg.model.name_or_path}"}
+    assert sorted(sorted(g["categories"]) for g in generators) == sorted(
+        sorted(set(texts) - set(f)) for f in folds for _ in range(2)
+    )
+    assert sum("functional" in g for g in generators) == 2
+    assert "icm_functional_vs_icm_lora" in summary["win_rate"]
 
     # A second run reuses every stage output (no new folder) and reproduces the summary.
     before = sorted(p for p in root.rglob("manifest.json"))
