@@ -17,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install lock demo test lint bench bench-cli bench-warm clean chromium ablations zombie-detection results
+.PHONY: install lock demo test lint bench bench-cli bench-warm clean chromium ablations zombie-detection results corpora library zeroshot
 
 $(BIN)/.installed: pyproject.toml requirements.lock Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -51,7 +51,20 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
 
-test: install chromium
+# The category library's Debian text (docs, code, quotes, tables): apt-get download + dpkg-deb -x into
+# artifacts/corpora/debian (nothing is installed; ~60 MB of .debs, ~240 MB extracted, ~1 min). Needs apt (root).
+corpora: install
+	$(BIN)/python -m icm_core.corpora.debian
+
+# Smoke run of the library: prepare every category's splits and count its tokens (results/zeroshot/library.md).
+library: corpora
+	$(BIN)/python scripts/library_stats.py $(ARGS)
+
+# The leave-out benchmark (K folds over the library's categories; heavy: hours on 2 CPU cores, cached, resumable).
+zeroshot: corpora
+	$(BIN)/python -m flows.zeroshot $(ARGS)
+
+test: install chromium corpora
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
@@ -86,4 +99,5 @@ clean:
 	rm -rf artifacts/data artifacts/lora artifacts/task_vectors artifacts/generator artifacts/adapters \
 		artifacts/soup artifacts/pdiff artifacts/pdiff_adapters artifacts/ablation_report artifacts/latest-ablations.json \
 		artifacts/eval artifacts/report artifacts/.prefect artifacts/latest.json artifacts/registry-state.json \
-		artifacts/ablations artifacts/generated artifacts/.fingerprints
+		artifacts/ablations artifacts/generated artifacts/.fingerprints \
+		artifacts/zs_pooled artifacts/zs_library artifacts/zs_generated artifacts/zs_eval

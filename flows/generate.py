@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact
 from icm_core.adapters import adapter_sha256
 from icm_core.config import SampleConfig, TaskVectorConfig
 from icm_core.io import read_json, sha256_file, sidecar_path
-from icm_core.stages import load_task_vector, sample_adapter
+from icm_core.stages import load_task_vector_with_kind, sample_adapter
 from icm_core.task_vectors import TextEncoder, text_task_vector
 from tasks.store import fetch, is_remote, local_root, read_root_json
 
@@ -59,10 +59,11 @@ def generate_task(
     text_encoder: str,
     base_model: str | None = None,
 ) -> dict[str, Any]:
+    kind = None
     if task_vector_file:
-        vector = load_task_vector(task_vector_file)
+        vector, kind = load_task_vector_with_kind(task_vector_file)
     elif description:
-        vector = text_task_vector(description, TextEncoder(text_encoder))
+        vector, kind = text_task_vector(description, TextEncoder(text_encoder)), f"description:{text_encoder}"
     else:
         vector = None
     return sample_adapter(
@@ -71,7 +72,8 @@ def generate_task(
         sample_cfg,
         category=category,
         task_vector=vector,
-        task_vector_source=task_vector_file,
+        task_vector_source=task_vector_file or ("description" if description else None),
+        task_vector_kind=kind,
         base_model=base_model,
     )
 

@@ -112,10 +112,10 @@ def cmd_train_generator(args):
 
 
 def cmd_sample(args):
-    from icm_core.stages import load_task_vector, sample_adapter
+    from icm_core.stages import load_task_vector_with_kind, sample_adapter
 
     cfg = _config(args)
-    vector = load_task_vector(args.task_vector) if args.task_vector else None
+    vector, kind = load_task_vector_with_kind(args.task_vector) if args.task_vector else (None, None)
     if vector is None and not args.category:
         raise ValueError("sample: give --category or --task-vector")
     _print(
@@ -126,6 +126,7 @@ def cmd_sample(args):
             category=args.category,
             task_vector=vector,
             task_vector_source=args.task_vector,
+            task_vector_kind=kind,
         )
     )
 

@@ -437,3 +437,63 @@ def load_run_config(
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ValueError(f"{where}: {problems}") from None
+
+
+class ZeroShotConfig(StageConfig):
+    """The leave-out protocol (``flows/zeroshot.py``): folds over categories, baselines and intervals."""
+
+    folds: int = Field(4, ge=2, description="K: folds over categories; each fold's categories are held out once.")
+    fold_seed: int = Field(0, description="Seed of the deterministic assignment of categories to folds.")
+    knn_k: int = Field(3, ge=1, description="Neighbours averaged by the softmax k-NN baseline (1-NN uses one).")
+    knn_temperature: float = Field(
+        0.05, gt=0, description="Softmax temperature over cosine similarities of the softmax k-NN baseline."
+    )
+    multitask_steps: int = Field(
+        200,
+        ge=1,
+        description="Optimizer steps of the multi-task LoRA on a fold's pooled training text (same rank, batch, "
+        "lr schedule and layers as the per-category LoRA). Default 4x the per-category budget; its loss curve "
+        "is written to the results so convergence can be checked.",
+    )
+    bootstrap_samples: int = Field(2000, ge=10, description="Paired bootstrap resamples of test blocks.")
+    seed: int = Field(0, description="Seed of the bootstrap.")
+    functional_steps: int = Field(
+        0,
+        ge=0,
+        description="Steps of the functional fine-tune of each fold's generator decoder through the frozen base "
+        "model (method 'icm_functional', icm_core/functional_loss.py); 0 leaves the variant out.",
+    )
+    functional_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the functional fine-tune.")
+    functional_batch_blocks: int = Field(2, ge=1, description="Training blocks per functional step.")
+    functional_recon_weight: float = Field(
+        1.0, ge=0, description="Weight of the reconstruction anchor in the functional fine-tune."
+    )
+
+
+class ZeroShotRunConfig(StageConfig):
+    """All configs of one leave-out run. Defaults: SmolLM2 on CPU, the library read at 120k characters per
+    category, the demo's per-category LoRA budget, Eq. 1 task vectors on the **base** model."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    data: DataConfig = Field(
+        default_factory=lambda: DataConfig(max_chars=120_000), description="Splits and token blocks."
+    )
+    lora: LoraTrainConfig = Field(default_factory=LoraTrainConfig, description="Per-category (oracle) LoRA.")
+    task_vector: TaskVectorConfig = Field(
+        default_factory=lambda: TaskVectorConfig(hidden_from="base"),
+        description="Task vectors; must be computable from a category's text alone (hidden_from=base, or "
+        "source=description).",
+    )
+    cvae: CVAEConfig = Field(default_factory=CVAEConfig, description="The generator.")
+    sample: SampleConfig = Field(default_factory=SampleConfig, description="Adapter sampling.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Per-block NLL evaluation (max_tokens cap).")
+    zeroshot: ZeroShotConfig = Field(default_factory=ZeroShotConfig, description="Folds, baselines, bootstrap.")
+
+    @model_validator(mode="after")
+    def _unseen_vectors(self) -> ZeroShotRunConfig:
+        if self.task_vector.source == "hidden_state" and self.task_vector.hidden_from == "finetuned":
+            raise ValueError(
+                "task_vector.hidden_from: 'finetuned' needs the category's own fine-tune, which a held-out "
+                "category does not have; use 'base' (Eq. 1 on the base model) or source='description'"
+            )
+        return self

@@ -32,7 +32,7 @@ from icm_core.flatten import (
 )
 from icm_core.io import ArtifactError, load_tensors, save_tensors
 from icm_core.resume import Resumer
-from icm_core.task_vectors import check_task_vector
+from icm_core.task_vectors import check_task_vector, check_task_vector_kind
 
 
 @dataclass
@@ -120,13 +120,25 @@ class Generator:
     def cond_dim(self) -> int:
         return self.model.cond_dim
 
+    @property
+    def task_vector_kind(self) -> str | None:
+        """The kind of task vector the generator was trained on (sidecar ``task_vector_kind``), if recorded."""
+        kind = self.meta.get("task_vector_kind")
+        return kind if isinstance(kind, str) else None
+
     @torch.no_grad()
     def generate(
-        self, task_vector: torch.Tensor, cfg: SampleConfig | None = None, where: str | Path = "task vector"
+        self,
+        task_vector: torch.Tensor,
+        cfg: SampleConfig | None = None,
+        where: str | Path = "task vector",
+        kind: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """z ~ N(0, I) + task vector -> LoRA state dict (peft key names). ``where`` names the vector's source
-        (its file, say) in errors."""
+        (its file, say) in errors; ``kind``, the vector's kind, must match the generator's (when both are known).
+        """
         cfg = cfg or SampleConfig()
+        check_task_vector_kind(self.task_vector_kind, kind, where)
         task_vector = check_task_vector(task_vector, self.cond_dim, where)
         rng = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.model.eval()

@@ -26,6 +26,10 @@ STAGES = (
     "diagnostics",
     "report",
     "ablation_report",
+    "zs_pooled",
+    "zs_library",
+    "zs_generated",
+    "zs_eval",
 )
 
 

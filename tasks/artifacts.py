@@ -82,6 +82,8 @@ PRESENTATION_MODULES = frozenset(
         "tasks/report.py",
         "tasks/ablations.py",
         "tasks/detection_report.py",
+        "icm_core/zeroshot_report.py",
+        "tasks/zeroshot_report.py",
     }
 )
 """Modules that only format results (tables, figures, UI artifacts). Editing them re-renders reports but

@@ -297,7 +297,7 @@ def task_vector_task(
                 tv_cfg,
                 out / "task_vector.safetensors",
             )
-        return {"dim": result["dim"]}
+        return {"dim": result["dim"], "kind": result["kind"]}
 
     return run_stage("task_vectors", category.name, inputs, build)
 

@@ -284,3 +284,46 @@ def test_generated_weights_are_close_to_their_own_category(normalization):
         own, far = float((flat - means[name]).norm()), float((flat - means[other]).norm())
         assert own < 0.3 * between, (name, own, between)
         assert far > 0.7 * between, (name, far, between)
+
+
+def test_generator_refuses_a_vector_of_another_kind(generator, trained, tmp_path):
+    """The kind recorded in the sidecar is enforced: a description vector cannot condition an Eq. 1 generator."""
+    from icm_core.task_vectors import TaskVectorKindError
+
+    path = tmp_path / "generator.safetensors"
+    save_generator(path, generator, {"task_vector_kind": "hidden_state:base:tiny"})
+    loaded = load_generator(path)
+    assert loaded.task_vector_kind == "hidden_state:base:tiny"
+    vector = trained["vectors"]["prose"]
+    with pytest.raises(TaskVectorKindError, match=r"'description:minilm'.*'hidden_state:base:tiny'"):
+        loaded.generate(vector, SampleConfig(), where="new.safetensors", kind="description:minilm")
+    with pytest.raises(TaskVectorKindError, match="hidden_state:finetuned:tiny"):
+        loaded.generate(vector, SampleConfig(), kind="hidden_state:finetuned:tiny")
+    same = loaded.generate(vector, SampleConfig(), kind="hidden_state:base:tiny")
+    assert same.keys() == generator.generate(vector, SampleConfig()).keys()
+
+
+def test_generator_stage_records_the_vectors_kind_and_rejects_mixed_kinds(trained, tmp_path):
+    from icm_core.stages import sample_adapter, train_generator_stage
+    from icm_core.task_vectors import TaskVectorKindError
+
+    folders = {name: t.folder for name, t in trained["trajectories"].items()}
+    files = {}
+    for name, vector in trained["vectors"].items():
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_tensors(files[name], {"task_vector": vector}, {"category": name, "kind": "hidden_state:base:tiny"})
+    out = tmp_path / "gen.safetensors"
+    train_generator_stage(folders, files, CVAE, out)
+    assert load_generator(out).task_vector_kind == "hidden_state:base:tiny"
+    with pytest.raises(TaskVectorKindError, match="description:minilm"):
+        sample_adapter(
+            out,
+            tmp_path / "a",
+            SampleConfig(),
+            task_vector=trained["vectors"]["prose"],
+            task_vector_kind="description:minilm",
+        )
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+    save_tensors(files["symbols"], {"task_vector": trained["vectors"]["symbols"]}, {"kind": "description:minilm"})
+    with pytest.raises(TaskVectorKindError, match="different kinds"):
+        train_generator_stage(folders, files, CVAE, tmp_path / "mixed.safetensors")

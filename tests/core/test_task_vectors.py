@@ -116,3 +116,31 @@ def test_empty_description_is_refused(encoder):
 def test_unknown_text_encoder_path(tmp_path):
     with pytest.raises(ModelLoadError, match="text encoder"):
         TextEncoder(str(tmp_path / "no-such-encoder"))
+
+
+def test_text_hidden_state_vector_is_eq1_on_k_sampled_blocks_of_the_text(model):
+    from icm_core.task_vectors import text_hidden_state_vector
+    from icm_core.tokens import sample_blocks, token_blocks
+
+    tokenizer = helpers.tiny_tokenizer()
+    texts = [helpers.SAMPLE_TEXT, helpers.OTHER_TEXT]
+    vector = text_hidden_state_vector(model, tokenizer, texts, num_samples=3, sample_tokens=16, seed=5)
+    expected = hidden_state_task_vector(model, sample_blocks(token_blocks(texts, tokenizer, 16), 3, 5))
+    assert torch.equal(vector, expected)
+    other_k = text_hidden_state_vector(model, tokenizer, texts, num_samples=6, sample_tokens=16, seed=5)
+    assert not torch.equal(vector, other_k)  # k is honoured
+
+
+def test_task_vector_kind_names_source_model_and_encoder():
+    from icm_core.config import TaskVectorConfig
+    from icm_core.task_vectors import check_task_vector_kind, task_vector_kind
+
+    base = task_vector_kind(TaskVectorConfig(hidden_from="base", num_samples=4), "smollm2-135m")
+    assert base == "hidden_state:base:smollm2-135m"
+    assert base == task_vector_kind(TaskVectorConfig(hidden_from="base", num_samples=32, seed=9), "smollm2-135m")
+    assert task_vector_kind(TaskVectorConfig(), "m") == "hidden_state:finetuned:m"
+    assert task_vector_kind(TaskVectorConfig(source="description"), "m") == "description:minilm"
+    check_task_vector_kind(base, base)
+    check_task_vector_kind(None, base)  # an old generator without a recorded kind
+    with pytest.raises(ValueError, match="hidden_state:finetuned:m"):
+        check_task_vector_kind(base, "hidden_state:finetuned:m")

@@ -1,0 +1,158 @@
+"""Files of a leave-out run: summary.json, per-category CSV, a markdown report and figures (gain per held-out
+category and method with intervals; the multi-task LoRA's training curves; the map of all task vectors)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from icm_core.io import write_json, write_text
+from icm_core.plots import pca_2d, pyplot, save_figure
+from icm_core.zeroshot import METHODS
+
+
+TITLES = {
+    "base": "Base model",
+    "oracle": "Oracle LoRA (own fine-tune)",
+    "mean_lora": "Mean LoRA",
+    "multitask_lora": "Multi-task LoRA",
+    "nn1": "1-NN LoRA",
+    "knn_softmax": "Softmax k-NN LoRA",
+    "icm_lora": "ICM-LoRA zero-shot",
+    "icm_functional": "ICM-LoRA zero-shot, decoder fine-tuned on the functional loss",
+    "icm_shuffled": "ICM-LoRA, shuffled vector (control)",
+    "icm_mean_condition": "ICM-LoRA, mean condition (control)",
+}
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
+
+
+def write_results(
+    out: str | Path,
+    result: Mapping[str, Any],
+    folds: Sequence[Sequence[str]],
+    mean_nll: Mapping[str, Mapping[str, float]],
+    multitask_losses: Mapping[str, Sequence[float]],
+    vectors: Mapping[str, torch.Tensor],
+    families: Mapping[str, str | None],
+    meta: Mapping[str, Any],
+) -> dict[str, str]:
+    """Write ``summary.json``, ``results.json``, ``per_category.csv``, ``report.md`` and PNG figures to ``out``."""
+    out = Path(out)
+    methods = list(result["methods"])
+    summary = {**result["summary"], **{k: v for k, v in meta.items() if k not in result["summary"]}}
+    files = {"summary": str(write_json(out / "summary.json", summary))}
+    fold_of = {c: i for i, fold in enumerate(folds) for c in fold}
+    payload = {
+        "summary": summary,
+        "folds": [list(f) for f in folds],
+        "per_category": result["per_category"],
+        "macro": result["macro"],
+        "mean_nll": mean_nll,
+        "multitask_losses": multitask_losses,
+    }
+    files["results"] = str(write_json(out / "results.json", payload))
+    rows = ["category,family,fold,method,mean_nll,gap_recovered,ci_low,ci_high"]
+    for cat in sorted(mean_nll):
+        for m in methods:
+            cell = result["per_category"].get(cat, {}).get(m, {})
+            rows.append(
+                f"{cat},{families.get(cat) or ''},{fold_of.get(cat, '')},{m},{mean_nll[cat].get(m, float('nan')):.6f},"
+                f"{cell.get('gap', '')},{cell.get('low', '')},{cell.get('high', '')}"
+            )
+    files["csv"] = str(write_text(out / "per_category.csv", "\n".join(rows) + "\n"))
+
+    lines = [
+        "# Zero-shot adapters for held-out categories (leave-out protocol)",
+        "",
+        f"{summary['categories']} categories in {summary['folds']} folds; metric: share of the base-to-oracle NLL "
+        "gap recovered on each held-out category's test blocks, macro-averaged; 95% paired bootstrap intervals "
+        f"over test blocks ({meta.get('bootstrap_samples', '?')} resamples).",
+        "",
+        "| method | macro gap recovered | 95% interval |",
+        "|---|---:|---|",
+    ]
+    for m in methods:
+        low, high = summary["macro_gain_ci95"][m]
+        lines.append(
+            f"| {TITLES.get(m, m)} (`{m}`) | {_pct(summary['macro_gain'][m])} | {_pct(low)} .. {_pct(high)} |"
+        )
+    lines += ["", "| win rate | share of held-out categories |", "|---|---:|"]
+    lines += [f"| `{k}` | {_pct(v)} |" for k, v in summary["win_rate"].items()]
+    if summary.get("excluded_categories"):
+        lines += [
+            "",
+            f"Not scored (the oracle did not beat the base model): {', '.join(summary['excluded_categories'])}.",
+        ]
+    lines += ["", "## Per held-out category", "", "| category | fold | " + " | ".join(methods) + " |"]
+    lines.append("|---|---:|" + "---:|" * len(methods))
+    for cat in sorted(result["per_category"]):
+        cells = [_pct(result["per_category"][cat][m]["gap"]) for m in methods]
+        lines.append(f"| {cat} | {fold_of.get(cat, '')} | " + " | ".join(cells) + " |")
+    lines += ["", "## Multi-task LoRA training curves", ""]
+    for label, losses in multitask_losses.items():
+        if losses:
+            tail = losses[-max(1, len(losses) // 10) :]
+            lines.append(
+                f"- {label}: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+                f"(mean of the last 10%: {sum(tail) / len(tail):.3f})"
+            )
+    lines += ["", "Run settings:", "", "```json", json.dumps(dict(meta), indent=1, default=str), "```"]
+    files["report"] = str(write_text(out / "report.md", "\n".join(lines) + "\n"))
+    files.update(_figures(out, result, methods, multitask_losses, vectors, families))
+    return files
+
+
+def _figures(out, result, methods, multitask_losses, vectors, families) -> dict[str, str]:
+    plt = pyplot()
+    files = {}
+    cats = sorted(result["per_category"])
+    shown = [m for m in methods if m not in ("base", "oracle")]
+    if cats and shown:
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(cats) * len(shown) / 3), 4))
+        width = 0.8 / len(shown)
+        for j, m in enumerate(shown):
+            xs = [i + (j - (len(shown) - 1) / 2) * width for i in range(len(cats))]
+            cells = [result["per_category"][c][m] for c in cats]
+            ys = [c["gap"] for c in cells]
+            err = [[max(0, c["gap"] - c["low"]) for c in cells], [max(0, c["high"] - c["gap"]) for c in cells]]
+            ax.bar(xs, ys, width, yerr=err, label=m, capsize=1)
+        ax.axhline(1.0, color="black", lw=0.6, ls="--")
+        ax.axhline(0.0, color="black", lw=0.6)
+        ax.set_xticks(range(len(cats)), cats, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("share of base-to-oracle NLL gap")
+        ax.legend(fontsize=6, ncol=2)
+        files["gain_figure"] = str(save_figure(fig, out / "gain_per_category.png"))
+    if multitask_losses:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        for label, losses in multitask_losses.items():
+            ax.plot(range(1, len(losses) + 1), losses, label=label, lw=0.8)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=6)
+        files["multitask_curve"] = str(save_figure(fig, out / "multitask_training_curve.png"))
+    if len(vectors) >= 2:
+        names = sorted(vectors)
+        coords, shares = pca_2d(torch.stack([vectors[n].float() for n in names]))
+        fig, ax = plt.subplots(figsize=(6, 5))
+        fams = sorted({str(families.get(n)) for n in names})
+        for fam in fams:
+            idx = [i for i, n in enumerate(names) if str(families.get(n)) == fam]
+            ax.scatter(coords[idx, 0], coords[idx, 1], label=fam, s=14)
+        for i, n in enumerate(names):
+            ax.annotate(n, (float(coords[i, 0]), float(coords[i, 1])), fontsize=5)
+        ax.set_xlabel(f"PC1 ({100 * shares[0]:.0f}%)")
+        ax.set_ylabel(f"PC2 ({100 * shares[1]:.0f}%)" if len(shares) > 1 else "PC2")
+        ax.legend(fontsize=6)
+        files["vector_map"] = str(save_figure(fig, out / "task_vector_map.png"))
+    return files
+
+
+__all__ = ["METHODS", "TITLES", "write_results"]

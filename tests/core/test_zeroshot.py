@@ -1,0 +1,133 @@
+"""Tests of icm_core.zeroshot: folds, leakage check, mean / k-NN adapters and the gap metric."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icm_core.baselines import merged_delta
+from icm_core.zeroshot import (
+    assert_no_leakage,
+    bootstrap_gap,
+    gap_recovered,
+    knn_weights,
+    make_folds,
+    shuffled_partner,
+    summarize,
+    weighted_delta_adapter,
+)
+from tests import helpers
+
+
+NAMES = [f"cat{i:02d}" for i in range(10)]
+
+
+def test_folds_are_deterministic_disjoint_and_cover_every_category():
+    folds = make_folds(NAMES, 4, seed=0)
+    assert folds == make_folds(list(reversed(NAMES)), 4, seed=0)  # order of the input does not matter
+    assert sorted(n for f in folds for n in f) == sorted(NAMES)
+    assert [len(f) for f in folds] == [3, 3, 2, 2]
+    assert make_folds(NAMES, 4, seed=1) != folds
+    with pytest.raises(ValueError, match="two held-out"):
+        make_folds(NAMES[:5], 4)
+    with pytest.raises(ValueError, match="duplicate"):
+        make_folds(["a", "a", "b", "c"], 2)
+
+
+def test_leakage_check_fails_when_a_held_out_category_is_seen():
+    assert_no_leakage(["a", "b"], {"generator": ["c", "d"], "multitask text": ["c", "d"]})
+    with pytest.raises(AssertionError, match=r"multitask text: \['b'\]"):
+        assert_no_leakage(["a", "b"], {"generator": ["c", "d"], "multitask text": ["b", "c"]})
+
+
+def test_shuffled_partner_never_keeps_the_own_vector():
+    pairs = shuffled_partner(["c", "a", "b"])
+    assert pairs == {"a": "b", "b": "c", "c": "a"}
+    assert all(k != v for k, v in pairs.items())
+
+
+def _adapters(n: int):
+    cfg = helpers.lora_config(rank=2)
+    out = []
+    for seed in range(n):
+        state = helpers.random_lora_state(helpers.tiny_model(), cfg, seed=seed)
+        config = {"r": 2, "lora_alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
+        out.append((state, config))
+    return out
+
+
+def test_mean_lora_is_the_exact_mean_of_weight_deltas():
+    adapters = _adapters(3)
+    state, config = weighted_delta_adapter(adapters, [1 / 3] * 3)
+    mean = merged_delta(state, config)
+    deltas = [merged_delta(s, c) for s, c in adapters]
+    for module, value in mean.items():
+        expected = sum(d[module] for d in deltas) / 3
+        assert torch.allclose(value, expected, atol=1e-6), module
+    assert config["r"] == 6
+
+
+def test_weighted_adapter_applies_the_weights():
+    adapters = _adapters(2)
+    state, config = weighted_delta_adapter(adapters, [0.8, 0.2])
+    got = merged_delta(state, config)
+    for module, value in got.items():
+        expected = 0.8 * merged_delta(*adapters[0])[module] + 0.2 * merged_delta(*adapters[1])[module]
+        assert torch.allclose(value, expected, atol=1e-6)
+
+
+def test_knn_picks_the_nearest_by_cosine_and_softmax_weights_favour_it():
+    keys = {"x": torch.tensor([1.0, 0.0]), "y": torch.tensor([0.0, 1.0]), "z": torch.tensor([-1.0, 0.1])}
+    query = torch.tensor([0.9, 0.2])
+    assert knn_weights(query, keys, k=1) == {"x": 1.0}
+    assert knn_weights(torch.tensor([0.1, 1.0]), keys, k=1) == {"y": 1.0}
+    soft = knn_weights(query, keys, k=2, temperature=0.1)
+    assert set(soft) == {"x", "y"} and soft["x"] > soft["y"] and abs(sum(soft.values()) - 1) < 1e-9
+    # magnitude does not matter, direction does
+    assert knn_weights(query * 100, keys, k=1) == {"x": 1.0}
+
+
+def test_gap_recovered_and_paired_bootstrap():
+    assert gap_recovered(3.0, 2.0, 2.5) == 0.5
+    assert gap_recovered(3.0, 3.0, 2.5) is None
+    torch.manual_seed(0)
+    base = [3.0 + 0.1 * float(x) for x in torch.randn(40)]
+    nll = {
+        "a": {"base": base, "oracle": [b - 1.0 for b in base], "m": [b - 0.5 for b in base]},
+        "b": {"base": base, "oracle": [b - 1.0 for b in base], "m": [b - 0.25 for b in base]},
+        "flat": {"base": base, "oracle": base, "m": base},  # oracle did not improve: excluded
+    }
+    out = bootstrap_gap(nll, ["m"], samples=200)
+    assert out["excluded"] == ["flat"]
+    assert out["per_category"]["a"]["m"]["gap"] == pytest.approx(0.5)
+    # paired: block noise shared by all methods cancels, so the interval is tight
+    assert out["per_category"]["a"]["m"]["high"] - out["per_category"]["a"]["m"]["low"] < 1e-6
+    assert out["macro"]["m"]["gap"] == pytest.approx(0.375)
+
+
+def test_summary_has_the_issue_format():
+    base = [3.0, 3.1, 2.9, 3.2]
+    nll = {}
+    for i, cat in enumerate(["a", "b", "c", "d"]):
+        nll[cat] = {"base": base, "oracle": [b - 1 for b in base]}
+        for j, m in enumerate(["mean_lora", "multitask_lora", "nn1", "knn_softmax", "icm_lora"]):
+            nll[cat][m] = [b - 0.1 * (j + 1) - 0.01 * i for b in base]
+    out = summarize(nll, [["a", "b"], ["c", "d"]], samples=50)
+    summary = out["summary"]
+    assert summary["categories"] == 4 and summary["folds"] == 2
+    assert summary["macro_gain"]["icm_lora"] == pytest.approx(
+        0.5 + 0.015
+    )  # (base - method) / (base - oracle) = 0.5 + 0.01 i
+    assert summary["win_rate"]["icm_lora_vs_mean_lora"] == 1.0
+    assert set(summary["win_rate"]) == {
+        f"icm_lora_vs_{m}" for m in ["mean_lora", "multitask_lora", "nn1", "knn_softmax"]
+    }
+
+
+def test_zeroshot_config_refuses_vectors_a_held_out_category_cannot_have():
+    from icm_core.config import TaskVectorConfig, ZeroShotRunConfig
+
+    with pytest.raises(ValueError, match="hidden_from"):
+        ZeroShotRunConfig(task_vector=TaskVectorConfig(hidden_from="finetuned"))
+    assert ZeroShotRunConfig().task_vector.hidden_from == "base"
+    assert ZeroShotRunConfig(task_vector=TaskVectorConfig(source="description")).task_vector.source == "description"

@@ -1,0 +1,110 @@
+"""The leave-out protocol flow end to end on a tiny model and four tiny categories (2 folds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from icm_core.config import TaskVectorConfig, ZeroShotConfig, ZeroShotRunConfig
+from icm_core.io import load_tensors, read_json
+from icm_core.zeroshot import METHODS, make_folds
+from tests.flows.support import forecast_text, recipe_text, tiny_run_config, write_categories
+
+
+def _letters_text() -> str:
+    return "\n\n".join(f"Dear {n}, thank you for the parcel of {n.lower()} seeds; they came up in May." * 3
+                       for n in ["Ann", "Bob", "Cal", "Dot", "Eve", "Fay", "Gus", "Hal"]) + "\n"  # fmt: skip
+
+
+def _scores_text() -> str:
+    return "\n\n".join(f"Round {i}: home {i % 5} away {(i * 3) % 4}, attendance {1000 + 37 * i}, referee R{i % 7}." * 3
+                       for i in range(20)) + "\n"  # fmt: skip
+
+
+def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
+    from flows.zeroshot import zeroshot_protocol
+
+    texts = {
+        "recipes": recipe_text(),
+        "forecast": forecast_text(),
+        "letters": _letters_text(),
+        "scores": _scores_text(),
+    }
+    categories_file = write_categories(tmp_path / "zs", texts)
+    base = tiny_run_config(workspace.config.model.name_or_path)
+    cfg = ZeroShotRunConfig(
+        model=base.model,
+        data=base.data,
+        lora=base.lora,
+        task_vector=TaskVectorConfig(hidden_from="base", num_samples=2, sample_tokens=16),
+        cvae=base.cvae,
+        eval=base.eval,
+        zeroshot=ZeroShotConfig(folds=2, multitask_steps=4, bootstrap_samples=20, knn_k=2, functional_steps=2),
+    )
+    results = tmp_path / "results"
+    out = zeroshot_protocol(
+        config=cfg, categories_file=str(categories_file), root=str(workspace.root), results_dir=str(results)
+    )
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["categories"] == 4 and summary["folds"] == 2
+    assert set(summary["macro_gain"]) == set(METHODS)
+    assert summary["scored_categories"] >= 1
+    assert summary["macro_gain"]["base"] == 0.0 and abs(summary["macro_gain"]["oracle"] - 1.0) < 1e-9
+    assert {
+        "icm_lora_vs_mean_lora",
+        "icm_lora_vs_multitask_lora",
+        "icm_lora_vs_nn1",
+        "icm_lora_vs_knn_softmax",
+    } <= set(summary["win_rate"])
+    assert all(summary[k] == v for k, v in out["summary"].items())
+    for name in ("report.md", "per_category.csv", "results.json", "gain_per_category.png",
+                 "multitask_training_curve.png", "task_vector_map.png"):  # fmt: skip
+        assert (results / name).is_file(), name
+    folds = make_folds(list(texts), 2, 0)
+    assert summary["fold_assignment"] == folds
+
+    # Leakage: every fold's generator, pooled multi-task text and k-NN weights name training categories only.
+    root = workspace.root
+    held_out_of = {c: set(f) for f in folds for c in f}
+    generated = [read_json(m)["meta"] for m in root.glob("zs_generated/*/*/manifest.json")]
+    assert len(generated) == 4 * 4  # icm_lora, icm_functional, shuffled and mean-condition per held-out category
+    for manifest in root.glob("zs_generated/*/*/manifest.json"):
+        cat = manifest.parent.parent.name
+        meta = read_json(manifest)["meta"]
+        assert not set(meta["generator_categories"]) & held_out_of[cat], (cat, meta)
+        if meta["method"] == "icm_shuffled":
+            assert meta["vector_categories"] != [cat] and set(meta["vector_categories"]) <= held_out_of[cat]
+        if meta["method"] == "icm_mean_condition":
+            assert not set(meta["vector_categories"]) & held_out_of[cat]
+    pooled = [read_json(m)["meta"]["sources"] for m in root.glob("zs_pooled/*/*/manifest.json")]
+    assert sorted(map(sorted, pooled)) == sorted(sorted(set(texts) - set(f)) for f in folds)
+    for manifest in root.glob("zs_library/*/*/manifest.json"):
+        meta = read_json(manifest)["meta"]
+        label = manifest.parent.parent.name
+        held = set(folds[int(label.split("-")[1])]) if label.startswith("fold-") else held_out_of[label]
+        assert not set(meta["weights"]) & held, (label, meta)
+    generators = [load_tensors(p)[1] for p in root.glob("generator/*/generator.safetensors")]
+    assert len(generators) == 4  # per fold: the reconstruction-trained CVAE and its functional fine-tune
+    assert {g["task_vector_kind"] for g in generators} == {f"hidden_state:base:{cfg.model.name_or_path}"}
+    assert sorted(sorted(g["categories"]) for g in generators) == sorted(
+        sorted(set(texts) - set(f)) for f in folds for _ in range(2)
+    )
+    assert sum("functional" in g for g in generators) == 2
+    assert "icm_functional_vs_icm_lora" in summary["win_rate"]
+
+    # A second run reuses every stage output (no new folder) and reproduces the summary.
+    before = sorted(p for p in root.rglob("manifest.json"))
+    again = zeroshot_protocol(
+        config=cfg, categories_file=str(categories_file), root=str(workspace.root), results_dir=str(results)
+    )
+    assert sorted(p for p in root.rglob("manifest.json")) == before
+    assert again["summary"] == out["summary"]
+
+    # The results are also Prefect UI artifacts.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        keys = ["icm-zeroshot-macro", "icm-zeroshot-per-category", "icm-zeroshot-win-rates"]
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    assert {a.key for a in found} == set(keys)
