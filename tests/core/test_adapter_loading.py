@@ -19,6 +19,7 @@ from icm_core.base_model import (
     BUILTIN_MODELS,
     adapter_base_reference,
     base_model_names,
+    converted_dir,
     load_base_model,
 )
 from icm_core.config import CVAEConfig, DataConfig, ModelConfig, SampleConfig, TaskVectorConfig
@@ -147,7 +148,9 @@ def test_the_hook_imports_nothing_until_torchvision_is_imported(tmp_path):
 
 def test_adapter_base_reference(tmp_path, tiny_base_dir):
     alias = ModelConfig(cache_dir=tmp_path / "models")
-    folder = tmp_path / "models" / BUILTIN_MODELS["smollm2-135m"][2]
+    # The built-in alias's converted folder (named by the GGUF's, the conversion code's and transformers' identity).
+    folder = converted_dir(alias)
+    assert folder.parent == tmp_path / "models" and folder.name.startswith(BUILTIN_MODELS["smollm2-135m"][2] + "-")
     assert adapter_base_reference(alias) == str(folder.resolve())
     assert base_model_names(alias) == ("smollm2-135m", str(folder.resolve()))
     hub_id = "meta-llama/Meta-Llama-3-8B"
