@@ -11,7 +11,8 @@ cache hit, and what it hashes is what the cache bookkeeping costs.
 Counting: every call of ``icm_core.io.sha256_file`` (the only hashing function the project uses on files) is
 wrapped, in every loaded module, and its file sizes are summed. The script runs the same way against older
 commits (the issue-14 "before" numbers come from 029683b: ``PYTHONPATH=<checkout> python scripts/bench_warm.py``
-from that checkout), since it only uses the pipeline flow and ``icm_core.io``.
+from that checkout), since it only uses the pipeline flow and ``icm_core.io``. ``--tiny`` needs the repository
+root on ``PYTHONPATH`` (it imports ``tests.helpers``).
 """
 
 from __future__ import annotations
