@@ -11,7 +11,8 @@ cache hit, and what it hashes is what the cache bookkeeping costs.
 Counting: every call of ``icm_core.io.sha256_file`` (the only hashing function the project uses on files) is
 wrapped, in every loaded module, and its file sizes are summed. The script runs the same way against older
 commits (the issue-14 "before" numbers come from 029683b: ``PYTHONPATH=<checkout> python scripts/bench_warm.py``
-from that checkout), since it only uses the pipeline flow and ``icm_core.io``.
+from that checkout), since it only uses the pipeline flow and ``icm_core.io``. ``--tiny`` needs the repository
+root on ``PYTHONPATH`` (it imports ``tests.helpers``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def main() -> None:
     parser.add_argument("--models", default=None, help="ModelConfig.cache_dir for the converted SmolLM2 (shared)")
     parser.add_argument("--warm", type=int, default=2, help="warm runs to time (default 2)")
     parser.add_argument("--only", default=None, help="comma-separated demo categories (default: all five)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the flow tests' tiny Llama and two small categories instead of SmolLM2 and the demo categories "
+        "(same stages and methods; for a loaded machine)",
+    )
     parser.add_argument("--verify", action="store_true", help="warm runs with full verification (ICM_VERIFY=full)")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
@@ -83,7 +90,19 @@ def main() -> None:
             if value is original:
                 setattr(module, name, counting_sha256)
 
-    cfg = load_run_config(None, [*DEMO_LIKE, f"model.cache_dir={models}"])
+    categories_file = None
+    if args.tiny:
+        from tests import helpers
+        from tests.flows.support import forecast_text, recipe_text, tiny_run_config, write_categories
+
+        model_dir = root.parent / f"{root.name}-tiny-model"
+        if not (model_dir / "config.json").is_file():
+            helpers.save_tiny_base(model_dir)
+        texts = {"recipes": recipe_text(), "forecast": forecast_text()}
+        categories_file = str(write_categories(root.parent / f"{root.name}-categories", texts))
+        cfg = tiny_run_config(model_dir)
+    else:
+        cfg = load_run_config(None, [*DEMO_LIKE, f"model.cache_dir={models}"])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
     def run(label: str, verify: bool = False) -> dict:
@@ -92,6 +111,8 @@ def main() -> None:
         started = time.perf_counter()
         if args.only:
             kwargs["only"] = [name.strip() for name in args.only.split(",")]
+        if categories_file:
+            kwargs["categories_file"] = categories_file
         state = icm_pipeline(config=cfg, root=str(root), publish=False, return_state=True, **kwargs)
         seconds = time.perf_counter() - started
         if not state.is_completed():
