@@ -64,18 +64,29 @@ class DeviceError(ValueError):
     """The requested device does not exist on this machine (a retry would fail the same way)."""
 
 
+def parse_device(device: str) -> torch.device:
+    """``auto`` (cuda if available, else cpu) or the named device, without checking that this machine has it.
+
+    Raises:
+        DeviceError: Not a device name.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"device {device!r}: not a torch device name (cpu, cuda, cuda:1, mps, ...)") from exc
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` (cuda if available, else cpu) or a device this machine has.
 
     Raises:
         DeviceError: Not a device name, or a device this machine lacks (named in the message).
     """
+    resolved = parse_device(device)
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise DeviceError(f"device {device!r}: not a torch device name (cpu, cuda, cuda:1, mps, ...)") from exc
+        return resolved
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(

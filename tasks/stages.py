@@ -28,7 +28,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import MissingContextError
 
 from icm_core import stages
-from icm_core.base_model import ModelLoadError, resolve_device
+from icm_core.base_model import ModelLoadError, parse_device, resolve_device
 from icm_core.config import (
     CVAEConfig,
     DataConfig,
@@ -90,7 +90,7 @@ def device_slot(device: str):
     :func:`gpu_limit_name` (create it with ``prefect gcl create gpu-<host>-<index> --limit 1``; while it
     does not exist Prefect only warns and the per-process lock is the only guard).
     """
-    resolved = resolve_device(device)
+    resolved = parse_device(device)  # the name only: the stage itself refuses a device the machine lacks
     with _device_locks_guard:
         lock = _device_locks.setdefault(str(resolved), threading.Lock())
     limit = gpu_limit_name(resolved)
