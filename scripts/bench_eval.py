@@ -38,6 +38,11 @@ def latest(root: Path, stage: str, category: str, name: str) -> Path:
     return folders[-1] / name
 
 
+def finished(root: Path, stage: str) -> list[str]:
+    """Categories with at least one complete output of ``stage``."""
+    return sorted(p.name for p in (root / stage).iterdir() if any(p.glob("*/manifest.json")))
+
+
 def lora_adapter(root: Path, category: str) -> Path:
     return read_trajectory(latest(root, "lora", category, "")).adapter_dir
 
@@ -45,7 +50,7 @@ def lora_adapter(root: Path, category: str) -> Path:
 def timing(args: argparse.Namespace) -> None:
     cfg = RunConfig()
     root = Path(args.root)
-    categories = sorted(p.name for p in (root / "lora").iterdir())[: args.adapters]
+    categories = finished(root, "lora")[: args.adapters]
     adapters = [lora_adapter(root, c) for c in categories]
     splits = latest(root, "data", categories[0], "splits")
     texts = read_splits(splits).test
@@ -78,7 +83,7 @@ def budget(args: argparse.Namespace) -> None:
     cfg = RunConfig()
     root = Path(args.root)
     tokenizer = load_tokenizer(cfg.model)
-    categories = args.categories.split(",") if args.categories else sorted(p.name for p in (root / "lora").iterdir())
+    categories = args.categories.split(",") if args.categories else finished(root, "adapters")
     for category in categories:
         texts = read_splits(latest(root, "data", category, "splits")).val
         blocks = eval_blocks(texts, tokenizer, cfg.data.seq_len, args.max_blocks * cfg.data.seq_len)

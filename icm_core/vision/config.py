@@ -211,10 +211,11 @@ class DetectionEvalConfig(StageConfig):
     """COCO evaluation of a detector on a task's test split."""
 
     methods: tuple[str, ...] = Field(
-        METHOD_NAMES,
+        ("base", "lora", "model_soup", "cond_pdiff", "icm_lora"),
         min_length=1,
         description="Methods compared: base (original model), lora (original LoRA), model_soup (Model Soup), "
-        "cond_pdiff (COND P-DIFF), icm_lora (the generated adapter).",
+        "cond_pdiff (COND P-DIFF), icm_lora (the generated adapter); the reference points trajectory_mean and "
+        "soup_own and the cond_pdiff_shared variant can be added.",
     )
 
     @field_validator("methods")

@@ -166,6 +166,9 @@ def ap50(matches: Mapping[int, Mapping[int, tuple]], images: Sequence[int], cate
         if n_gt == 0:
             continue
         scores = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0)
+        if scores.size == 0:  # ground truth but no detection: AP 0
+            aps.append(0.0)
+            continue
         tps = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, dtype=bool)
         order = np.argsort(-scores, kind="mergesort")
         tp = np.cumsum(tps[order])

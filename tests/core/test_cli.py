@@ -70,7 +70,8 @@ def test_config_prints_json_with_overrides(capsys):
     assert payload["lora"]["steps"] == 3
     assert payload["lora"]["trajectory_size"] == 1
     assert payload["cvae"]["epochs"] == 2
-    sections = {"model", "data", "lora", "task_vector", "cvae", "sample", "eval", "methods", "soup", "pdiff", "resume"}
+    sections = {"model", "data", "lora", "task_vector", "cvae", "sample", "eval", "methods", "soup", "pdiff"}
+    sections |= {"seeds", "diagnostics", "resume"}
     assert set(payload) == sections
 
 

@@ -55,6 +55,11 @@ def test_detection_flow_runs_and_resumes(prefect_api: str, tmp_path: Path):
         }
         for row in rows:
             assert 0.0 <= row["map50"] <= 1.0 and 0.0 <= row["map75"] <= row["map50"] + 1e-9
+            # Paired bootstrap interval over test images of the mAP50 difference to the LoRA and to the base.
+            for ref in ("lora", "base"):
+                if row["method"] != ref:
+                    low, high = row[f"ci95_map50_vs_{ref}"]
+                    assert low <= row[f"map50_diff_vs_{ref}"] + 1e-9 and row[f"map50_diff_vs_{ref}"] <= high + 1e-9
         report = Path(summary["report"]).read_text()
         assert "| Original model |" in report and "| ICM-LoRA |" in report and "blur mAP50" in report
         assert read_json(root / "latest.json")["report"] == summary["report"]

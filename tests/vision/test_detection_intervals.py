@@ -76,3 +76,14 @@ def test_intervals_see_a_real_difference_and_none_where_there_is_none():
     same = out["lora"]["cond_pdiff"]
     assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["verdict"] == "no clear difference"
     assert "base" not in out  # no base detector given
+
+
+def test_ap50_with_no_detections_is_zero():
+    gt, good, _ = scene(4, images=6)
+    images = sorted(img["id"] for img in gt["images"])
+    assert ap50(image_matches(gt, [], [1, 2]), images, [1, 2]) == 0.0
+    only_first = [d for d in good if d["image_id"] == images[0]]
+    matches = image_matches(gt, only_first, [1, 2])
+    assert ap50(matches, images[1:], [1, 2]) == 0.0  # a resample without the detected image
+    out = detection_intervals(gt, {"lora": good, "base": []}, [1, 2])
+    assert out["lora"]["base"]["diff"] < 0 and out["base"]["lora"]["verdict"] in ("better", "no clear difference")
