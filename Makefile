@@ -62,7 +62,7 @@ library: corpora
 
 # The leave-out benchmark (K folds over the library's categories; heavy: hours on 2 CPU cores, cached, resumable).
 zeroshot: corpora
-	$(BIN)/python -m flows.zeroshot $(ARGS)
+	$(BIN)/icm-lora zeroshot $(ARGS)
 
 test: install chromium corpora
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

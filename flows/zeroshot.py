@@ -15,9 +15,6 @@ run resumes, and the heavy benchmark can be split across sessions. Run it with `
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
@@ -25,12 +22,14 @@ from prefect import flow, get_run_logger, unmapped
 from flows.pipeline import gather
 from flows.runtime import device_from_env
 from icm_core.categories import category_family, library_categories
-from icm_core.config import ZeroShotRunConfig, load_run_config
+from icm_core.config import ZeroShotRunConfig
 from icm_core.data import Category, source_fingerprint
 from icm_core.registry import load_registry
 from icm_core.zeroshot import assert_no_leakage, make_folds, shuffled_partner
 from tasks.artifacts import ArtifactRef
+from tasks.records import on_root
 from tasks.stages import finetune_task, prepare_data_task, task_vector_task, train_generator_task
+from tasks.store import normalize_root
 from tasks.zeroshot import (
     block_eval_task,
     functional_generator_task,
@@ -72,7 +71,23 @@ def zeroshot_protocol(
     """
     logger = get_run_logger()
     cfg = device_from_env(config)
+    root = normalize_root(root)
     zs = cfg.zeroshot
+    # Every task keeps its result records inside the artifacts root (tasks/records.py).
+    prepare, finetune, task_vector, train_generator = (
+        on_root(t, root) for t in (prepare_data_task, finetune_task, task_vector_task, train_generator_task)
+    )
+    functional_generator, library_adapter, pool_data, vector_adapter, block_eval, report = (
+        on_root(t, root)
+        for t in (
+            functional_generator_task,
+            library_adapter_task,
+            pool_data_task,
+            vector_adapter_task,
+            block_eval_task,
+            report_task,
+        )
+    )
     categories = select(categories_file, only)
     names = [c.name for c in categories]
     folds = make_folds(names, zs.folds, zs.fold_seed)
@@ -81,19 +96,25 @@ def zeroshot_protocol(
     # 1) Per category, from its own text only: splits, its own fine-tune (the oracle, and the library's
     #    adapter when the category is in a training fold) and its task vector (base model or description).
     data = gather(
-        prepare_data_task.map(
-            categories, [source_fingerprint(c) for c in categories], unmapped(cfg.data), unmapped(root)
-        ),
+        prepare.map(categories, [source_fingerprint(c) for c in categories], unmapped(cfg.data), unmapped(root)),
         names,
         "prepare-data",
     )
     loras = gather(
-        finetune_task.map(names, data, unmapped(cfg.model), unmapped(cfg.data), unmapped(cfg.lora), unmapped(root)),
+        finetune.map(
+            names,
+            data,
+            unmapped(cfg.model),
+            unmapped(cfg.data),
+            unmapped(cfg.lora),
+            unmapped(root),
+            unmapped(cfg.resume),
+        ),  # fmt: skip
         names,
         "finetune-lora",
     )
     vectors = gather(
-        task_vector_task.map(
+        task_vector.map(
             categories, data, unmapped(None), unmapped(cfg.model), unmapped(cfg.data), unmapped(cfg.task_vector),
             unmapped(root),
         ),
@@ -116,17 +137,17 @@ def zeroshot_protocol(
             {"generator trajectories": list(train_loras), "generator task vectors": list(train_vectors),
              "multi-task text": list(train_data), "k-NN library": list(train_loras)},
         )  # fmt: skip
-        generator = train_generator_task(train_loras, train_vectors, cfg.cvae, cfg.model.device, root)
+        generator = train_generator(train_loras, train_vectors, cfg.cvae, cfg.model.device, root, cfg.resume)
         functional = None
         if zs.functional_steps > 0:  # the generator variant aimed at unseen categories (decoder through the LM)
-            functional = functional_generator_task(
+            functional = functional_generator(
                 label, generator, train_loras, train_vectors, train_data, cfg.model, cfg.data, zs.functional_steps,
                 zs.functional_lr, zs.functional_batch_blocks, zs.functional_recon_weight, root,
             )  # fmt: skip
-        mean = library_adapter_task(label, "mean_lora", train_loras, train_vectors, None, 1, 1.0, root)
-        pooled = pool_data_task(label, train_data, root)
+        mean = library_adapter(label, "mean_lora", train_loras, train_vectors, None, 1, 1.0, root)
+        pooled = pool_data(label, train_data, root)
         multitask_cfg = cfg.lora.model_copy(update={"steps": zs.multitask_steps})
-        multitask[label] = finetune_task(f"multitask-{label}", pooled, cfg.model, cfg.data, multitask_cfg, root)
+        multitask[label] = finetune(f"multitask-{label}", pooled, cfg.model, cfg.data, multitask_cfg, root, cfg.resume)
         partner = shuffled_partner(held_out)
         mean_condition = [vector_by[n] for n in train]
         for cat in held_out:
@@ -134,18 +155,18 @@ def zeroshot_protocol(
             adapters[cat]["mean_lora"] = mean
             adapters[cat]["multitask_lora"] = multitask[label]
             for method, k in (("nn1", 1), ("knn_softmax", zs.knn_k)):
-                adapters[cat][method] = library_adapter_task(
+                adapters[cat][method] = library_adapter(
                     cat, method, train_loras, train_vectors, query, k, zs.knn_temperature, root
                 )
-            adapters[cat]["icm_lora"] = vector_adapter_task(cat, "icm_lora", generator, [query], cfg.sample, root)
+            adapters[cat]["icm_lora"] = vector_adapter(cat, "icm_lora", generator, [query], cfg.sample, root)
             if functional is not None:
-                adapters[cat]["icm_functional"] = vector_adapter_task(
+                adapters[cat]["icm_functional"] = vector_adapter(
                     cat, "icm_functional", functional, [query], cfg.sample, root
                 )
-            adapters[cat]["icm_shuffled"] = vector_adapter_task(
+            adapters[cat]["icm_shuffled"] = vector_adapter(
                 cat, "icm_shuffled", generator, [vector_by[partner[cat]]], cfg.sample, root
             )
-            adapters[cat]["icm_mean_condition"] = vector_adapter_task(
+            adapters[cat]["icm_mean_condition"] = vector_adapter(
                 cat, "icm_mean_condition", generator, mean_condition, cfg.sample, root
             )
 
@@ -153,9 +174,7 @@ def zeroshot_protocol(
     futures, labels, keys = [], [], []
     for cat in names:
         for method, adapter in adapters[cat].items():
-            futures.append(
-                block_eval_task.submit(cat, method, data_by[cat], adapter, cfg.model, cfg.data, cfg.eval, root)
-            )
+            futures.append(block_eval.submit(cat, method, data_by[cat], adapter, cfg.model, cfg.data, cfg.eval, root))
             labels.append(f"{cat} ({method})")
             keys.append((cat, method))
     refs = gather(futures, labels, "evaluate")
@@ -168,7 +187,7 @@ def zeroshot_protocol(
         "fold_assignment": folds,
         "task_vector_kind": vector_by[names[0]].meta.get("kind"),
     }
-    out = report_task(
+    out = report(
         nll_refs, folds, multitask, vector_by, {c.name: category_family(c) for c in categories}, meta,
         zs.bootstrap_samples, zs.seed, root, results_dir,
     )  # fmt: skip
@@ -178,31 +197,10 @@ def zeroshot_protocol(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the leave-out (zero-shot) protocol over the category library.")
-    parser.add_argument(
-        "--config", help="YAML/JSON config (sections model, data, lora, task_vector, cvae, ..., zeroshot)"
-    )
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
-    parser.add_argument("--categories", help="category file or registry folder (default: the library)")
-    parser.add_argument("--only", help="comma-separated category names")
-    parser.add_argument("--root", default="artifacts", help="artifacts folder")
-    parser.add_argument("--results", default="results/zeroshot", help="results folder")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_run_config(args.config, args.set, config_cls=ZeroShotRunConfig)
-        only = [n.strip() for n in args.only.split(",")] if args.only else None
-        select(args.categories, only)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        out = zeroshot_protocol(config=cfg, categories_file=args.categories, only=only, root=args.root,
-                                results_dir=args.results)  # fmt: skip
-    except (ValueError, RuntimeError, OSError) as exc:
-        print(f"error: zero-shot run failed: {exc}", file=sys.stderr)
-        return 1
-    print(Path(out["files"]["report"]).read_text(encoding="utf-8"))
-    return 0
+    """``python -m flows.zeroshot``: an alias of ``icm-lora zeroshot`` (flows/cli.py)."""
+    from flows.cli import alias
+
+    return alias("zeroshot", argv)
 
 
 if __name__ == "__main__":

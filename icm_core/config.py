@@ -488,6 +488,9 @@ class ZeroShotRunConfig(StageConfig):
     sample: SampleConfig = Field(default_factory=SampleConfig, description="Adapter sampling.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Per-block NLL evaluation (max_tokens cap).")
     zeroshot: ZeroShotConfig = Field(default_factory=ZeroShotConfig, description="Folds, baselines, bootstrap.")
+    resume: ResumeConfig = Field(
+        default_factory=ResumeConfig, description="How often long stages save resumable state (not in cache keys)."
+    )
 
     @model_validator(mode="after")
     def _unseen_vectors(self) -> ZeroShotRunConfig:
