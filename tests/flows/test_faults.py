@@ -74,10 +74,11 @@ def eval_scores(root: Path) -> dict[tuple[str, str], tuple[float, float]]:
     return scores
 
 
-def weight_hashes(root: Path) -> dict[str, str]:
+def weight_hashes(root: Path) -> dict[str, list[str]]:
     """sha256 of every data split and weight file (everything that holds no absolute path), keyed by
-    ``stage/category/file`` without the root-dependent key folder."""
-    hashes = {}
+    ``stage/category/file`` without the root-dependent key folder; a stage with several outputs per category
+    (the z draws of a generator) gives the sorted list of their hashes."""
+    hashes: dict[str, list[str]] = {}
     for folder in output_folders(root):
         parts = folder.relative_to(root).parts
         if parts[0] in ("eval", "report"):
@@ -85,10 +86,9 @@ def weight_hashes(root: Path) -> dict[str, str]:
         label = "/".join(parts[:-1])
         for path in folder.rglob("*"):
             if path.is_file() and path.name != MANIFEST and not path.name.startswith("."):
-                hashes[f"{label}/{path.relative_to(folder).as_posix()}"] = hashlib.sha256(
-                    path.read_bytes()
-                ).hexdigest()
-    return hashes
+                key = f"{label}/{path.relative_to(folder).as_posix()}"
+                hashes.setdefault(key, []).append(hashlib.sha256(path.read_bytes()).hexdigest())
+    return {key: sorted(values) for key, values in hashes.items()}
 
 
 def report_numbers(root: Path) -> list[dict]:
