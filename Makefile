@@ -75,7 +75,8 @@ lint: install
 # reuses make demo's artifacts. About 3x make demo plus one more diffusion model per seed.
 RESULTS_METHODS := [base,lora,trajectory_mean,soup_own,model_soup,cond_pdiff,cond_pdiff_shared,icm_lora]
 results: install
-	$(BIN)/python -m flows.pipeline --seeds 3 --set "methods=$(RESULTS_METHODS)" --results-dir results/seeds $(ARGS)
+	$(BIN)/icm-lora pipeline --seeds 3 --set "methods=$(RESULTS_METHODS)" --set diagnostics.score_z_draws=true \
+		--results-dir results/seeds $(ARGS)
 
 ablations: install
 	$(BIN)/icm-lora ablations $(ARGS)

@@ -116,7 +116,7 @@ def tiny_run_config(model_dir: Path, **lora_overrides: Any) -> RunConfig:
         cvae=CVAEConfig(channels=(4, 8, 8, 4), latent_dim=8, epochs=3, batch_size=2),
         eval=EvalConfig(max_tokens=128),
         pdiff=TINY_PDIFF,
-        diagnostics=DiagnosticsConfig(z_draws=2),
+        diagnostics=DiagnosticsConfig(z_draws=2, score_z_draws=True),
     )
 
 
