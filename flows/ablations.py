@@ -151,12 +151,9 @@ def icm_ablations(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m flows.ablations``: an alias of ``icm-lora ablations`` (flows/cli.py)."""
+if __name__ == "__main__":
+    # ``python -m flows.ablations``: an alias of ``icm-lora ablations`` (flows/cli.py). Run this way the
+    # module is ``__main__``, so importing flows.cli here makes no import cycle.
     from flows.cli import alias
 
-    return alias("ablations", argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(alias("ablations"))

@@ -151,12 +151,9 @@ def detection_pipeline(
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m flows.detection``: an alias of ``icm-lora detect`` (flows/cli.py)."""
+if __name__ == "__main__":
+    # ``python -m flows.detection``: an alias of ``icm-lora detect`` (flows/cli.py). Run this way the
+    # module is ``__main__``, so importing flows.cli here makes no import cycle.
     from flows.cli import alias
 
-    return alias("detect", argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(alias("detect"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -186,12 +185,9 @@ def generate_adapter(
     return {**result, "adapter_sha256": adapter_sha256(out_dir)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m flows.generate``: an alias of ``icm-lora generate`` (flows/cli.py)."""
+if __name__ == "__main__":
+    # ``python -m flows.generate``: an alias of ``icm-lora generate`` (flows/cli.py). Run this way the
+    # module is ``__main__``, so importing flows.cli here makes no import cycle.
     from flows.cli import alias
 
-    return alias("generate", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(alias("generate"))

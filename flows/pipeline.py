@@ -493,12 +493,9 @@ def copy_report(report_dir: str, target: str) -> str:
     return str(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m flows.pipeline``: an alias of ``icm-lora pipeline`` (flows/cli.py)."""
+if __name__ == "__main__":
+    # ``python -m flows.pipeline``: an alias of ``icm-lora pipeline`` (flows/cli.py). Run this way the
+    # module is ``__main__``, so importing flows.cli here makes no import cycle.
     from flows.cli import alias
 
-    return alias("pipeline", argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(alias("pipeline"))

@@ -22,7 +22,6 @@ retrain it triggers is all cache hits), whereas the reverse order could lose a c
 
 from __future__ import annotations
 
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -136,12 +135,9 @@ def retrain_categories(
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m flows.registry``: an alias of ``icm-lora registry scan`` (flows/cli.py)."""
+if __name__ == "__main__":
+    # ``python -m flows.registry``: an alias of ``icm-lora registry scan`` (flows/cli.py). Run this way the
+    # module is ``__main__``, so importing flows.cli here makes no import cycle.
     from flows.cli import alias
 
-    return alias("registry scan", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(alias("registry scan"))

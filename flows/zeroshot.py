@@ -196,12 +196,9 @@ def zeroshot_protocol(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m flows.zeroshot``: an alias of ``icm-lora zeroshot`` (flows/cli.py)."""
+if __name__ == "__main__":
+    # ``python -m flows.zeroshot``: an alias of ``icm-lora zeroshot`` (flows/cli.py). Run this way the
+    # module is ``__main__``, so importing flows.cli here makes no import cycle.
     from flows.cli import alias
 
-    return alias("zeroshot", argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(alias("zeroshot"))

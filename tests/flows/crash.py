@@ -25,6 +25,7 @@ from tasks.artifacts import MANIFEST, verify_manifest
 
 
 PRELOAD = [
+    "flows.cli",
     "flows.pipeline",
     "tasks.report",
     "icm_core.stages",
@@ -50,10 +51,10 @@ def _child(argv: list[str], api_url: str, results: str, env: dict[str, str], log
         os._exit(3)
     from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
-    from flows.pipeline import main
+    from flows.cli import main
 
     with temporary_settings({PREFECT_API_URL: api_url, PREFECT_RESULTS_LOCAL_STORAGE_PATH: Path(results)}):
-        code = main(argv)
+        code = main(["pipeline", *argv])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -62,8 +63,8 @@ def _child(argv: list[str], api_url: str, results: str, env: dict[str, str], log
 def run_pipeline_process(
     argv: list[str], api_url: str, results: Path, env: dict[str, str], log: Path, timeout: float = 300
 ) -> int:
-    """Run ``flows.pipeline.main(argv)`` in a process forked from the preloaded server; return its exit code
-    (``-9`` when it died by SIGKILL)."""
+    """Run ``icm-lora pipeline ARGV`` (``flows.cli.main``) in a process forked from the preloaded server; return its
+    exit code (``-9`` when it died by SIGKILL)."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     process = ctx.Process(target=_child, args=(argv, api_url, str(results), env, str(log)))

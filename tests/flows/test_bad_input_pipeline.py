@@ -8,10 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.pipeline import main
+from flows.cli import main as cli_main
 from tasks.artifacts import valid_output
 from tests.flows.crash import check_visible_files, hidden_leftovers, output_folders
 from tests.flows.support import recipe_text, write_categories
+
+
+def main(argv: list[str]) -> int:
+    """``python -m flows.pipeline ARGV`` (an alias of ``icm-lora pipeline ARGV``)."""
+    return cli_main(["pipeline", *argv])
 
 
 def pipeline_args(workspace, config: Path, categories: Path, *extra: str) -> list[str]:
