@@ -135,9 +135,10 @@ def check_visible_files(root: Path) -> dict[str, int]:
 
 
 def hidden_leftovers(root: Path) -> list[Path]:
-    """Temporary files and folders (dot-named) a crash left, outside Prefect's and the locks' folders."""
+    """Temporary files and folders (dot-named) a crash left, outside the root's own dot folders: Prefect's
+    records, the locks and the model fingerprint records (artifacts/README.md)."""
     return sorted(
         p
         for p in root.rglob(".*")
-        if p.relative_to(root).parts[0] not in (".prefect", ".locks") and not hidden(p.parent, root)
+        if p.relative_to(root).parts[0] not in (".prefect", ".locks", ".fingerprints") and not hidden(p.parent, root)
     )
