@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from flows.generate import generate_adapter
+from icm_core.adapters import adapter_sha256
 from icm_core.io import sidecar_path
 
 
 def sampled_adapter_sha(root: Path, category: str) -> str:
-    """sha256 of the adapter the pipeline sampled (and evaluated) for ``category``."""
-    [manifest] = root.glob(f"adapters/{category}/*/manifest.json")
-    return json.loads(manifest.read_text())["meta"]["adapter_sha256"]
+    """sha256 of the adapter the pipeline sampled and scored for ``category`` (z draw 0, the one latest.json
+    names; the extra draws of the generator diagnostics sit beside it)."""
+    [row] = [r for r in json.loads((root / "latest.json").read_text())["rows"] if r["category"] == category]
+    return adapter_sha256(row["adapter_dir"])
 
 
 def test_generate_adapter_flow(workspace, fresh_base):
