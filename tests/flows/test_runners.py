@@ -21,14 +21,14 @@ def manifests(root: Path) -> dict[tuple[str, ...], dict[str, str]]:
     Keys differ between roots (the root is part of them), so outputs are matched by stage and category.
     Text files that name output folders (evaluations record the adapter folder, the report lists adapter
     folders) are hashed with ``<root>/<stage>/<category>/<key>`` in place of those; other files by their
-    manifest sha256.
+    manifest sha256. A stage with several outputs per category (the generators' extra z draws) gives one entry
+    per output, numbered in the order of their file hashes.
     """
-    found = {}
+    found: dict[tuple[str, ...], list[dict[str, str]]] = {}
     for path in root.glob("**/manifest.json"):
         manifest = json.loads(path.read_text())
         # Drop the key folder; evaluations of one category differ by method.
         where = (*path.parent.relative_to(root).parts[:-1], manifest["meta"].get("method", ""))
-        assert where not in found, f"two outputs for {where} under {root}"
         files = dict(manifest["files"])
         if where[0] == "report":
             # report.md and results.json also quote the generator's training time; results.csv holds every
@@ -38,9 +38,15 @@ def manifests(root: Path) -> dict[tuple[str, ...], dict[str, str]]:
             if name.endswith((".json", ".md", ".csv")):
                 text = (path.parent / name).read_text(encoding="utf-8")
                 text = re.sub(re.escape(str(root)) + r"(/[\w-]+/[\w-]+)/[0-9a-f]{16}", r"<root>\1/<key>", text)
+                # Files also name outputs relative to the root (``adapters/<category>/<key>/adapter``).
+                text = re.sub(r"(?<![\w/-])([\w-]+/[\w-]+)/[0-9a-f]{16}", r"<root>/\1/<key>", text)
                 files[name] = hashlib.sha256(text.encode()).hexdigest()
-        found[where] = files
-    return found
+        found.setdefault(where, []).append(files)
+    return {
+        (*where, str(i)): files
+        for where, outputs in found.items()
+        for i, files in enumerate(sorted(outputs, key=lambda f: json.dumps(f, sort_keys=True)))
+    }
 
 
 def test_unknown_runner_and_bad_options():

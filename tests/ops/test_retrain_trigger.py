@@ -73,10 +73,14 @@ def test_new_category_retrains_only_that_category(live_server, tiny_base_dir, tm
             states = subflow_task_states(run.id)
 
             assert set(states) == expected_task_runs(("recipes", "forecast", "inventory"))
-            # Only the new category is fine-tuned and embedded; the others' stages come from the cache. The
+            # Only the new category is fine-tuned and embedded; the others' stages come from the cache, and so do
+            # the references built from one category's own checkpoints (trajectory mean, own-trajectory soup). The
             # generators, samples and their evaluations are rebuilt for every category.
             old = {f"{stage}-{c}" for c in ("recipes", "forecast") for stage in ("data", "lora", "task-vector")}
-            old |= {f"eval-{c}-{m}" for c in ("recipes", "forecast") for m in ("base", "lora")}
+            old |= {f"trajectory-mean-{c}" for c in ("recipes", "forecast")}
+            old |= {f"soup-{c}-own" for c in ("recipes", "forecast")}
+            methods = ("base", "lora", "trajectory_mean", "soup_own")
+            old |= {f"eval-{c}-{m}" for c in ("recipes", "forecast") for m in methods}
             assert {n for n, s in states.items() if n.startswith("lora-") and s == "Completed"} == {"lora-inventory"}
             assert {n: states[n] for n in old} == dict.fromkeys(old, "Cached")
             rebuilt = set(states) - old
