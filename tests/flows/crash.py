@@ -3,8 +3,8 @@
 Starting ``python -m flows.pipeline`` costs 5-15 s of imports (torch, transformers, peft, prefect) on the
 shared two-core machines, longer than the tiny pipeline itself. So the fault tests fork each run from a
 ``multiprocessing`` fork server that has imported those modules once: every run is still a separate
-process that runs ``flows.pipeline.main`` from its argument list, talks to the Prefect API over HTTP
-and dies by a real SIGKILL, with no cleanup in the test process. (tests/flows/test_resume.py and
+process that runs ``icm-lora pipeline`` (``flows.cli.main``) from its argument list, talks to the Prefect API
+over HTTP and dies by a real SIGKILL, with no cleanup in the test process. (tests/flows/test_resume.py and
 tests/flows/test_concurrency.py start real ``python -m flows.pipeline`` processes.)
 """
 

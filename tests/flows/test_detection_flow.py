@@ -41,7 +41,8 @@ def tiny_detection_config() -> DetectionRunConfig:
 
 
 def test_detection_flow_runs_and_resumes(prefect_api: str, tmp_path: Path):
-    from flows.detection import detection_pipeline, main
+    from flows.cli import main
+    from flows.detection import detection_pipeline
 
     root = tmp_path / "artifacts"
     cfg = tiny_detection_config()
@@ -74,7 +75,7 @@ def test_detection_flow_runs_and_resumes(prefect_api: str, tmp_path: Path):
 
         # The CLI copies the report into a results folder (what results/ holds).
         out = tmp_path / "results"
-        assert main(["--root", str(root), "--results-dir", str(out), *overrides(cfg)]) == 0
+        assert main(["detect", "--root", str(root), "--results-dir", str(out), *overrides(cfg)]) == 0
         assert (out / "detection-report.md").read_text() == report
         assert (out / "detection-results.csv").read_text().startswith("method,task,map50,map75")
         figure = (Path(summary["report_dir"]) / "detection_results.png").read_bytes()
