@@ -274,8 +274,17 @@ def run_seed(
     lora_by_name = dict(zip(names, loras, strict=True))
     vector_by_name = dict(zip(names, vectors, strict=True))
     methods = set(cfg.methods) | {"base", "lora", "icm_lora"}
+    # The generator stops early on its adapters' validation NLL (the categories' validation splits).
     generator: ArtifactRef = bound(train_generator_task, root, sfx)(
-        lora_by_name, vector_by_name, cfg.cvae, cfg.model.device, root, cfg.resume
+        lora_by_name,
+        vector_by_name,
+        cfg.cvae,
+        cfg.model.device,
+        root,
+        cfg.resume,
+        data=dict(zip(names, data, strict=True)),
+        model_cfg=cfg.model,
+        data_cfg=cfg.data,
     )
     by_method: dict[str, list] = {"base": [None] * len(names), "lora": loras}
     by_method["icm_lora"] = gather(

@@ -205,14 +205,41 @@ class merged_into:  # noqa: N801 - used as a context manager, reads like ``with`
             import copy
 
             return merge_adapter(copy.deepcopy(self.base), folder, self.base_model_id)
-        with torch.no_grad():
-            for weight, delta in plan:
-                self.saved.append((weight, weight.detach().clone()))
-                weight.add_(delta.to(dtype=weight.dtype, device=weight.device))
+        _apply_plan(plan, self.saved)
         return self.base
 
     def __exit__(self, *exc) -> None:
-        with torch.no_grad():
-            for weight, original in self.saved:
-                weight.copy_(original)
-        self.saved.clear()
+        _restore(self.saved)
+
+
+def _apply_plan(plan, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for weight, delta in plan:
+            saved.append((weight, weight.detach().clone()))
+            weight.add_(delta.to(dtype=weight.dtype, device=weight.device))
+
+
+def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for weight, original in saved:
+            weight.copy_(original)
+    saved.clear()
+
+
+class merged_state_into:  # noqa: N801 - a context manager, like merged_into
+    """:class:`merged_into` for an adapter held in memory (a LoRA ``state`` in peft key names and its
+    ``adapter_config``), e.g. one the generator just decoded. Plain LoRA only; ``where`` names it in errors."""
+
+    def __init__(self, base_model, state: dict[str, torch.Tensor], config: dict[str, Any], where: str) -> None:
+        self.base, self.state, self.config, self.where = base_model, state, config, where
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __enter__(self):
+        plan = _merge_plan(self.base, Path(self.where), self.state, self.config)
+        if plan is None:
+            raise ArtifactError(f"{self.where}: only a plain LoRA adapter can be merged from memory")
+        _apply_plan(plan, self.saved)
+        return self.base
+
+    def __exit__(self, *exc) -> None:
+        _restore(self.saved)

@@ -189,6 +189,24 @@ class CVAEConfig(StageConfig):
         "(removes the shared LoRA-A initialisation; stored in the generator, one checkpoint's worth of bytes).",
     )
     seed: int = Field(2024, description="Seed of initialisation and batch order (official code: 2024).")
+    val_every: int = Field(
+        5,
+        ge=0,
+        description="Epochs between validation checks: each training category's adapter is decoded (z drawn "
+        "with seed 0, eval mode) and scored on val_tokens of that category's validation split; training stops "
+        "after `patience` checks without improvement and keeps the best-scoring weights. 0 trains every epoch "
+        "with no check (so does a caller that gives no validation text, e.g. the zero-shot and detection "
+        "flows). `epochs` is the ceiling either way.",
+    )
+    patience: int = Field(
+        3, ge=1, description="Validation checks without an improvement of at least min_delta before stopping."
+    )
+    min_delta: float = Field(
+        1e-3, ge=0, description="Smallest drop of the mean validation NLL (nats per token) that counts as better."
+    )
+    val_tokens: int = Field(
+        1024, ge=16, description="Validation-split tokens scored per category and check (evenly spaced blocks)."
+    )
 
     @field_validator("kernel_size")
     @classmethod

@@ -47,6 +47,7 @@ from icm_core.resume import (
 
 __all__ = [
     "ConditionalVAE",
+    "EarlyStopping",
     "bounded_logvar",
     "cvae_loss",
     "padded_length",
@@ -324,6 +325,7 @@ def train_cvae(
     device: str | torch.device = "cpu",
     on_epoch: Callable[[int, dict], None] | None = None,
     resume: Resumer | None = None,
+    validate: Callable[[ConditionalVAE], float] | None = None,
 ) -> tuple[ConditionalVAE, list[dict]]:
     """Train one conditional VAE on all checkpoints of all tasks.
 
@@ -339,11 +341,16 @@ def train_cvae(
         resume: Where to save resumable state (weights, BatchNorm statistics, AdamW, scheduler, random streams,
             history) every ``resume.every["epochs"]`` epochs; a saved state is continued from, and the result
             is bit-identical to an uninterrupted run (``icm_core.resume``).
+        validate: Scores the model (in eval mode; lower is better) every ``cfg.val_every`` epochs. Training
+            stops after ``cfg.patience`` checks without an improvement of ``cfg.min_delta`` and the
+            best-scoring weights are kept (:class:`EarlyStopping`); ``cfg.epochs`` is the ceiling. It must not
+            draw from torch's global random stream (training stays deterministic).
 
     Returns:
         ``(model, history)``: the trained model in eval mode, and one row per epoch
         ``{"epoch", "loss", "recon", "kld", "lr"}`` (losses averaged over the epoch's samples, ``lr`` the
-        learning rate of the epoch's last step).
+        learning rate of the epoch's last step), plus ``"val"`` on the epochs that were validated and
+        ``"best": True`` on the one whose weights were kept.
 
     Raises:
         ValueError: On mismatched or empty inputs, or a single sample that BatchNorm cannot train on.
@@ -387,6 +394,7 @@ def train_cvae(
 
         history: list[dict] = []
         start = 0
+        stopper = EarlyStopping(cfg.val_every, cfg.patience, cfg.min_delta) if validate is not None else None
         saved = resume.load() if resume is not None else None
         if saved is not None:
             # Continue a killed run from the end of its last saved epoch.
@@ -395,8 +403,12 @@ def train_cvae(
             scheduler.load_state_dict(saved.meta["scheduler"])
             load_rng_state(saved.tensors, {"shuffle": shuffle_gen})
             history, start = saved.meta["history"], saved.step
+            if stopper is not None:
+                stopper.load(saved.tensors, saved.meta.get("early_stopping"))
         model.train()
         for epoch in range(start, cfg.epochs):
+            if stopper is not None and stopper.stopped:
+                break
             sums = {"loss": 0.0, "recon": 0.0, "kld": 0.0}
             last_lr = optimizer.param_groups[0]["lr"]
             # 5. A fresh shuffle each epoch; every sample is used exactly once (nothing dropped).
@@ -423,32 +435,97 @@ def train_cvae(
             row = {"epoch": epoch, **{key: value / n for key, value in sums.items()}, "lr": last_lr}
             if not all(math.isfinite(row[key]) for key in ("loss", "recon", "kld")):
                 raise FloatingPointError(f"CVAE training diverged at epoch {epoch}: {row}")
+            # 10. Validation: score the generation path (eval mode) and remember the best weights.
+            if stopper is not None and stopper.due(epoch + 1, cfg.epochs):
+                model.eval()
+                row["val"] = float(validate(model))
+                model.train()
+                stopper.observe(epoch, row["val"], model)
             history.append(row)
             if resume is not None and resume.due("epochs", epoch + 1, cfg.epochs):
                 opt_tensors, opt_meta = optimizer_state(optimizer, "optimizer.")
+                stop_tensors, stop_meta = stopper.state() if stopper is not None else ({}, None)
                 resume.save(
                     epoch + 1,
-                    {**module_tensors(model, "model."), **opt_tensors, **rng_state({"shuffle": shuffle_gen})},
+                    {
+                        **module_tensors(model, "model."),
+                        **opt_tensors,
+                        **rng_state({"shuffle": shuffle_gen}),
+                        **stop_tensors,
+                    },
                     {
                         "label": f"epoch {epoch + 1}",
                         "optimizer": opt_meta,
                         "scheduler": scheduler.state_dict(),
                         "history": history,
+                        "early_stopping": stop_meta,
                     },
                 )
             fault_point("cvae.epoch")
             if on_epoch is not None:
                 on_epoch(epoch, row)
 
-        # 10. Recompute BatchNorm running statistics with the final weights. The running averages are an
+        # 11. Keep the best-validated weights (the last epoch's when nothing was validated).
+        if stopper is not None and stopper.best_weights is not None:
+            model.load_state_dict(stopper.best_weights)
+            for row in history:
+                if row["epoch"] == stopper.best_epoch:
+                    row["best"] = True
+
+        # 12. Recompute BatchNorm running statistics with the final weights. The running averages are an
         #     exponential moving average (momentum 0.1) over the whole run, so a short run, or an early
         #     spike in activations, leaves them describing an older network; eval mode would then
         #     normalise with the wrong scale and reconstructions degrade although training loss is low.
         recalibrate_batchnorm(model, x_all, c_all, cfg.batch_size, shuffle_gen)
 
-    # 11. Eval mode: BatchNorm uses its (recalibrated) running statistics and forward() uses z = mu.
+    # 13. Eval mode: BatchNorm uses its (recalibrated) running statistics and forward() uses z = mu.
     model.eval()
     return model, history
+
+
+class EarlyStopping:
+    """Validation-based stopping with the epoch budget as a ceiling.
+
+    Every ``every`` epochs (and after the last) the caller scores the model; a score lower than the best so far
+    by at least ``min_delta`` becomes the new best and its weights are copied. After ``patience`` checks in a row
+    without such an improvement, :attr:`stopped` turns true. The state (best score, epoch, weights, count)
+    travels in resumable saves, so a resumed run stops where an uninterrupted one would.
+    """
+
+    def __init__(self, every: int, patience: int, min_delta: float) -> None:
+        self.every, self.patience, self.min_delta = int(every), int(patience), float(min_delta)
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.best_weights: dict[str, Tensor] | None = None
+        self.bad_checks = 0
+
+    @property
+    def stopped(self) -> bool:
+        return self.every > 0 and self.bad_checks >= self.patience
+
+    def due(self, done: int, last: int) -> bool:
+        """Whether to validate after ``done`` of ``last`` epochs."""
+        return self.every > 0 and (done % self.every == 0 or done == last)
+
+    def observe(self, epoch: int, score: float, model: nn.Module) -> None:
+        if not math.isfinite(score):
+            raise FloatingPointError(f"validation score is {score} at epoch {epoch}")
+        if self.best is None or score < self.best - self.min_delta:
+            self.best, self.best_epoch, self.bad_checks = score, epoch, 0
+            self.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.bad_checks += 1
+
+    def state(self) -> tuple[dict[str, Tensor], dict]:
+        tensors = {f"best.{k}": v for k, v in (self.best_weights or {}).items()}
+        return tensors, {"best": self.best, "best_epoch": self.best_epoch, "bad_checks": self.bad_checks}
+
+    def load(self, tensors: dict[str, Tensor], meta: dict | None) -> None:
+        if not meta:
+            return
+        self.best, self.best_epoch, self.bad_checks = meta["best"], meta["best_epoch"], int(meta["bad_checks"])
+        weights = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
+        self.best_weights = weights or None
 
 
 @torch.no_grad()

@@ -154,6 +154,35 @@ class Generator:
         return self.generate(self.task_vectors[category], cfg)
 
 
+VALIDATION_Z_SEED: int = 0
+"""Seed of the z draw that validation decodes (the default ``SampleConfig.seed``: what the demo scores)."""
+
+
+def adapter_validator(
+    dataset: GeneratorDataset,
+    norm: NormStats,
+    cond_norm: ConditionNorm,
+    score_adapters: Callable[[dict[str, dict[str, torch.Tensor]]], float],
+) -> Callable[[ConditionalVAE], float]:
+    """``model -> score``: decode every training category's adapter as generation would (eval mode, one z draw
+    with :data:`VALIDATION_Z_SEED`, de-normalised, unflattened) and hand them to ``score_adapters``. The z draw
+    comes from its own generator, so validating never moves torch's global random stream."""
+    names = sorted(dataset.task_vectors)
+    conds = cond_norm(torch.stack([dataset.task_vectors[n].float() for n in names]))
+
+    @torch.no_grad()
+    def validate(model: ConditionalVAE) -> float:
+        device = next(model.parameters()).device
+        # The same draw for every category, as Generator.generate(seed=VALIDATION_Z_SEED) makes for each.
+        rng = torch.Generator(device="cpu").manual_seed(VALIDATION_Z_SEED)
+        z = torch.randn(1, model.latent_dim, generator=rng).repeat(len(names), 1)
+        flat = model.decode(z.to(device), conds.to(device)).float().cpu()
+        rows = denormalize(flat, norm, dataset.layout)
+        return score_adapters({n: unflatten_lora(rows[i], dataset.layout) for i, n in enumerate(names)})
+
+    return validate
+
+
 def train_generator(
     dataset: GeneratorDataset,
     cfg: CVAEConfig,
@@ -161,9 +190,13 @@ def train_generator(
     device: str | torch.device = "cpu",
     on_epoch: Callable[[int, dict], None] | None = None,
     resume: Resumer | None = None,
+    score_adapters: Callable[[dict[str, dict[str, torch.Tensor]]], float] | None = None,
 ) -> tuple[Generator, list[dict], float]:
     """Normalise the dataset, train the CVAE on all categories at once; return (generator, history, seconds).
-    ``resume``: save resumable state every ``resume.every["epochs"]`` epochs and continue from a saved one."""
+    ``resume``: save resumable state every ``resume.every["epochs"]`` epochs and continue from a saved one.
+    ``score_adapters``: scores ``{category: LoRA state dict}`` (lower is better, e.g. the mean validation NLL);
+    with it, every ``cfg.val_every`` epochs each training category's adapter is generated (z drawn with seed
+    :data:`VALIDATION_Z_SEED`) and scored, and training stops early on it (``icm_core.cvae.EarlyStopping``)."""
     # 1) Per-tensor z-score (after per-coordinate centring with normalization='coordinate') over all
     #    checkpoints of all categories; the stats travel with the generator.
     norm = fit_norm_stats(dataset.weights, dataset.layout, center=cfg.normalization == "coordinate")
@@ -172,8 +205,13 @@ def train_generator(
     cond_norm = ConditionNorm.fit(torch.stack([dataset.task_vectors[n] for n in sorted(dataset.task_vectors)]))
     conds = cond_norm(dataset.conds)
     # 3) One CVAE for every category.
+    validate = None
+    if score_adapters is not None and cfg.val_every > 0:
+        validate = adapter_validator(dataset, norm, cond_norm, score_adapters)
     started = time.perf_counter()
-    model, history = train_cvae(weights, conds, cfg, device=device, on_epoch=on_epoch, resume=resume)
+    model, history = train_cvae(
+        weights, conds, cfg, device=device, on_epoch=on_epoch, resume=resume, validate=validate
+    )
     # Wall time is returned, not stored in the artifact: equal inputs must give byte-identical files.
     seconds = time.perf_counter() - started
     meta = {

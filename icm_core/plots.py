@@ -81,7 +81,20 @@ def plot_training_curves(
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_title("ICM-LoRA CVAE")
-    ax.legend()
+    checked = [row for row in cvae_history if "val" in row]
+    if checked:
+        # The early-stopping criterion: generated adapters' validation NLL (nats/token), its own axis.
+        val_ax = ax.twinx()
+        val_ax.plot([r["epoch"] + 1 for r in checked], [r["val"] for r in checked], "k.-", label="validation NLL")
+        best = [r for r in checked if r.get("best")]
+        if best:
+            val_ax.axvline(best[0]["epoch"] + 1, color="k", ls=":", lw=1)
+        val_ax.set_ylabel("validation NLL (generated adapters)")
+        handles, labels = ax.get_legend_handles_labels()
+        more, more_labels = val_ax.get_legend_handles_labels()
+        ax.legend(handles + more, labels + more_labels, fontsize=8)
+    else:
+        ax.legend()
     if pdiff_history:
         ae, ddpm = pdiff_history.get("autoencoder", []), pdiff_history.get("ddpm", [])
         axes[0][1].plot([r["epoch"] + 1 for r in ae], [r["recon"] for r in ae])

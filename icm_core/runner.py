@@ -72,7 +72,12 @@ def run_all(
     generator_ref = timed(
         "train_generator",
         lambda: train_generator_stage(
-            lora_dirs, vector_paths, cfg.cvae, generator_path, device=str(resolve_device(cfg.model.device))
+            lora_dirs,
+            vector_paths,
+            cfg.cvae,
+            generator_path,
+            device=str(resolve_device(cfg.model.device)),
+            validation={"split_dirs": data_dirs, "model_cfg": cfg.model, "data_cfg": cfg.data},
         ),
     )
     rows = []

@@ -12,7 +12,14 @@ from typing import Any
 
 import torch
 
-from icm_core.adapters import adapter_sha256, load_adapter, merged_into, read_adapter, write_adapter
+from icm_core.adapters import (
+    adapter_sha256,
+    load_adapter,
+    merged_into,
+    merged_state_into,
+    read_adapter,
+    write_adapter,
+)
 from icm_core.base_model import (
     adapter_base_reference,
     base_model_names,
@@ -42,7 +49,7 @@ from icm_core.data import (
     write_splits,
 )
 from icm_core.diagnostics import adapter_report, latent_usage
-from icm_core.evaluate import evaluate_lm
+from icm_core.evaluate import eval_blocks, evaluate_lm, score_blocks
 from icm_core.generator import GeneratorDataset, build_dataset, load_generator, save_generator, train_generator
 from icm_core.io import load_tensors, save_tensors, sidecar_path, write_json
 from icm_core.lora_train import load_trajectory_checkpoints, read_trajectory, train_lora
@@ -174,6 +181,67 @@ def generator_training_data(
     return dataset, next(iter(trajectories.values())).adapter_config
 
 
+class ValidationScorer:
+    """Scores LoRA states on the categories' validation splits: ``scorer(states)`` is the mean validation NLL
+    (nats per token, averaged over categories) that the generator's early stopping minimises;
+    ``scorer.per_category(states)`` gives each category's value. Each state is merged into the shared base
+    model in turn (``merged_state_into``) and scored on ``max_tokens`` of that category's validation split
+    (evenly spaced blocks, tokenised once here)."""
+
+    def __init__(
+        self,
+        blocks: dict[str, Any],
+        model_cfg: ModelConfig,
+        adapter_config: dict[str, Any],
+        batch_size: int = 8,
+    ) -> None:
+        self.blocks, self.model_cfg, self.adapter_config, self.batch_size = (
+            blocks,
+            model_cfg,
+            adapter_config,
+            batch_size,
+        )
+
+    def per_category(self, states: dict[str, dict[str, torch.Tensor] | None]) -> dict[str, float]:
+        """Validation NLL per token of each category's state (``None``: the base model itself)."""
+        out = {}
+        with shared_base_model(self.model_cfg) as base:
+            for name in sorted(set(states) & set(self.blocks)):
+                state = states[name]
+                if state is None:
+                    result = score_blocks(base, self.blocks[name], self.batch_size)
+                else:
+                    where = f"generated adapter for {name!r}"
+                    with merged_state_into(base, state, self.adapter_config, where) as model:
+                        result = score_blocks(model, self.blocks[name], self.batch_size)
+                out[name] = result.nll_nats / result.tokens
+        return out
+
+    def __call__(self, states: dict[str, dict[str, torch.Tensor]]) -> float:
+        values = self.per_category(states)
+        return sum(values.values()) / len(values)
+
+
+def validation_scorer(
+    split_dirs: dict[str, str | Path],
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    max_tokens: int,
+    adapter_config: dict[str, Any],
+    batch_size: int = 8,
+) -> ValidationScorer | None:
+    """The :class:`ValidationScorer` of these categories. A category whose validation split is shorter than one
+    block is left out; ``None`` when no category has a full block (the caller then trains to the ceiling)."""
+    tokenizer = load_tokenizer(model_cfg)
+    blocks = {}
+    for name, folder in split_dirs.items():
+        try:
+            blocks[name] = eval_blocks(read_splits(folder).val, tokenizer, data_cfg.seq_len, max_tokens)
+        except ValueError:
+            continue  # fewer validation tokens than one block
+    return ValidationScorer(blocks, model_cfg, adapter_config, batch_size) if blocks else None
+
+
 def train_generator_stage(
     trajectory_dirs: dict[str, str | Path],
     task_vector_paths: dict[str, str | Path],
@@ -182,12 +250,21 @@ def train_generator_stage(
     device: str = "cpu",
     on_epoch=None,
     resume: Resumer | None = None,
+    validation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train one CVAE on the trajectories of all categories and save the generator artifact."""
+    """Train one CVAE on the trajectories of all categories and save the generator artifact.
+
+    ``validation``: ``{"split_dirs": {category: splits folder}, "model_cfg": ..., "data_cfg": ...}``; with it
+    (and ``cvae_cfg.val_every > 0``) training stops early on the generated adapters' validation NLL."""
     dataset, first = generator_training_data(trajectory_dirs, task_vector_paths)
     kind = vector_kinds(task_vector_paths)
+    score = None
+    if validation is not None and cvae_cfg.val_every > 0:
+        score = validation_scorer(
+            validation["split_dirs"], validation["model_cfg"], validation["data_cfg"], cvae_cfg.val_tokens, first
+        )
     generator, history, seconds = train_generator(
-        dataset, cvae_cfg, first, device=device, on_epoch=on_epoch, resume=resume
+        dataset, cvae_cfg, first, device=device, on_epoch=on_epoch, resume=resume, score_adapters=score
     )
     extra: dict[str, Any] = {"history": history}
     if kind is not None:
@@ -200,6 +277,8 @@ def train_generator_stage(
         "num_checkpoints": int(dataset.weights.shape[0]),
         "flat_length": dataset.layout.total,
         "final_recon": history[-1]["recon"],
+        "epochs_run": len(history),
+        "best_epoch": next((row["epoch"] for row in history if row.get("best")), None),
         "seconds": seconds,
     }
 

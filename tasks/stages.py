@@ -317,10 +317,18 @@ def train_generator_task(
     device: str,
     root: str,
     resume: ResumeConfig = ResumeConfig(),  # noqa: B008 - frozen config; not part of the cache key
+    data: dict[str, ArtifactRef] | None = None,
+    model_cfg: ModelConfig | None = None,
+    data_cfg: DataConfig | None = None,
 ) -> ArtifactRef:
-    """Train one CVAE on the trajectories of all categories (resumable mid-way, ``resume``)."""
+    """Train one CVAE on the trajectories of all categories (resumable mid-way, ``resume``). With ``data`` (the
+    categories' splits), ``model_cfg`` and ``data_cfg``, training stops early on the generated adapters'
+    validation NLL (``cvae_cfg.val_every``, ``patience``); without them it runs ``cvae_cfg.epochs``."""
     logger = get_run_logger()
     inputs = {"loras": loras, "task_vectors": task_vectors, "cvae_cfg": cvae_cfg, "device": device, "root": root}
+    validated = data is not None and model_cfg is not None and data_cfg is not None and cvae_cfg.val_every > 0
+    if validated:
+        inputs.update({"data": data, "model_cfg": model_cfg, "data_cfg": data_cfg})
 
     progress: list[Progress] = []
 
@@ -329,12 +337,28 @@ def train_generator_task(
         if not progress:
             progress.append(Progress("train the ICM-LoRA CVAE (epochs)", cvae_cfg.epochs))
         progress[0].update(epoch)
-        if epoch % max(1, cvae_cfg.epochs // 10) == 0 or epoch == cvae_cfg.epochs:
+        if "val" in row:
+            logger.info(
+                "cvae epoch %d/%d recon %.5f kld %.3f val nll %.4f",
+                epoch,
+                cvae_cfg.epochs,
+                row["recon"],
+                row["kld"],
+                row["val"],
+            )
+        elif epoch % max(1, cvae_cfg.epochs // 10) == 0 or epoch == cvae_cfg.epochs:
             logger.info("cvae epoch %d/%d recon %.5f kld %.3f", epoch, cvae_cfg.epochs, row["recon"], row["kld"])
 
     def build(out: Path) -> dict[str, Any]:
         lora_dirs = {name: localize(ref, root).folder for name, ref in loras.items()}
         vector_files = {n: localize(ref, root).file("task_vector.safetensors") for n, ref in task_vectors.items()}
+        validation = None
+        if validated:
+            validation = {
+                "split_dirs": {name: localize(ref, root).file("splits") for name, ref in data.items()},
+                "model_cfg": model_cfg,
+                "data_cfg": data_cfg,
+            }
         with device_slot(device):
             result = stages.train_generator_stage(
                 lora_dirs,
@@ -344,8 +368,10 @@ def train_generator_task(
                 device=str(resolve_device(device)),
                 on_epoch=on_epoch,
                 resume=resumer(out, epochs=resume.cvae_every_epochs),
+                validation=validation,
             )
-        return {k: result[k] for k in ("bytes", "num_checkpoints", "flat_length", "final_recon", "seconds")}
+        keys = ("bytes", "num_checkpoints", "flat_length", "final_recon", "epochs_run", "best_epoch", "seconds")
+        return {k: result[k] for k in keys}
 
     return run_stage("generator", None, inputs, build)
 

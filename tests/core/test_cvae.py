@@ -312,3 +312,78 @@ def test_shallow_wide_cvae_trains_without_overflow():
     assert history[-1]["kld"] < 1e6
     _, logvar = model.encode(weights[:2], conds[:2])
     assert float(logvar.abs().max()) <= LOGVAR_BOUND
+
+
+# ----------------------------------------------------------------------------------------- early stopping
+
+
+def test_early_stopping_keeps_the_best_validated_weights() -> None:
+    """A validation score that bottoms out at the 2nd check stops training `patience` checks later, and the
+    returned model is the one scored best (the weights of that epoch, BatchNorm recalibrated)."""
+    x = _unit(torch.randn(4, 300))
+    cond = torch.randn(4, 3)
+    cfg = CVAEConfig(channels=(4, 4), latent_dim=2, epochs=40, batch_size=2, val_every=2, patience=2)
+    scores = iter([5.0, 1.0, 3.0, 4.0, 0.5, 0.1])  # best at the 2nd check (epoch index 3), then worse twice
+    kept: dict[str, torch.Tensor] = {}
+
+    def validate(model: ConditionalVAE) -> float:
+        assert not model.training  # scored as generation runs: eval mode
+        score = next(scores)
+        if score == 1.0:
+            kept.update({k: v.clone() for k, v in model.state_dict().items() if "running" not in k})
+        return score
+
+    model, history = train_cvae(x, cond, cfg, validate=validate)
+    assert len(history) == 8  # 4 checks (epochs 2, 4, 6, 8), stopped after the 2nd bad one
+    assert [row["epoch"] for row in history if "val" in row] == [1, 3, 5, 7]
+    assert [row["epoch"] for row in history if row.get("best")] == [3]
+    for key, value in kept.items():
+        if "num_batches" not in key:
+            assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_validation_does_not_change_training() -> None:
+    """Validating draws no global random numbers: with a patience that never triggers, the weights equal those of
+    a run without validation."""
+    x = _unit(torch.randn(4, 300))
+    cond = torch.randn(4, 3)
+    cfg = CVAEConfig(channels=(4, 4), latent_dim=2, epochs=6, batch_size=2, val_every=1, patience=100)
+    falling = iter(range(100, 0, -1))
+    with_val, hist = train_cvae(x, cond, cfg, validate=lambda m: float(next(falling)))
+    without, _ = train_cvae(x, cond, cfg)
+    assert len(hist) == 6 and hist[-1].get("best")
+    for key, value in without.state_dict().items():
+        assert torch.equal(with_val.state_dict()[key], value), key
+
+
+def test_early_stopping_state_survives_a_resume(tmp_path) -> None:
+    """A run killed after the best check resumes to the same stop epoch and the same kept weights."""
+    from icm_core.resume import Resumer
+
+    x = _unit(torch.randn(4, 300))
+    cond = torch.randn(4, 3)
+    cfg = CVAEConfig(channels=(4, 4), latent_dim=2, epochs=30, batch_size=2, val_every=2, patience=2)
+
+    def scorer():
+        values = iter([3.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+        return lambda model: next(values)
+
+    full, hist_full = train_cvae(x, cond, cfg, validate=scorer())
+
+    class Killed(Exception):
+        pass
+
+    def kill_at(epoch: int, row: dict) -> None:
+        if epoch == 4:
+            raise Killed
+
+    resumer = Resumer(tmp_path / "state", {"epochs": 2})
+    values = iter([3.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    with pytest.raises(Killed):
+        train_cvae(x, cond, cfg, resume=resumer, validate=lambda m: next(values), on_epoch=kill_at)
+    # The saved state is after epoch 4 (two checks: 3.0 then the best 1.0); the rest of the scores follow.
+    rest = iter([2.0, 2.0])
+    resumed, hist_resumed = train_cvae(x, cond, cfg, resume=resumer, validate=lambda m: next(rest))
+    assert hist_resumed == hist_full
+    for key, value in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key

@@ -42,6 +42,18 @@ def test_kld_curve_uses_the_configured_weight(figures, tmp_path, weight):
     assert list(kld.get_ydata()) == pytest.approx([weight * (2.0 + e) for e in range(4)])
 
 
+def test_training_curves_show_the_validation_criterion(figures, tmp_path):
+    history = [{"epoch": e, "recon": 1.0 / (e + 1), "kld": 2.0} for e in range(6)]
+    for e, val in ((1, 3.0), (3, 2.5), (5, 2.6)):
+        history[e]["val"] = val
+    history[3]["best"] = True
+    plots.plot_training_curves(history, None, tmp_path / "curves.png")
+    val_ax = figures[0][0].axes[1]
+    [line] = [ln for ln in val_ax.get_lines() if ln.get_label() == "validation NLL"]
+    assert list(line.get_xdata()) == [2, 4, 6] and list(line.get_ydata()) == [3.0, 2.5, 2.6]
+    assert [ln.get_xdata()[0] for ln in val_ax.get_lines() if ln.get_linestyle() == ":"] == [4]
+
+
 def test_results_bars_legend_hides_no_bar(figures, tmp_path):
     plots.plot_main_bars(result_rows(SCORES), tmp_path / "bars.png")
     assert legend_outside_axes(figures[0], figures[0][0].axes[0])
