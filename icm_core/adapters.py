@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,32 @@ def _merge_plan(base_model, folder: Path, state: dict[str, torch.Tensor], config
             )
         plan.append((weight, delta))
     return plan
+
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def first_adapted_layer(keys) -> int:
+    """The lowest decoder-layer index an adapter's tensors (peft key names) touch; 0 when a key is not inside a
+    numbered decoder layer (e.g. an adapted embedding or head), so nothing before it can be shared."""
+    indices = []
+    for key in keys:
+        match = _LAYER_INDEX.search(key)
+        if match is None:
+            return 0
+        indices.append(int(match.group(1)))
+    return min(indices, default=0)
+
+
+def adapter_first_layer(folder: str | Path) -> int:
+    """:func:`first_adapted_layer` of the adapter in ``folder`` (reads tensor names only)."""
+    from safetensors import safe_open
+
+    path = Path(folder) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        return 0
+    with safe_open(str(path), framework="pt") as handle:
+        return first_adapted_layer(handle.keys())
 
 
 class merged_into:  # noqa: N801 - used as a context manager, reads like ``with``

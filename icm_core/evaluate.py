@@ -18,7 +18,11 @@ same code on the same blocks.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import weakref
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -79,17 +83,93 @@ def eval_blocks(texts: list[str], tokenizer, seq_len: int, max_tokens: int) -> E
     return EvalBlocks(blocks, target_chars, available)
 
 
+class _PrefixDone(Exception):
+    """Raised by the capture hook: the layers after the captured one are not needed."""
+
+
+def decoder_stack(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The inner decoder of a transformers causal LM (``model.model``) when it has a ``layers`` ModuleList and an
+    ``embed_tokens`` (Llama, Mistral, Qwen, SmolLM, ...); ``None`` otherwise (scoring then runs whole forwards)."""
+    inner = getattr(model, "model", None)
+    if isinstance(getattr(inner, "layers", None), torch.nn.ModuleList) and hasattr(inner, "embed_tokens"):
+        return inner
+    return None
+
+
+_PREFIX_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+PREFIX_CACHE_ENTRIES = 16
+"""Block sets whose prefix states a process keeps per base model (least recently used dropped first)."""
+
+
 @torch.no_grad()
-def score_blocks(model: torch.nn.Module, blocks: EvalBlocks, batch_size: int = 8) -> LMScore:
-    """Next-token NLL summed per block, and the totals turned into PPL and BPC."""
+def prefix_states(model: torch.nn.Module, blocks: EvalBlocks, start: int, batch_size: int) -> list[torch.Tensor]:
+    """The hidden states entering decoder layer ``start`` for each batch of ``blocks``, from the model's own forward
+    (a hook on layer ``start`` keeps its input and stops the pass there). Cached per model object and block set:
+    every adapter that leaves layers ``< start`` untouched gets the same states, so evaluating several adapters on
+    the same blocks runs those layers once."""
+    inner = decoder_stack(model)
+    key = (start, batch_size, hashlib.sha256(blocks.input_ids.numpy().tobytes()).hexdigest())
+    per_model = _PREFIX_CACHE.setdefault(model, OrderedDict())
+    if key in per_model:
+        per_model.move_to_end(key)
+        return per_model[key]
+    device = next(model.parameters()).device
+    captured: list[torch.Tensor] = []
+
+    def keep(module, args, kwargs):
+        captured.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+        raise _PrefixDone
+
+    handle = inner.layers[start].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        for batch in blocks.input_ids.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _PrefixDone:
+                pass
+    finally:
+        handle.remove()
+    per_model[key] = captured
+    while len(per_model) > PREFIX_CACHE_ENTRIES:
+        per_model.popitem(last=False)
+    return captured
+
+
+@contextmanager
+def layers_from(model: torch.nn.Module, start: int):
+    """For the ``with`` block the decoder runs only layers ``start..`` (its input: ``inputs_embeds`` = the states
+    entering layer ``start``); the full layer list is put back afterwards."""
+    inner = decoder_stack(model)
+    full = inner.layers
+    inner.layers = torch.nn.ModuleList(list(full)[start:])
+    try:
+        yield model
+    finally:
+        inner.layers = full
+
+
+@torch.no_grad()
+def score_blocks(model: torch.nn.Module, blocks: EvalBlocks, batch_size: int = 8, start_layer: int = 0) -> LMScore:
+    """Next-token NLL summed per block, and the totals turned into PPL and BPC.
+
+    ``start_layer`` > 0 says the model differs from its base only in decoder layers ``>= start_layer`` (an adapter
+    merged into those): the states entering that layer come from :func:`prefix_states` (computed once per block
+    set) and only the layers from there on run. Same arithmetic as the whole forward, fewer layers run."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     block_nll: list[float] = []
+    suffix = start_layer > 0 and decoder_stack(model) is not None
+    states = prefix_states(model, blocks, start_layer, batch_size) if suffix else None
     try:
-        for batch in blocks.input_ids.split(batch_size):
+        for i, batch in enumerate(blocks.input_ids.split(batch_size)):
             batch = batch.to(device)
-            logits = model(input_ids=batch).logits[:, :-1, :].float()
+            if states is not None:
+                with layers_from(model, start_layer):
+                    logits = model(inputs_embeds=states[i], use_cache=False).logits
+            else:
+                logits = model(input_ids=batch, use_cache=False).logits
+            logits = logits[:, :-1, :].float()
             nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # [B, T-1]
             block_nll += nll.double().sum(dim=1).tolist()
             fault_point("evaluate.batch")
@@ -111,9 +191,12 @@ def score_blocks(model: torch.nn.Module, blocks: EvalBlocks, batch_size: int = 8
     )
 
 
-def evaluate_lm(model: torch.nn.Module, tokenizer, texts: list[str], seq_len: int, cfg: EvalConfig) -> LMScore:
-    """PPL and BPC of ``model`` on ``texts``."""
-    return score_blocks(model, eval_blocks(texts, tokenizer, seq_len, cfg.max_tokens), cfg.batch_size)
+def evaluate_lm(
+    model: torch.nn.Module, tokenizer, texts: list[str], seq_len: int, cfg: EvalConfig, start_layer: int = 0
+) -> LMScore:
+    """PPL and BPC of ``model`` on ``texts`` (``start_layer``: see :func:`score_blocks`)."""
+    blocks = eval_blocks(texts, tokenizer, seq_len, cfg.max_tokens)
+    return score_blocks(model, blocks, cfg.batch_size, start_layer)
 
 
 def gain_recovered(ppl_base: float, ppl_lora: float, ppl_method: float) -> float | None:

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 from icm_core.adapters import (
+    adapter_first_layer,
     adapter_sha256,
+    first_adapted_layer,
     load_adapter,
     merged_into,
     merged_state_into,
@@ -212,8 +214,9 @@ class ValidationScorer:
                     result = score_blocks(base, self.blocks[name], self.batch_size)
                 else:
                     where = f"generated adapter for {name!r}"
+                    start = first_adapted_layer(state)
                     with merged_state_into(base, state, self.adapter_config, where) as model:
-                        result = score_blocks(model, self.blocks[name], self.batch_size)
+                        result = score_blocks(model, self.blocks[name], self.batch_size, start)
                 out[name] = result.nll_nats / result.tokens
         return out
 
@@ -332,7 +335,9 @@ def evaluate_adapter(
         shared_base_model(model_cfg) as base,
         merged_into(base, adapter_dir, base_model_names(model_cfg)) as model,
     ):
-        score = evaluate_lm(model, tokenizer, texts, data_cfg.seq_len, eval_cfg).as_dict()
+        # Layers below the adapter's first are the base model's: their states are computed once per block set.
+        start = adapter_first_layer(adapter_dir) if adapter_dir is not None else 0
+        score = evaluate_lm(model, tokenizer, texts, data_cfg.seq_len, eval_cfg, start).as_dict()
     result = {"adapter_dir": str(adapter_dir) if adapter_dir else None, **score}
     if out_path is not None:
         # The file holds what is reproducible (a rebuilt evaluation writes the same bytes, so what depends on it

@@ -168,3 +168,51 @@ def test_gain_recovered():
     assert gain_recovered(10.0, 5.0, 12.0) == pytest.approx(-0.4)  # worse than the base model
     assert gain_recovered(10.0, 12.0, 11.0) == pytest.approx(0.5)  # fine-tuning hurt; half of that too
     assert gain_recovered(10.0, 10.0, 9.0) is None
+
+
+# ------------------------------------------------------------------ shared prefix (layers below an adapter)
+
+
+def test_scoring_from_an_adapted_layer_equals_the_whole_forward(model, tokenizer):
+    """With a change confined to decoder layer 1 (as a merged adapter of the last layers), scoring only layers
+    1.. on the cached states entering layer 1 gives the whole forward's NLL; the prefix runs once per block set."""
+    from icm_core.evaluate import decoder_stack, layers_from
+
+    blocks = eval_blocks(TEXTS, tokenizer, SEQ_LEN, 96)
+    layer1 = decoder_stack(model).layers[1].self_attn.q_proj.weight
+    saved = layer1.detach().clone()
+    layer0_calls = []
+    handle = decoder_stack(model).layers[0].register_forward_pre_hook(lambda *a: layer0_calls.append(1))
+    try:
+        with torch.no_grad():
+            layer1.add_(0.05 * torch.randn_like(layer1))
+        whole = score_blocks(model, blocks, batch_size=2)
+        calls_whole = len(layer0_calls)
+        suffix = score_blocks(model, blocks, batch_size=2, start_layer=1)
+        calls_first = len(layer0_calls) - calls_whole
+        again = score_blocks(model, blocks, batch_size=2, start_layer=1)
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            layer1.copy_(saved)
+    assert suffix.block_nll == pytest.approx(whole.block_nll, rel=1e-6, abs=1e-6)
+    assert again.block_nll == suffix.block_nll
+    assert calls_first == calls_whole  # the prefix pass: layer 0 once per batch ...
+    assert len(layer0_calls) == 2 * calls_whole  # ... and not again for the second adapter
+    # The layer list is whole again after the suffix passes.
+    assert len(decoder_stack(model).layers) == 2
+    with layers_from(model, 1):
+        assert len(decoder_stack(model).layers) == 1
+    assert len(decoder_stack(model).layers) == 2
+
+
+def test_first_adapted_layer_reads_peft_keys():
+    from icm_core.adapters import first_adapted_layer
+
+    keys = [
+        "base_model.model.model.layers.22.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.29.self_attn.v_proj.lora_B.weight",
+    ]
+    assert first_adapted_layer(keys) == 22
+    assert first_adapted_layer([*keys, "base_model.model.lm_head.lora_A.weight"]) == 0
+    assert first_adapted_layer([]) == 0
