@@ -75,7 +75,7 @@ lint: install
 # reuses make demo's artifacts. About 3x make demo plus one more diffusion model per seed.
 RESULTS_METHODS := [base,lora,trajectory_mean,soup_own,model_soup,cond_pdiff,cond_pdiff_shared,icm_lora]
 results: install
-	$(BIN)/icm-lora pipeline --seeds 3 --set "methods=$(RESULTS_METHODS)" --set diagnostics.score_z_draws=true \
+	$(BIN)/icm-lora pipeline --seeds 3 --set "methods=$(RESULTS_METHODS)" --set diagnostics.score_z_draws=true --set diagnostics.z_draws=3 --set eval.max_tokens=4096 \
 		--results-dir results/seeds $(ARGS)
 
 ablations: install

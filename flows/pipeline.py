@@ -347,6 +347,8 @@ def run_seed(
             unmapped(cfg.data),
             unmapped(cfg.eval),
             unmapped(root),
+            # The base model's pass fills the shared-prefix cache that the category's adapters reuse.
+            prefix_like=loras if method == "base" else unmapped(None),
         )
         labels += [f"{n} ({method})" for n in names]
     z_futures, z_labels = [], []

@@ -324,6 +324,7 @@ def evaluate_adapter(
     data_cfg: DataConfig,
     eval_cfg: EvalConfig,
     out_path: str | Path | None = None,
+    prefix_like: str | Path | None = None,
 ) -> dict[str, Any]:
     """PPL/BPC on the category's test split of the base model merged with ``adapter_dir`` (None: base model),
     with the NLL, token and character count of every scored block. The base model is loaded once per process
@@ -336,7 +337,10 @@ def evaluate_adapter(
         merged_into(base, adapter_dir, base_model_names(model_cfg)) as model,
     ):
         # Layers below the adapter's first are the base model's: their states are computed once per block set.
-        start = adapter_first_layer(adapter_dir) if adapter_dir is not None else 0
+        # The base model starts at the layer of ``prefix_like`` (an adapter scored next on these blocks): same numbers,
+        # and its prefix pass fills the cache for that adapter.
+        like = adapter_dir if adapter_dir is not None else prefix_like
+        start = adapter_first_layer(like) if like is not None else 0
         score = evaluate_lm(model, tokenizer, texts, data_cfg.seq_len, eval_cfg, start).as_dict()
     result = {"adapter_dir": str(adapter_dir) if adapter_dir else None, **score}
     if out_path is not None:

@@ -506,8 +506,13 @@ def evaluate_task(
     data_cfg: DataConfig,
     eval_cfg: EvalConfig,
     root: str,
+    prefix_like: ArtifactRef | None = None,
 ) -> ArtifactRef:
-    """PPL / BPC of the base model merged with ``adapter`` (None: the base model) on the test split."""
+    """PPL / BPC of the base model merged with ``adapter`` (None: the base model) on the test split.
+
+    ``prefix_like`` (for the base model): an adapter whose first adapted layer the base evaluation starts the
+    shared prefix at, so the adapters scored after it on the same blocks run only their own layers. It does not
+    change any number, so it is not part of the cache key."""
     inputs = {
         "category": category,
         "method": method,
@@ -522,8 +527,11 @@ def evaluate_task(
     def build(out: Path) -> dict[str, Any]:
         adapter_dir = localize(adapter, root).file("adapter") if adapter is not None else None
         splits = localize(data, root).file("splits")
+        like = localize(prefix_like, root).file("adapter") if adapter is None and prefix_like is not None else None
         with device_slot(model_cfg.device):
-            score = stages.evaluate_adapter(splits, adapter_dir, model_cfg, data_cfg, eval_cfg, out / "metrics.json")
+            score = stages.evaluate_adapter(
+                splits, adapter_dir, model_cfg, data_cfg, eval_cfg, out / "metrics.json", prefix_like=like
+            )
         keys = ("ppl", "bpc", "tokens", "chars", "nll_nats", "block_nll", "block_tokens", "block_chars")
         return {"method": method, **{k: score[k] for k in (*keys, "blocks_available", "seconds")}}
 
