@@ -325,10 +325,18 @@ def train_generator_task(
     categories' splits), ``model_cfg`` and ``data_cfg``, training stops early on the generated adapters'
     validation NLL (``cvae_cfg.val_every``, ``patience``); without them it runs ``cvae_cfg.epochs``."""
     logger = get_run_logger()
-    inputs = {"loras": loras, "task_vectors": task_vectors, "cvae_cfg": cvae_cfg, "device": device, "root": root}
+    # Every parameter but ``resume`` is in the key (the cache policy sees the same inputs).
+    inputs = {
+        "loras": loras,
+        "task_vectors": task_vectors,
+        "cvae_cfg": cvae_cfg,
+        "device": device,
+        "root": root,
+        "data": data,
+        "model_cfg": model_cfg,
+        "data_cfg": data_cfg,
+    }
     validated = data is not None and model_cfg is not None and data_cfg is not None and cvae_cfg.val_every > 0
-    if validated:
-        inputs.update({"data": data, "model_cfg": model_cfg, "data_cfg": data_cfg})
 
     progress: list[Progress] = []
 
@@ -492,7 +500,7 @@ def sample_pdiff_task(category: str, pdiff: ArtifactRef, sample_cfg: SampleConfi
 @task(
     name="evaluate",
     task_run_name="eval-{category}-{method}",
-    cache_policy=ArtifactCachePolicy("eval"),
+    cache_policy=ArtifactCachePolicy("eval", exclude=("prefix_like",)),
     retries=1,
     retry_condition_fn=retry_unless_bad_input,
     **TASK_DEFAULTS,
