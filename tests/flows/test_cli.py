@@ -109,6 +109,17 @@ def test_generate_with_a_missing_task_vector_file(tmp_path):
     assert "tv.safetensors" in err
 
 
+def test_generate_from_a_missing_text_folder_or_file_names_it(tmp_path):
+    err = _one_line_error(_cli("generate", "--text-dir", str(tmp_path / "new-category")), "generate")
+    assert f"--text-dir {tmp_path / 'new-category'}: no such folder" in err
+    err = _one_line_error(_cli("generate", "--text", str(tmp_path / "notes.txt")), "generate")
+    assert f"--text {tmp_path / 'notes.txt'}: no such file" in err
+    (tmp_path / "notes.txt").write_text("some text")
+    err = _one_line_error(_cli("generate", "--text", str(tmp_path / "notes.txt"), "--samples", "0"), "generate")
+    assert "--samples" in err
+    assert not (tmp_path / "artifacts").exists()
+
+
 def test_a_device_this_machine_lacks_is_refused_naming_it(tmp_path):
     result = _cli("pipeline", "--set", "model.device=cuda:7", "--root", str(tmp_path / "root"))
     if result.returncode == 0:  # pragma: no cover - a machine with 8 GPUs
