@@ -254,7 +254,10 @@ def cmd_registry_retrain(args: argparse.Namespace) -> int:
         root=args.root,
         config=cfg,
         baseline=args.baseline,
+        zero_shot=not args.no_zero_shot,
     )
+    if summary.get("zero_shot"):
+        print(f"zero-shot: {summary['zero_shot']['adapter_dir']} (published before the retrain, now replaced)")
     print(f"report: {summary['report']}")
     return 0
 
@@ -390,6 +393,11 @@ def _flow_commands(sub) -> None:
     p.add_argument("--category", help="the category whose change this retrain follows (for the log)")
     p.add_argument("--change", default="added", choices=("added", "changed", "removed"))
     p.add_argument("--baseline", action="store_true", help="record the registry as the scan baseline after")
+    p.add_argument(
+        "--no-zero-shot",
+        action="store_true",
+        help="for --change added, skip the zero-shot adapter published before the retrain (docs/operations.md)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,6 +47,7 @@ from flows.runtime import device_from_env
 from icm_core.adapters import adapter_sha256
 from icm_core.config import RunConfig
 from icm_core.data import Category, source_fingerprint
+from icm_core.io import read_json, sidecar_path
 from icm_core.new_category import generator_vector_settings, plan_text_vector
 from icm_core.registry import diff_registry, load_registry, registry_fingerprints
 from icm_core.task_vectors import TaskVectorKindError, text_computable
@@ -144,9 +145,12 @@ def published_markdown(category: str, entry: dict[str, Any], previous: dict[str,
     )
 
 
-def _announce(root: str, registry: str, category: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """Record a publication in the registry state and as Prefect artifacts; returns the entry it replaced."""
-    previous = publish_adapter(root, registry, category, entry)
+def _announce(root: str, registry: str, category: str, entry: dict[str, Any]) -> dict[str, Any] | None:
+    """Record a publication in the registry state and as Prefect artifacts; returns the entry it replaced (empty
+    when none), or None when the current publication stays (see ``tasks.registry.supersedes``)."""
+    previous, done = publish_adapter(root, registry, category, entry)
+    if not done:
+        return None
     create_markdown_artifact(
         key=f"published-{_slug(category)}",
         markdown=published_markdown(category, entry, previous),
@@ -188,6 +192,10 @@ def publish_zero_shot(category: Category, registry: str, root: str, cfg: RunConf
     except FileNotFoundError:
         logger.info("no generator under %s yet: no zero-shot adapter for %s", root, category.name)
         return None
+    trained_on = read_json(sidecar_path(generator_file)).get("meta", {}).get("categories", [])
+    if category.name in trained_on:
+        logger.info("the current generator was trained with %s: no zero-shot adapter needed", category.name)
+        return None
     kind, _ = generator_vector_settings(generator_file)
     if not text_computable(kind):
         logger.warning(
@@ -220,7 +228,11 @@ def publish_zero_shot(category: Category, registry: str, root: str, cfg: RunConf
         "published_at": now(),
         "flow_run": _flow_run_id(),
     }
-    _announce(root, registry, category.name, entry)
+    if _announce(root, registry, category.name, entry) is None:
+        logger.info(
+            "%s: already served by this adapter or by a generator trained on it; nothing to publish", category.name
+        )
+        return None
     logger.info(
         "published a zero-shot adapter for %s in %.1f s (generator %s): %s",
         category.name, time.perf_counter() - started, entry["generator_sha256"][:12], folder,
@@ -239,7 +251,6 @@ def publish_retrained(summary: dict[str, Any], registry: str, root: str) -> dict
     generator_sha = _generator_sha256(generator_file)
     kind, _ = generator_vector_settings(generator_file)
     names = [row["category"] for row in summary["rows"]]
-    current = published(root, registry)
     entries = {}
     for row in summary["rows"]:
         name, folder = row["category"], row["adapter_dir"]
@@ -254,15 +265,66 @@ def publish_retrained(summary: dict[str, Any], registry: str, root: str) -> dict
             "published_at": now(),
             "flow_run": _flow_run_id(),
         }
-        old = current.get(name) or {}
-        if old.get("source") == RETRAINED and old.get("adapter_sha256") == entry["adapter_sha256"]:
-            entries[name] = old  # the same adapter again (nothing changed for it): not a new publication
-            continue
         previous = _announce(root, registry, name, entry)
+        if previous is None:  # the same adapter again (nothing changed for it): not a new publication
+            entries[name] = published(root, registry)[name]
+            continue
         if previous.get("source") == ZERO_SHOT:
             logger.info("%s: the zero-shot adapter is replaced by the retrained generator's", name)
         entries[name] = entry
     return entries
+
+
+@flow(name="icm-zero-shot-publish", flow_run_name=lambda: "zero-shot-" + _param("category"), log_prints=True)
+def publish_new_category(
+    category: str | None = None,
+    change: str = "added",
+    registry: str = "categories",
+    root: str = "artifacts",
+    config: RunConfig = RunConfig(),  # noqa: B008 - pydantic default, shown as a form in the UI
+) -> dict[str, Any] | None:
+    """Serve a newly added category at once: its zero-shot adapter from the current generator (no fine-tune).
+
+    The light twin of ``retrain_categories``'s first step, as its own deployment (``zero-shot-on-category-added``,
+    CPU pool, no concurrency limit), so the adapter appears seconds after the event even while retrains queue
+    behind the retrain deployment's limit of one. Whichever of the two publishes first wins; the other finds the
+    same adapter (cached) and publishes nothing; a zero-shot adapter never replaces one from a generator trained
+    with the category.
+
+    Args:
+        category: The category the event is about (None: nothing to publish).
+        change: The event's change; only ``added`` publishes anything.
+        registry: The category registry (file or folder).
+        root: Artifacts root.
+        config: The run config of the retrain deployment (model, data, task vector, sampling): the same values
+            make the category's splits and task vector the very outputs the retrain reuses.
+
+    Returns:
+        The published entry, or None (nothing to publish; the log says why).
+    """
+    logger = get_run_logger()
+    if category is None:
+        logger.info("no category given (the deployment's event names one): nothing to publish")
+        return None
+    if change != "added":
+        logger.info("category %s %s: only an added category gets a zero-shot adapter", category, change)
+        return None
+    root = normalize_root(root)
+    found = [c for c in load_registry(registry) if c.name == category]
+    if not found:
+        logger.warning("category %s is not in the registry %s (any more): nothing to publish", category, registry)
+        return None
+    registry_key = str(Path(registry).expanduser().resolve())
+    entry = publish_zero_shot(found[0], registry_key, root, device_from_env(config))
+    if entry is not None:
+        _publish_table(root, registry_key)
+    return entry
+
+
+def _param(name: str) -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.parameters.get(name))
 
 
 def _retrain_run_name() -> str:

@@ -58,20 +58,40 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def publish_adapter(root: str, registry: str, category: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """Record ``entry`` as the adapter now published for ``category``; the previous one moves to its history.
-    Returns the previous entry (or an empty dict)."""
+def supersedes(current: dict[str, Any], entry: dict[str, Any], category: str) -> bool:
+    """Whether ``entry`` should replace the ``current`` publication of ``category``.
 
-    def change(state: dict[str, Any]) -> dict[str, Any]:
+    A zero-shot adapter never replaces one from a generator trained with the category (a late zero-shot run must
+    not undo the retrain), and the same adapter is not published twice."""
+    if not current:
+        return True
+    if current.get("adapter_sha256") == entry.get("adapter_sha256") and current.get("source") == entry.get("source"):
+        return False
+    return not (
+        entry.get("source") == "zero-shot"
+        and current.get("source") == "retrained"
+        and category in current.get("generator_categories", [])
+    )
+
+
+def publish_adapter(root: str, registry: str, category: str, entry: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Record ``entry`` as the adapter now published for ``category`` unless the current one stays
+    (:func:`supersedes`, decided under the lock); the previous one moves to its history.
+    Returns the previous (or current, when kept) entry, empty when there was none, and whether ``entry`` was
+    published."""
+
+    def change(state: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         section = state.setdefault(registry, {})
         published = section.setdefault("published", {})
         previous = published.get(category) or {}
+        if not supersedes(previous, entry, category):
+            return previous, False
         if previous:
             history = section.setdefault("history", {}).setdefault(category, [])
             history.append(previous)
             del history[:-HISTORY_LENGTH]
         published[category] = entry
-        return previous
+        return previous, True
 
     return update_state(root, change)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from flows.registry import retrain_categories, scan_categories
+from flows.registry import publish_new_category, retrain_categories, scan_categories
 from icm_core.adapters import read_adapter
 from tasks.registry import STATE_FILE
 from tests.flows.support import forecast_text, recipe_text
@@ -124,3 +124,27 @@ def test_a_generator_on_finetuned_vectors_gives_no_zero_shot_adapter(workspace, 
     section = _state(root, registry)
     assert section["published"]["inventory"]["source"] == "retrained"
     assert "inventory" not in section.get("history", {})
+
+
+def test_the_zero_shot_deployment_publishes_once_and_never_undoes_a_retrain(workspace, tmp_path):
+    """``publish_new_category`` (the ``zero-shot-on-category-added`` deployment) publishes the same adapter the
+    retrain flow would; a second or late run publishes nothing over it or over the retrained adapter."""
+    tv = workspace.config.task_vector.model_copy(update={"hidden_from": "base"})
+    cfg = workspace.config.model_copy(update={"task_vector": tv})
+    registry, root = _registry(tmp_path), workspace.root
+    retrain_categories(registry=str(registry), root=str(root), config=cfg, baseline=True)
+    add_category(registry, "inventory", inventory_text())
+
+    entry = publish_new_category(category="inventory", registry=str(registry), root=str(root), config=cfg)
+    assert entry["source"] == "zero-shot" and not list(root.glob("lora/inventory"))  # no fine-tune yet
+    assert _state(root, registry)["published"]["inventory"] == entry
+    assert publish_new_category(category="inventory", registry=str(registry), root=str(root), config=cfg) is None
+    assert publish_new_category(category="inventory", change="removed", registry=str(registry), root=str(root)) is None
+
+    out = retrain_categories(category="inventory", change="added", registry=str(registry), root=str(root), config=cfg)
+    assert out["zero_shot"] is None  # already published by the deployment: the same cached adapter
+    now = _state(root, registry)["published"]["inventory"]
+    assert now["source"] == "retrained" and _state(root, registry)["history"]["inventory"] == [entry]
+
+    late = publish_new_category(category="inventory", registry=str(registry), root=str(root), config=cfg)
+    assert late is None and _state(root, registry)["published"]["inventory"] == now
