@@ -380,7 +380,12 @@ def retrain_categories(
     early = None
     if zero_shot and change == "added" and present:
         [new] = [c for c in categories if c.name == category]
-        early = publish_zero_shot(new, registry_key, root, device_from_env(config))
+        try:
+            early = publish_zero_shot(new, registry_key, root, device_from_env(config))
+        except Exception as exc:  # noqa: BLE001 - serving early is best effort; the retrain must still run
+            logger.warning(
+                "no zero-shot adapter for %s (%s: %s); retraining goes on", category, type(exc).__name__, exc
+            )
         if early is not None:
             _publish_table(root, registry_key)
     logger.info("retraining %s: %d categories (%s)", cause, len(names), ", ".join(names))

@@ -148,3 +148,21 @@ def test_the_zero_shot_deployment_publishes_once_and_never_undoes_a_retrain(work
 
     late = publish_new_category(category="inventory", registry=str(registry), root=str(root), config=cfg)
     assert late is None and _state(root, registry)["published"]["inventory"] == now
+
+
+def test_a_failing_zero_shot_step_does_not_stop_the_retrain(workspace, tmp_path):
+    """Serving early is best effort: a current generator that cannot be read (its sidecar lost) costs the zero-shot
+    adapter, not the retrain."""
+    from icm_core.io import sidecar_path
+
+    tv = workspace.config.task_vector.model_copy(update={"hidden_from": "base"})
+    cfg = workspace.config.model_copy(update={"task_vector": tv})
+    registry, root = _registry(tmp_path), workspace.root
+    first = retrain_categories(registry=str(registry), root=str(root), config=cfg, baseline=True)
+    sidecar_path(first["generator"]).unlink()
+    add_category(registry, "inventory", inventory_text())
+
+    out = retrain_categories(category="inventory", change="added", registry=str(registry), root=str(root), config=cfg)
+
+    assert out["zero_shot"] is None and out["generator"] != first["generator"]
+    assert _state(root, registry)["published"]["inventory"]["source"] == "retrained"
