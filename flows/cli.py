@@ -128,8 +128,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         # The generator's vector kind and the text are checked here: bad input is exit status 2, no flow run.
         generator = args.generator or str(latest_generator(args.root))
-        if plan_text_vector(generator, num_samples=args.samples).uses_text:
-            read_text_source(text)
+        plan = plan_text_vector(generator, num_samples=args.samples)
+        if not plan.uses_text:
+            raise ValueError(
+                f"{generator}: trained on description vectors ({plan.kind!r}); give the new category's one-line "
+                "description (--description), not its text"
+            )
+        read_text_source(text)
     result = _run(
         generate_adapter,
         category=args.category,
