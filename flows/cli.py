@@ -1,7 +1,8 @@
 """``icm-lora``: the one command line for every job.
 
     icm-lora pipeline      the full Prefect pipeline (what ``make demo`` runs)
-    icm-lora generate      a PEFT adapter from the trained generator (category, description or task vector)
+    icm-lora generate      a PEFT adapter from the trained generator (category, description, task vector, or a
+                           new category's text)
     icm-lora detect        ICM-LoRA on detection tasks (docs/vision.md)
     icm-lora ablations     the ablations (paper Tables 4-6)
     icm-lora zeroshot      the leave-out protocol: adapters for categories the generator never saw
@@ -105,16 +106,35 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from flows.generate import generate_adapter, latest_generator
-    from icm_core.config import SampleConfig
+    from icm_core.config import ModelConfig, SampleConfig
 
     if args.task_vector_file and not Path(args.task_vector_file).is_file():
         raise FileNotFoundError(f"--task-vector {args.task_vector_file}: no such file")
+    if args.text_dir and not Path(args.text_dir).is_dir():
+        raise FileNotFoundError(f"--text-dir {args.text_dir}: no such folder (the new category's .txt files)")
+    if args.text_file and not Path(args.text_file).is_file():
+        raise FileNotFoundError(f"--text {args.text_file}: no such file (the new category's text)")
+    if args.samples is not None and args.samples < 1:
+        raise ValueError(f"--samples: k must be at least 1, got {args.samples}")
     if args.generator:
         if not Path(args.generator).is_file():
             raise FileNotFoundError(f"--generator {args.generator}: no such file")
     else:
         latest_generator(args.root)  # no pipeline run under the root yet: say so before starting a flow run
     sample = SampleConfig(seed=args.seed)
+    text = args.text_dir or args.text_file
+    if text:
+        from icm_core.new_category import plan_text_vector, read_text_source
+
+        # The generator's vector kind and the text are checked here: bad input is exit status 2, no flow run.
+        generator = args.generator or str(latest_generator(args.root))
+        plan = plan_text_vector(generator, num_samples=args.samples)
+        if not plan.uses_text:
+            raise ValueError(
+                f"{generator}: trained on description vectors ({plan.kind!r}); give the new category's one-line "
+                "description (--description), not its text"
+            )
+        read_text_source(text)
     result = _run(
         generate_adapter,
         category=args.category,
@@ -126,6 +146,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         root=args.root,
         base_model=args.base_model,
         overwrite=args.overwrite,
+        text=text,
+        model=ModelConfig(device=args.device),
+        num_samples=args.samples,
     )
     print(result["adapter_dir"])
     return 0
@@ -236,7 +259,10 @@ def cmd_registry_retrain(args: argparse.Namespace) -> int:
         root=args.root,
         config=cfg,
         baseline=args.baseline,
+        zero_shot=not args.no_zero_shot,
     )
+    if summary.get("zero_shot"):
+        print(f"zero-shot: {summary['zero_shot']['adapter_dir']} (published before the retrain, now replaced)")
     print(f"report: {summary['report']}")
     return 0
 
@@ -279,12 +305,25 @@ def _flow_commands(sub) -> None:
         "generate",
         cmd_generate,
         "Generate a PEFT adapter with the trained generator (the latest pipeline run under --root unless "
-        "--generator is given), for a category, a task description or a task-vector file.",
+        "--generator is given), for a category, a task description, a task-vector file, or a new category's "
+        "text (--text-dir / --text: no fine-tune needed).",
     )
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--category", help="a category the generator was trained on")
     group.add_argument("--description", help="a task description (generators trained on description vectors)")
     group.add_argument("--task-vector", dest="task_vector_file", help="a .safetensors file with a task_vector")
+    group.add_argument(
+        "--text-dir",
+        help="a new category's text: a folder of .txt files; its task vector is computed from it (Eq. 1 on the "
+        "base model; the generator must be trained with task_vector.hidden_from=base)",
+    )
+    group.add_argument("--text", dest="text_file", help="a new category's text: one .txt (or .jsonl) file")
+    p.add_argument(
+        "--samples",
+        type=int,
+        help="k, the text samples averaged for --text/--text-dir (default: the generator's training value)",
+    )
+    p.add_argument("--device", default="auto", help="device for the base model of --text/--text-dir (default: auto)")
     p.add_argument(
         "--out",
         help="output adapter folder (default: <root>/generated/<generator>/<condition>/seed-<s>-draws-<n>/adapter, "
@@ -359,6 +398,11 @@ def _flow_commands(sub) -> None:
     p.add_argument("--category", help="the category whose change this retrain follows (for the log)")
     p.add_argument("--change", default="added", choices=("added", "changed", "removed"))
     p.add_argument("--baseline", action="store_true", help="record the registry as the scan baseline after")
+    p.add_argument(
+        "--no-zero-shot",
+        action="store_true",
+        help="for --change added, skip the zero-shot adapter published before the retrain (docs/operations.md)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,9 +4,15 @@ task-vector file. No real LoRA checkpoint is involved: the generator artifact ca
 No call silently replaces another's adapter. The default output folder is keyed by what decides the
 adapter: ``<root>/generated/<generator sha256[:12]>/<condition>/seed-<seed>-draws-<n>/adapter``, where the
 condition is ``category-<name>``, ``description-<sha256(encoder + text)[:12]>`` or
-``<task-vector file stem>-<its sha256[:12]>``; two different requests never share a folder, and the same
-request writes the same bytes again. An explicit ``out`` that already exists is refused unless
-``overwrite=True`` (``--overwrite``)."""
+``<task-vector file stem>-<its sha256[:12]>`` or ``text-<sha256(text files + vector settings)[:12]>``; two
+different requests never share a folder, and the same request writes the same bytes again. An explicit ``out``
+that already exists is refused unless ``overwrite=True`` (``--overwrite``).
+
+A **new category** (one the generator never saw, nobody fine-tuned) gets its adapter from its text alone
+(``text=``, ``icm-lora generate --text-dir FOLDER`` or ``--text FILE``): the task vector the generator was trained
+on is computed from that text (paper Eq. 1 on the base model over k samples, ``icm_core/new_category.py``). A
+generator trained on fine-tuned-model vectors (the demo's default) is refused with a message saying how to train
+one that works (``task_vector.hidden_from=base``); a description-vector generator takes ``description=``."""
 
 from __future__ import annotations
 
@@ -20,8 +26,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from icm_core.adapters import adapter_sha256
-from icm_core.config import SampleConfig, TaskVectorConfig
+from icm_core.config import ModelConfig, SampleConfig, TaskVectorConfig
 from icm_core.io import read_json, sha256_file, sidecar_path
+from icm_core.new_category import plan_text_vector, read_text_source, text_adapter, text_condition_label
 from icm_core.stages import load_task_vector_with_kind, sample_adapter
 from icm_core.task_vectors import TextEncoder, text_task_vector
 from tasks.store import fetch, is_remote, local_root, read_root_json
@@ -57,7 +64,14 @@ def generate_task(
     task_vector_file: str | None,
     text_encoder: str,
     base_model: str | None = None,
+    text: str | None = None,
+    model: ModelConfig | None = None,
+    num_samples: int | None = None,
 ) -> dict[str, Any]:
+    if text:
+        return text_adapter(
+            generator, out, sample_cfg, text_path=text, model_cfg=model, num_samples=num_samples, base_model=base_model
+        )
     kind = None
     if task_vector_file:
         vector, kind = load_task_vector_with_kind(task_vector_file)
@@ -94,7 +108,7 @@ def generated_markdown(label: str, out_dir: str, root: str, base: str | None) ->
     )
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     """A tensor file's sha256 from its sidecar when it has one (read, not recomputed), else by hashing it."""
     side = sidecar_path(path)
     if side.is_file():
@@ -104,8 +118,19 @@ def _file_sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def condition_label(category: str | None, description: str | None, task_vector_file: str | None, encoder: str) -> str:
+def condition_label(
+    category: str | None,
+    description: str | None,
+    task_vector_file: str | None,
+    encoder: str,
+    text: str | None = None,
+    generator: str | Path | None = None,
+    model: ModelConfig | None = None,
+    num_samples: int | None = None,
+) -> str:
     """The folder name of a generation's condition (see the module docstring)."""
+    if text:
+        return text_condition_label(text, plan_text_vector(generator, model, num_samples))
     if category:
         return f"category-{category}"
     if description:
@@ -113,19 +138,21 @@ def condition_label(category: str | None, description: str | None, task_vector_f
         return f"description-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     path = Path(task_vector_file)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-.") or "task-vector"
-    return f"{stem}-{_file_sha256(path)[:12]}"
+    return f"{stem}-{file_sha256(path)[:12]}"
 
 
 def default_out(root: str, generator: Path, condition: str, sample: SampleConfig) -> Path:
     """``<root>/generated/<generator sha256[:12]>/<condition>/seed-<seed>-draws-<n>/adapter``."""
     folder = f"seed-{sample.seed}-draws-{sample.num_draws}"
-    return local_root(root) / "generated" / _file_sha256(generator)[:12] / condition / folder / "adapter"
+    return local_root(root) / "generated" / file_sha256(generator)[:12] / condition / folder / "adapter"
 
 
 def _run_name() -> str:
     from prefect.runtime import flow_run
 
     p = flow_run.parameters
+    if p.get("text"):
+        return "generate-text-" + (re.sub(r"[^A-Za-z0-9_-]+", "-", Path(p["text"]).stem).strip("-") or "text")
     return f"generate-{p.get('category') or ('description' if p.get('description') else 'task-vector')}"
 
 
@@ -141,6 +168,9 @@ def generate_adapter(
     root: str = "artifacts",
     overwrite: bool = False,
     base_model: str | None = None,
+    text: str | None = None,
+    model: ModelConfig = ModelConfig(),  # noqa: B008 - pydantic default, shown as a form in the UI
+    num_samples: int | None = None,
 ) -> dict[str, Any]:
     """Generate a PEFT adapter folder.
 
@@ -149,6 +179,9 @@ def generate_adapter(
         description: A task description, embedded with ``text_encoder`` (for generators trained on
             description task vectors).
         task_vector_file: A ``.safetensors`` file with a ``task_vector`` tensor.
+        text: A new category's text (a ``.txt`` / ``.jsonl`` file or a folder of ``.txt`` files): its task vector
+            is computed from it the way the generator's were (Eq. 1 on the base model; needs a generator trained
+            with ``task_vector.hidden_from=base``).
         out: Output adapter folder (default: a folder keyed by generator, condition and sampling, see the module
             docstring). An existing ``out`` is refused unless ``overwrite``.
         generator: Generator ``.safetensors`` file (default: the latest pipeline run's under ``root``).
@@ -158,22 +191,37 @@ def generate_adapter(
         overwrite: Replace an existing ``out`` folder.
         base_model: What the adapter's ``base_model_name_or_path`` names (a hub id or a model folder); default:
             what the generator's training data recorded (see ``ModelConfig.adapter_base``).
+        model: Base-model loading settings for ``text`` (device, dtype); the model itself is the one the
+            generator's task vectors came from (recorded in its sidecar).
+        num_samples: k, the samples of ``text`` averaged in Eq. 1 (default: the generator's training value).
     """
-    given = [x for x in (category, description, task_vector_file) if x]
+    given = [x for x in (category, description, task_vector_file, text) if x]
     if len(given) != 1:
-        raise ValueError("give exactly one of category, description, task_vector_file")
+        raise ValueError("give exactly one of category, description, task_vector_file, text")
     generator_path = str(generator or latest_generator(root))
-    label = category or ("description" if description else Path(task_vector_file).stem)
+    if text:
+        # Checked before any output folder is named or written: the generator's vector kind, then the text.
+        plan = plan_text_vector(generator_path, model, num_samples)
+        if not plan.uses_text:
+            raise ValueError(
+                f"{generator_path}: trained on description vectors ({plan.kind!r}); give the new category's one-line "
+                "description (description= / --description), not its text"
+            )
+        read_text_source(text)
+    label = category or ("description" if description else Path(task_vector_file or text).stem)
     if out:
         if Path(out).exists() and not overwrite:
             raise FileExistsError(f"out: {out} already exists; pass overwrite=True (--overwrite) to replace it")
         out_dir = out
     else:
-        condition = condition_label(category, description, task_vector_file, text_encoder)
+        condition = condition_label(
+            category, description, task_vector_file, text_encoder, text, generator_path, model, num_samples
+        )
         out_dir = str(default_out(root, Path(generator_path), condition, sample))
     result = generate_task(
-        generator_path, out_dir, sample, label, category, description, task_vector_file, text_encoder, base_model
-    )
+        generator_path, out_dir, sample, label, category, description, task_vector_file, text_encoder, base_model,
+        text, model, num_samples,
+    )  # fmt: skip
     base = json.loads((Path(out_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
     create_markdown_artifact(
         # Artifact keys allow only lowercase letters, digits and dashes; a task-vector file's stem may hold more.

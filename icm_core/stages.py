@@ -53,7 +53,7 @@ from icm_core.data import (
 from icm_core.diagnostics import adapter_report, latent_usage
 from icm_core.evaluate import eval_blocks, evaluate_lm, score_blocks
 from icm_core.generator import GeneratorDataset, build_dataset, load_generator, save_generator, train_generator
-from icm_core.io import load_tensors, save_tensors, sidecar_path, write_json
+from icm_core.io import load_tensors, read_json, save_tensors, sidecar_path, write_json
 from icm_core.lora_train import load_trajectory_checkpoints, read_trajectory, train_lora
 from icm_core.pdiff import load_pdiff, save_pdiff, train_pdiff
 from icm_core.resume import Resumer
@@ -170,6 +170,20 @@ def vector_kinds(task_vector_paths: dict[str, str | Path]) -> str | None:
     return next(iter(kinds), None)
 
 
+def vector_config(task_vector_paths: dict[str, str | Path]) -> dict[str, Any] | None:
+    """The task-vector config (``TaskVectorConfig`` fields) all the given vectors were computed with, from their
+    sidecars; None when a sidecar lacks it or the vectors disagree. A generator records it, so that a new
+    category's vector is computed the same way (number and length of samples) from its text alone."""
+    configs = []
+    for name in sorted(task_vector_paths):
+        side = sidecar_path(task_vector_paths[name])
+        config = read_json(side).get("meta", {}).get("config") if side.is_file() else None
+        if not isinstance(config, dict):
+            return None
+        configs.append(config)
+    return configs[0] if configs and all(c == configs[0] for c in configs) else None
+
+
 def generator_training_data(
     trajectory_dirs: dict[str, str | Path], task_vector_paths: dict[str, str | Path]
 ) -> tuple[GeneratorDataset, dict[str, Any]]:
@@ -272,6 +286,9 @@ def train_generator_stage(
     extra: dict[str, Any] = {"history": history}
     if kind is not None:
         extra["task_vector_kind"] = kind
+    tv_config = vector_config(task_vector_paths)
+    if tv_config is not None:
+        extra["task_vector_config"] = tv_config
     digest = save_generator(out_path, generator, extra)
     return {
         "path": str(out_path),

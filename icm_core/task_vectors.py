@@ -64,6 +64,43 @@ def check_task_vector_kind(expected: str | None, given: str | None, where: str |
         )
 
 
+TEXT_COMPUTABLE_KINDS = ("description:", "hidden_state:base:")
+"""Prefixes of the kinds a category's text (or description) alone gives: no fine-tune of the category needed."""
+
+
+def text_computable(kind: str | None) -> bool:
+    """Whether vectors of ``kind`` can be computed for a category nobody fine-tuned (base-model Eq. 1 over its
+    text, or its description embedding); ``hidden_state:finetuned:*`` needs the category's own LoRA."""
+    return kind is not None and kind.startswith(TEXT_COMPUTABLE_KINDS)
+
+
+def require_text_computable(kind: str | None, where: str | Path = "generator") -> str:
+    """Refuse a generator whose task-vector kind a new category's text cannot give; returns the kind.
+
+    Raises:
+        TaskVectorKindError: The kind is unrecorded, or needs the category's fine-tune (``finetuned``); the message
+            says how to train a generator that a new category can use.
+    """
+    hint = (
+        "train the generator on vectors a new category's text gives: task_vector.hidden_from=base (Eq. 1 on the "
+        "base model), or task_vector.source=description"
+    )
+    if kind is None:
+        raise TaskVectorKindError(f"{where}: the generator records no task-vector kind; {hint}")
+    if not text_computable(kind):
+        raise TaskVectorKindError(
+            f"{where}: the generator was trained on {kind!r} task vectors, which need each category's own "
+            f"fine-tuned LoRA, so a category nobody fine-tuned has none; {hint}"
+        )
+    return kind
+
+
+def kind_model(kind: str) -> str | None:
+    """The base model a ``hidden_state:<from>:<model>`` kind names (None for a description kind)."""
+    parts = kind.split(":", 2)
+    return parts[2] if parts[0] == "hidden_state" and len(parts) == 3 else None
+
+
 def text_hidden_state_vector(
     model: torch.nn.Module,
     tokenizer: Any,

@@ -5,6 +5,7 @@ load no torch or Prefect, bad input is one line and exit status 2 before any flo
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -107,6 +108,40 @@ def test_generate_without_a_pipeline_run_is_one_line(tmp_path):
 def test_generate_with_a_missing_task_vector_file(tmp_path):
     err = _one_line_error(_cli("generate", "--task-vector", str(tmp_path / "tv.safetensors")), "generate")
     assert "tv.safetensors" in err
+
+
+def test_generate_from_a_missing_text_folder_or_file_names_it(tmp_path):
+    err = _one_line_error(_cli("generate", "--text-dir", str(tmp_path / "new-category")), "generate")
+    assert f"--text-dir {tmp_path / 'new-category'}: no such folder" in err
+    err = _one_line_error(_cli("generate", "--text", str(tmp_path / "notes.txt")), "generate")
+    assert f"--text {tmp_path / 'notes.txt'}: no such file" in err
+    (tmp_path / "notes.txt").write_text("some text")
+    err = _one_line_error(_cli("generate", "--text", str(tmp_path / "notes.txt"), "--samples", "0"), "generate")
+    assert "--samples" in err
+    assert not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [("hidden_state:finetuned:smollm2-135m", "task_vector.hidden_from=base"), ("description:minilm", "--description")],
+)
+def test_generate_from_text_refuses_a_generator_of_another_kind_before_any_run(tmp_path, kind, message):
+    """The kind check reads only the generator's sidecar, so it runs before the text is read or a model loads (the
+    refusal with a real trained generator: tests/flows/test_generate.py); exit status 2, nothing written."""
+    generator = tmp_path / "generator.safetensors"
+    generator.write_bytes(b"not read by the kind check")
+    sidecar = {
+        "file": generator.name,
+        "sha256": "0" * 64,
+        "meta": {"kind": "icm-lora-generator", "task_vector_kind": kind},
+    }
+    (tmp_path / "generator.json").write_text(json.dumps(sidecar))
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("Some text of a new category. " * 20)
+    argv = ("generate", "--text-dir", str(tmp_path / "texts"), "--generator", str(generator), "--root", str(tmp_path))
+    err = _one_line_error(_cli(*argv), "generate")
+    assert message in err and str(generator) in err
+    assert not (tmp_path / "generated").exists()
 
 
 def test_a_device_this_machine_lacks_is_refused_naming_it(tmp_path):

@@ -70,6 +70,11 @@ def test_gpu_and_cpu_pools():
     [trigger] = spec["on-category-change"]["triggers"]
     assert set(trigger["expect"]) == {"icm.category.added", "icm.category.changed", "icm.category.removed"}
     assert trigger["parameters"]["category"] == "{{ event.payload.category }}"
+    # A new category's zero-shot adapter must not wait in the retrain queue: its own deployment, no limit.
+    zero_shot = spec["zero-shot-on-category-added"]
+    [trigger] = zero_shot["triggers"]
+    assert trigger["expect"] == ["icm.category.added"] and "concurrency_limit" not in zero_shot
+    assert trigger["parameters"]["category"] == "{{ event.payload.category }}"
 
 
 def test_pull_step_runs_from_this_machines_checkout(tmp_path, monkeypatch):
