@@ -89,7 +89,6 @@ def plot_training_curves(
         best = [r for r in checked if r.get("best")]
         if best:
             val_ax.axvline(best[0]["epoch"] + 1, color="k", ls=":", lw=1)
-        val_ax.set_ylabel("validation NLL (generated adapters)")
         handles, labels = ax.get_legend_handles_labels()
         more, more_labels = val_ax.get_legend_handles_labels()
         ax.legend(handles + more, labels + more_labels, fontsize=8)
@@ -103,6 +102,8 @@ def plot_training_curves(
         axes[0][2].set(yscale="log", xlabel="step", title="COND P-DIFF latent DDPM (noise MSE)")
     for a in axes[0]:
         a.grid(alpha=0.3)
+    if checked:
+        fig.subplots_adjust(wspace=0.75)  # room for the validation axis's ticks between the first two panels
     return save_figure(fig, path)
 
 
