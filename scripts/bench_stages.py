@@ -160,7 +160,8 @@ def bench_lora(cfg: RunConfig, data_dir: Path, work: Path, steps: int) -> dict[s
     seconds = time.perf_counter() - started
 
     torch.manual_seed(lora_cfg.seed)
-    model = get_peft_model(load_base_model(cfg.model), lora_config_for(load_base_model(cfg.model), lora_cfg, "bench"))
+    bare_base = load_base_model(cfg.model)
+    model = get_peft_model(bare_base, lora_config_for(bare_base, lora_cfg, "bench"))
     model.train()
     batches = [blocks[i % blocks.shape[0] : i % blocks.shape[0] + lora_cfg.batch_size] for i in range(steps)]
     batches = [b if b.shape[0] == lora_cfg.batch_size else blocks[: lora_cfg.batch_size] for b in batches]
