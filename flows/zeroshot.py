@@ -174,7 +174,10 @@ def zeroshot_protocol(
     futures, labels, keys = [], [], []
     for cat in names:
         for method, adapter in adapters[cat].items():
-            futures.append(block_eval.submit(cat, method, data_by[cat], adapter, cfg.model, cfg.data, cfg.eval, root))
+            like = lora_by[cat] if adapter is None else None  # the base pass fills the prefix for the adapters
+            futures.append(
+                block_eval.submit(cat, method, data_by[cat], adapter, cfg.model, cfg.data, cfg.eval, root, like)
+            )
             labels.append(f"{cat} ({method})")
             keys.append((cat, method))
     refs = gather(futures, labels, "evaluate")

@@ -29,7 +29,6 @@ __all__ = [
     "BASELINES",
     "METHODS",
     "assert_no_leakage",
-    "block_nll",
     "bootstrap_gap",
     "gap_recovered",
     "knn_weights",
@@ -181,24 +180,6 @@ def weighted_delta_adapter(
 # --------------------------------------------------------------------------------------------------
 # Metric
 # --------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def block_nll(model: torch.nn.Module, input_ids: torch.Tensor, batch_size: int = 8) -> list[float]:
-    """Mean next-token NLL (nats) of every block ``[N, T]``: one number per test block."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out: list[float] = []
-    try:
-        for batch in input_ids.split(batch_size):
-            batch = batch.to(device)
-            logits = model(input_ids=batch).logits[:, :-1, :].float()
-            nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").mean(dim=1)
-            out.extend(float(x) for x in nll.cpu())
-    finally:
-        model.train(was_training)
-    return out
 
 
 def gap_recovered(base: float, oracle: float, method: float) -> float | None:

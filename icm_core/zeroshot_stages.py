@@ -9,17 +9,16 @@ from typing import Any
 
 import torch
 
-from icm_core.adapters import adapter_sha256, merge_adapter, read_adapter, write_adapter
-from icm_core.base_model import load_base_model, load_tokenizer, model_identity
+from icm_core.adapters import adapter_sha256, read_adapter, write_adapter
+from icm_core.base_model import load_base_model, load_tokenizer
 from icm_core.config import DataConfig, EvalConfig, ModelConfig, SampleConfig
-from icm_core.evaluate import eval_blocks
 from icm_core.functional_loss import FunctionalConfig
 from icm_core.generator import load_generator
 from icm_core.io import write_json
 from icm_core.lora_train import read_trajectory
 from icm_core.splits import CategorySplits, read_splits, write_splits
-from icm_core.stages import load_task_vector_with_kind
-from icm_core.zeroshot import block_nll, knn_weights, weighted_delta_adapter
+from icm_core.stages import evaluate_adapter, load_task_vector_with_kind
+from icm_core.zeroshot import knn_weights, weighted_delta_adapter
 
 
 def pool_splits(data_dirs: Mapping[str, str | Path], out: str | Path) -> dict[str, Any]:
@@ -92,14 +91,15 @@ def evaluate_blocks(
     data_cfg: DataConfig,
     eval_cfg: EvalConfig,
     out_path: str | Path,
+    prefix_like: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Per-block mean NLL on the category's test split (blocks as in ``icm_core.evaluate``), for paired bootstrap."""
-    tokenizer = load_tokenizer(model_cfg)
-    model = load_base_model(model_cfg)
-    if adapter_dir is not None:
-        model = merge_adapter(model, adapter_dir, model_identity(model_cfg))
-    blocks = eval_blocks(read_splits(data_dir).test, tokenizer, data_cfg.seq_len, eval_cfg.max_tokens)
-    nll = block_nll(model, blocks.input_ids, eval_cfg.batch_size)
+    """Per-block mean NLL (nats per token) on the category's test split, for the paired bootstrap.
+
+    Scored by the demo's evaluation (:func:`icm_core.stages.evaluate_adapter`, the same blocks): the base model
+    is loaded once per process, each adapter merged into it for this evaluation only, and the layers below the
+    adapter run once per block set (``prefix_like``: where the base model's own pass starts, see there)."""
+    score = evaluate_adapter(data_dir, adapter_dir, model_cfg, data_cfg, eval_cfg, prefix_like=prefix_like)
+    nll = [total / tokens for total, tokens in zip(score["block_nll"], score["block_tokens"], strict=True)]
     result = {"blocks": len(nll), "mean_nll": sum(nll) / len(nll), "nll": nll}
     write_json(out_path, result)
     return result

@@ -112,7 +112,7 @@ def vector_adapter_task(
 @task(
     name="zeroshot-evaluate",
     task_run_name="nll-{category}-{method}",
-    cache_policy=ArtifactCachePolicy("zs_eval"),
+    cache_policy=ArtifactCachePolicy("zs_eval", exclude=("prefix_like",)),
     retries=1,
     retry_condition_fn=retry_unless_bad_input,
     **TASK_DEFAULTS,
@@ -126,8 +126,12 @@ def block_eval_task(
     data_cfg: DataConfig,
     eval_cfg: EvalConfig,
     root: str,
+    prefix_like: ArtifactRef | None = None,
 ) -> ArtifactRef:
-    """Per-block NLL of the base model merged with ``adapter`` (None: base) on the category's test split."""
+    """Per-block NLL of the base model merged with ``adapter`` (None: base) on the category's test split.
+
+    ``prefix_like`` (for the base model): an adapter of the category (its oracle) whose first adapted layer the
+    base evaluation starts the shared prefix at; it changes no number, so it is not part of the cache key."""
     inputs = {
         "category": category,
         "method": method,
@@ -141,9 +145,11 @@ def block_eval_task(
 
     def build(out: Path) -> dict[str, Any]:
         adapter_dir = localize(adapter, root).file("adapter") if adapter is not None else None
+        like = localize(prefix_like, root).file("adapter") if adapter is None and prefix_like is not None else None
+        splits = localize(data, root).file("splits")
         with device_slot(model_cfg.device):
             result = zeroshot_stages.evaluate_blocks(
-                localize(data, root).file("splits"), adapter_dir, model_cfg, data_cfg, eval_cfg, out / "nll.json"
+                splits, adapter_dir, model_cfg, data_cfg, eval_cfg, out / "nll.json", prefix_like=like
             )
         return {"method": method, "blocks": result["blocks"], "mean_nll": result["mean_nll"]}
 
