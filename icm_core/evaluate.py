@@ -22,7 +22,7 @@ import hashlib
 import math
 import weakref
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -162,17 +162,17 @@ def score_blocks(model: torch.nn.Module, blocks: EvalBlocks, batch_size: int = 8
     suffix = start_layer > 0 and decoder_stack(model) is not None
     states = prefix_states(model, blocks, start_layer, batch_size) if suffix else None
     try:
-        for i, batch in enumerate(blocks.input_ids.split(batch_size)):
-            batch = batch.to(device)
-            if states is not None:
-                with layers_from(model, start_layer):
+        with layers_from(model, start_layer) if states is not None else nullcontext():
+            for i, batch in enumerate(blocks.input_ids.split(batch_size)):
+                batch = batch.to(device)
+                if states is not None:
                     logits = model(inputs_embeds=states[i], use_cache=False).logits
-            else:
-                logits = model(input_ids=batch, use_cache=False).logits
-            logits = logits[:, :-1, :].float()
-            nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # [B, T-1]
-            block_nll += nll.double().sum(dim=1).tolist()
-            fault_point("evaluate.batch")
+                else:
+                    logits = model(input_ids=batch, use_cache=False).logits
+                logits = logits[:, :-1, :].float()
+                nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # [B, T-1]
+                block_nll += nll.double().sum(dim=1).tolist()
+                fault_point("evaluate.batch")
     finally:
         model.train(was_training)
     block_tokens = [blocks.input_ids.shape[1] - 1] * blocks.input_ids.shape[0]
