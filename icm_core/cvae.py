@@ -507,12 +507,15 @@ class EarlyStopping:
         """Whether to validate after ``done`` of ``last`` epochs."""
         return self.every > 0 and (done % self.every == 0 or done == last)
 
-    def observe(self, epoch: int, score: float, model: nn.Module) -> None:
+    def observe(self, epoch: int, score: float, model: nn.Module | None = None) -> None:
+        """Record the check of ``epoch``; ``model``'s weights are kept when the score is the new best (without a
+        model, e.g. to replay the rule on a recorded curve, only the scores are followed)."""
         if not math.isfinite(score):
             raise FloatingPointError(f"validation score is {score} at epoch {epoch}")
         if self.best is None or score < self.best - self.min_delta:
             self.best, self.best_epoch, self.bad_checks = score, epoch, 0
-            self.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if model is not None:
+                self.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             self.bad_checks += 1
 

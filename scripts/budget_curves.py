@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from icm_core.config import load_run_config
+from icm_core.cvae import EarlyStopping
 from icm_core.generator import train_generator
 from icm_core.lora_train import load_trajectory_checkpoints, read_trajectory
 from icm_core.stages import finetune_lora, generator_training_data, validation_scorer
@@ -75,19 +76,17 @@ def cvae_curve(cfg, root: Path, names: list[str], epochs: int, every: int) -> di
     probe = cfg.cvae.model_copy(update={"epochs": epochs, "val_every": every, "patience": 10**6})
     _, _, seconds = train_generator(dataset, probe, adapter_config, on_epoch=on_epoch, score_adapters=score)
 
-    # Replay the configured early stopping on the recorded curve (its checks fall on multiples of val_every).
+    # Replay the configured early stopping (the training loop's own rule) on the recorded curve.
     rule = cfg.cvae
-    best, best_check, bad, stop = None, None, 0, None
+    stopper, stop = EarlyStopping(rule.val_every, rule.patience, rule.min_delta), None
     for check in checks:
-        if check["epoch"] % rule.val_every and check["epoch"] != epochs:
+        if not stopper.due(check["epoch"], epochs):
             continue
-        if best is None or check["nll"] < best - rule.min_delta:
-            best, best_check, bad = check["nll"], check, 0
-        else:
-            bad += 1
-            if bad >= rule.patience:
-                stop = check["epoch"]
-                break
+        stopper.observe(check["epoch"], check["nll"])
+        if stopper.stopped:
+            stop = check["epoch"]
+            break
+    best_check = next(check for check in checks if check["epoch"] == stopper.best_epoch)
     kept = best_check["gap_share"].values()
     print(
         f"\nconfigured rule (val_every {rule.val_every}, patience {rule.patience}, min_delta {rule.min_delta}): "

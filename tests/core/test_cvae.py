@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from icm_core.config import OFFICIAL_CHANNELS, CVAEConfig
-from icm_core.cvae import ConditionalVAE, cvae_loss, padded_length, reconstruction_error, train_cvae
+from icm_core.cvae import ConditionalVAE, EarlyStopping, cvae_loss, padded_length, reconstruction_error, train_cvae
 
 
 # Small channel plans keep the whole file fast on 2 CPU cores.
@@ -340,6 +340,24 @@ def test_early_stopping_keeps_the_best_validated_weights() -> None:
     for key, value in kept.items():
         if "num_batches" not in key:
             assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_early_stopping_replays_a_recorded_curve_without_weights() -> None:
+    """The rule the training loop uses, followed on scores alone (scripts/budget_curves.py replays a curve
+    recorded without stopping): checks fall on multiples of ``every`` and the last epoch; it stops after
+    ``patience`` checks without an improvement of ``min_delta`` and names the best epoch."""
+    stopper = EarlyStopping(every=5, patience=2, min_delta=0.01)
+    curve = {5: 3.35, 10: 3.31, 15: 3.305, 20: 3.309, 25: 3.2}  # 15 and 20 improve by less than min_delta
+    seen = []
+    for epoch in range(1, 31):
+        if stopper.due(epoch, 30) and not stopper.stopped:
+            stopper.observe(epoch, curve.get(epoch, 9.0))
+            seen.append(epoch)
+    assert seen == [5, 10, 15, 20] and stopper.stopped
+    assert (stopper.best_epoch, stopper.best, stopper.best_weights) == (10, 3.31, None)
+    assert EarlyStopping(every=5, patience=2, min_delta=0).due(7, 7)  # the last epoch is always checked
+    with pytest.raises(FloatingPointError, match="epoch 3"):
+        stopper.observe(3, math.nan)
 
 
 def test_validation_does_not_change_training() -> None:
