@@ -87,6 +87,17 @@ class Baselines:
     pdiff_shared: ArtifactRef | None = None
 
 
+def finetune_categories(finetune, names: Sequence[str], data: Sequence[ArtifactRef], cfg, root: str) -> list[Any]:
+    """One LoRA fine-tune per category (``finetune``: the fine-tune task, bound to its root), fanned out with
+    ``.map`` over the categories' data refs; ``cfg`` is a run config (its model, data, lora and resume
+    sections). Returns the trajectory refs in the order of ``names``."""
+    futures = finetune.map(
+        list(names), list(data), unmapped(cfg.model), unmapped(cfg.data), unmapped(cfg.lora), unmapped(root),
+        unmapped(cfg.resume),
+    )  # fmt: skip
+    return gather(futures, names, "finetune-lora")
+
+
 def renamed(task_obj, suffix: str):
     """The task with ``suffix`` appended to its run name (extra z draws, seeds and variants get their own names)."""
     name = task_obj.task_run_name
@@ -244,19 +255,7 @@ def run_seed(
     Seed ``index`` > 0 suffixes its task run names with ``-seed<index>``."""
     names = [c.name for c in categories]
     sfx = f"-seed{index}" if index else ""
-    loras = gather(
-        bound(finetune_task, root, sfx).map(
-            names,
-            data,
-            unmapped(cfg.model),
-            unmapped(cfg.data),
-            unmapped(cfg.lora),
-            unmapped(root),
-            unmapped(cfg.resume),
-        ),
-        names,
-        "finetune-lora",
-    )
+    loras = finetune_categories(bound(finetune_task, root, sfx), names, data, cfg, root)
     needs_lora = cfg.task_vector.source == "hidden_state" and cfg.task_vector.hidden_from == "finetuned"
     vectors = gather(
         bound(task_vector_task, root, sfx).map(

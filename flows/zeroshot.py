@@ -19,7 +19,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
 
-from flows.pipeline import gather
+from flows.pipeline import finetune_categories, gather
 from flows.runtime import device_from_env
 from icm_core.categories import category_family, library_categories
 from icm_core.config import ZeroShotRunConfig
@@ -100,19 +100,7 @@ def zeroshot_protocol(
         names,
         "prepare-data",
     )
-    loras = gather(
-        finetune.map(
-            names,
-            data,
-            unmapped(cfg.model),
-            unmapped(cfg.data),
-            unmapped(cfg.lora),
-            unmapped(root),
-            unmapped(cfg.resume),
-        ),  # fmt: skip
-        names,
-        "finetune-lora",
-    )
+    loras = finetune_categories(finetune, names, data, cfg, root)
     vectors = gather(
         task_vector.map(
             categories, data, unmapped(None), unmapped(cfg.model), unmapped(cfg.data), unmapped(cfg.task_vector),
