@@ -111,6 +111,9 @@ def zeroshot_protocol(
     )  # fmt: skip
     data_by, lora_by, vector_by = (dict(zip(names, x, strict=True)) for x in (data, loras, vectors))
 
+    # The cross-category matrix (every category's own LoRA on every category's test text): are they distinct?
+    cross = cross_category_evals(block_eval, names, data_by, lora_by, cfg, root) if zs.cross_matrix_tokens else None
+
     adapters: dict[str, dict[str, ArtifactRef | None]] = {n: {"base": None, "oracle": lora_by[n]} for n in names}
     multitask: dict[str, ArtifactRef] = {}
     for i, held_out in enumerate(folds):
@@ -180,10 +183,38 @@ def zeroshot_protocol(
     }
     out = report(
         nll_refs, folds, multitask, vector_by, {c.name: category_family(c) for c in categories}, meta,
-        zs.bootstrap_samples, zs.seed, root, results_dir,
+        zs.bootstrap_samples, zs.seed, root, results_dir, cross,
     )  # fmt: skip
     summary = out["summary"]
     logger.info("macro gap recovered: %s", {m: round(v, 3) for m, v in summary["macro_gain"].items()})
+    return out
+
+
+def cross_category_evals(
+    block_eval, names: list[str], data_by: dict, lora_by: dict, cfg: ZeroShotRunConfig, root: str
+) -> dict[str, dict[str, Any]]:
+    """Per-block NLL of the base model and of every category's own LoRA on every category's test text, at
+    ``zeroshot.cross_matrix_tokens`` tokens: ``{"base": {target: ref}, "lora": {target: {source: ref}}}``.
+    The diagonal is named ``oracle`` and the base ``base``, as in the protocol, so with the protocol's token
+    budget those evaluations are the same cached outputs."""
+    eval_cfg = cfg.eval.model_copy(update={"max_tokens": cfg.zeroshot.cross_matrix_tokens})
+    futures, keys = [], []
+    for target in names:  # one target's evaluations together: they share its prefix states
+        for source in (None, *names):
+            method = "base" if source is None else "oracle" if source == target else f"lora-of-{source}"
+            adapter = None if source is None else lora_by[source]
+            like = lora_by[target] if source is None else None
+            futures.append(
+                block_eval.submit(target, method, data_by[target], adapter, cfg.model, cfg.data, eval_cfg, root, like)
+            )
+            keys.append((target, source))
+    refs = gather(futures, [f"{t} <- {s or 'base'}" for t, s in keys], "cross-category")
+    out: dict[str, dict[str, Any]] = {"base": {}, "lora": {t: {} for t in names}}
+    for (target, source), ref in zip(keys, refs, strict=True):
+        if source is None:
+            out["base"][target] = ref
+        else:
+            out["lora"][target][source] = ref
     return out
 
 

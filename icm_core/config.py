@@ -506,6 +506,13 @@ class ZeroShotConfig(StageConfig):
     )
     bootstrap_samples: int = Field(2000, ge=10, description="Paired bootstrap resamples of test blocks.")
     seed: int = Field(0, description="Seed of the bootstrap.")
+    cross_matrix_tokens: int = Field(
+        1024,
+        ge=0,
+        description="Test tokens per category for the cross-category matrix (every category's own LoRA scored "
+        "on every category's test text: N^2 evaluations, the figure that shows the categories are distinct); "
+        "0 leaves it out. Equal to eval.max_tokens, its diagonal and base scores are the protocol's own.",
+    )
     functional_steps: int = Field(
         0,
         ge=0,

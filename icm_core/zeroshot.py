@@ -30,6 +30,7 @@ __all__ = [
     "METHODS",
     "assert_no_leakage",
     "bootstrap_gap",
+    "cross_category_matrix",
     "gap_recovered",
     "knn_weights",
     "make_folds",
@@ -263,6 +264,42 @@ def bootstrap_gap(
         for m in methods
     }
     return {"per_category": per_category, "macro": macro, "categories": usable, "excluded": excluded}
+
+
+def cross_category_matrix(nll: Mapping[str, Mapping[str, float]], base: Mapping[str, float]) -> dict[str, Any]:
+    """How distinct the categories are: each category's own LoRA scored on every category's test text.
+
+    Args:
+        nll: ``{target: {source: mean NLL of source's LoRA on target's test blocks}}``; every target needs its own
+            LoRA (``nll[t][t]``).
+        base: ``{target: mean NLL of the base model on those blocks}``.
+
+    Returns:
+        ``{"categories", "share": {target: {source: gap recovered}}, "summary"}``: the share of the target's own
+        base-to-LoRA gap that ``source``'s LoRA recovers (1 on the diagonal; None where the target's own LoRA
+        does not beat the base model). The summary gives the mean and largest off-diagonal share and the targets
+        where another category's LoRA does better than the own one (share > 1).
+    """
+    names = sorted(nll)
+    missing = [f"{t} <- {s}" for t in names for s in names if s not in nll[t]]
+    missing += [f"{t} <- base" for t in names if t not in base]
+    if missing:
+        raise ValueError(f"cross-category NLL is missing {missing[:5]}")
+    share = {t: {s: gap_recovered(base[t], nll[t][t], nll[t][s]) for s in names} for t in names}
+    off = [v for t in names for s, v in share[t].items() if s != t and v is not None]
+    beaten = {
+        t: max((s for s in names if s != t), key=lambda s: share[t][s])
+        for t in names
+        if share[t][t] is not None and any(share[t][s] > 1 for s in names if s != t)
+    }
+    summary = {
+        "categories": len(names),
+        "scored_targets": sum(share[t][t] is not None for t in names),
+        "mean_off_diagonal": _mean(off) if off else None,
+        "max_off_diagonal": max(off) if off else None,
+        "targets_beaten_by_another_lora": beaten,
+    }
+    return {"categories": names, "share": share, "summary": summary}
 
 
 def win_rate(per_category: Mapping[str, Mapping[str, Mapping[str, float]]], method: str, other: str) -> float | None:

@@ -43,11 +43,16 @@ def write_results(
     vectors: Mapping[str, torch.Tensor],
     families: Mapping[str, str | None],
     meta: Mapping[str, Any],
+    matrix: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Write ``summary.json``, ``results.json``, ``per_category.csv``, ``report.md`` and PNG figures to ``out``."""
+    """Write ``summary.json``, ``results.json``, ``per_category.csv``, ``report.md`` and PNG figures to ``out``
+    (with ``matrix``, from :func:`icm_core.zeroshot.cross_category_matrix`: ``cross_category.csv`` and its
+    figure, and its summary in ``summary.json``)."""
     out = Path(out)
     methods = list(result["methods"])
     summary = {**result["summary"], **{k: v for k, v in meta.items() if k not in result["summary"]}}
+    if matrix is not None:
+        summary["cross_category"] = matrix["summary"]
     files = {"summary": str(write_json(out / "summary.json", summary))}
     fold_of = {c: i for i, fold in enumerate(folds) for c in fold}
     payload = {
@@ -57,6 +62,7 @@ def write_results(
         "macro": result["macro"],
         "mean_nll": mean_nll,
         "multitask_losses": multitask_losses,
+        "cross_category": matrix,
     }
     files["results"] = str(write_json(out / "results.json", payload))
     rows = ["category,family,fold,method,mean_nll,gap_recovered,ci_low,ci_high"]
@@ -96,6 +102,9 @@ def write_results(
     for cat in sorted(result["per_category"]):
         cells = [_pct(result["per_category"][cat][m]["gap"]) for m in methods]
         lines.append(f"| {cat} | {fold_of.get(cat, '')} | " + " | ".join(cells) + " |")
+    if matrix is not None:
+        files.update(_cross_category(out, matrix, families))
+        lines += ["", *_cross_category_lines(matrix, meta)]
     lines += ["", "## Multi-task LoRA training curves", ""]
     for label, losses in multitask_losses.items():
         if losses:
@@ -107,6 +116,46 @@ def write_results(
     lines += ["", "Run settings:", "", "```json", json.dumps(dict(meta), indent=1, default=str), "```"]
     files["report"] = str(write_text(out / "report.md", "\n".join(lines) + "\n"))
     files.update(_figures(out, result, methods, multitask_losses, vectors, families))
+    return files
+
+
+def _cross_category_lines(matrix: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
+    info = matrix["summary"]
+    tokens = meta.get("config", {}).get("zeroshot", {}).get("cross_matrix_tokens", "?")
+    beaten = info["targets_beaten_by_another_lora"]
+    return [
+        "## Are the categories distinct? The cross-category matrix",
+        "",
+        f"Every category's own LoRA scored on every category's test text ({tokens} tokens each), as the share of "
+        "the target's own base-to-LoRA NLL gap it recovers (1 on the diagonal): `cross_category.csv`, "
+        "`cross_category_matrix.png`.",
+        "",
+        f"- off-diagonal share: mean {_pct(info['mean_off_diagonal'])}, largest {_pct(info['max_off_diagonal'])}",
+        f"- targets where another category's LoRA beats the own one: {len(beaten)} of {info['scored_targets']}"
+        + (": " + ", ".join(f"{t} (by {s})" for t, s in sorted(beaten.items())) if beaten else ""),
+    ]
+
+
+def _cross_category(out: Path, matrix: Mapping[str, Any], families: Mapping[str, str | None]) -> dict[str, str]:
+    """``cross_category.csv`` (target, source, share) and the matrix as a heat map, categories grouped by family."""
+    names = sorted(matrix["categories"], key=lambda n: (str(families.get(n)), n))
+    share = matrix["share"]
+    rows = ["target,source,gap_recovered"]
+    rows += [f"{t},{s},{'' if share[t][s] is None else f'{share[t][s]:.6f}'}" for t in names for s in names]
+    files = {"cross_csv": str(write_text(out / "cross_category.csv", "\n".join(rows) + "\n"))}
+    plt = pyplot()
+    grid = [[math.nan if share[t][s] is None else share[t][s] for s in names] for t in names]
+    size = max(4.0, 0.16 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(grid, cmap="RdBu", vmin=-1, vmax=1)
+    ticks = range(len(names))
+    fontsize = 7 if len(names) <= 16 else 5
+    ax.set_xticks(ticks, names, rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, names, fontsize=fontsize)
+    ax.set_xlabel("LoRA of category (source)")
+    ax.set_ylabel("test text of category (target)")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the target's own LoRA gain (clipped to [-1, 1])")
+    files["cross_figure"] = str(save_figure(fig, out / "cross_category_matrix.png"))
     return files
 
 

@@ -14,7 +14,7 @@ from prefect.artifacts import create_table_artifact
 from icm_core.io import read_json
 from icm_core.lora_train import read_trajectory
 from icm_core.stages import load_task_vector
-from icm_core.zeroshot import summarize
+from icm_core.zeroshot import cross_category_matrix, summarize
 from icm_core.zeroshot_report import write_results
 from tasks.artifacts import ArtifactRef, localize
 
@@ -31,12 +31,24 @@ def report_task(
     seed: int,
     root: str,
     results_dir: str,
+    cross: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Read every per-block NLL file, compute the metric and write the results folder."""
+    """Read every per-block NLL file, compute the metric and write the results folder (with the cross-category
+    matrix when ``cross`` holds its evaluations, see ``flows.zeroshot.cross_category_evals``)."""
+
+    def mean_nll_of(ref: ArtifactRef) -> float:
+        return read_json(localize(ref, root).file("nll.json"))["mean_nll"]
+
     nll = {
         cat: {m: read_json(localize(ref, root).file("nll.json"))["nll"] for m, ref in refs.items()}
         for cat, refs in nll_refs.items()
     }
+    matrix = None
+    if cross is not None:
+        matrix = cross_category_matrix(
+            {t: {s: mean_nll_of(ref) for s, ref in by.items()} for t, by in cross["lora"].items()},
+            {t: mean_nll_of(ref) for t, ref in cross["base"].items()},
+        )
     result = summarize(nll, folds, samples=samples, seed=seed)
     mean_nll = {cat: {m: sum(v) / len(v) for m, v in by.items()} for cat, by in nll.items()}
     losses = {label: read_trajectory(localize(ref, root).folder).losses for label, ref in multitask.items()}
@@ -44,18 +56,20 @@ def report_task(
         name: load_task_vector(localize(ref, root).file("task_vector.safetensors")) for name, ref in vectors.items()
     }
     files = write_results(
-        results_dir, result, folds, mean_nll, losses, tensors, families, {**meta, "bootstrap_samples": samples}
-    )
-    _publish(result)
-    return {"summary": result["summary"], "files": files}
+        results_dir, result, folds, mean_nll, losses, tensors, families, {**meta, "bootstrap_samples": samples},
+        matrix,
+    )  # fmt: skip
+    _publish(result, matrix)
+    return {"summary": result["summary"], "files": files, "cross_category": matrix and matrix["summary"]}
 
 
 def _rounded(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else round(value, 4)
 
 
-def _publish(result: dict[str, Any]) -> None:
-    """Prefect UI artifacts: the macro table, one row per held-out category and method, and the win rates."""
+def _publish(result: dict[str, Any], matrix: dict[str, Any] | None = None) -> None:
+    """Prefect UI artifacts: the macro table, one row per held-out category and method, the win rates, and the
+    cross-category matrix (one row per target category)."""
     summary = result["summary"]
     macro = [
         {
@@ -79,3 +93,9 @@ def _publish(result: dict[str, Any]) -> None:
         key="icm-zeroshot-win-rates",
         description="Share of held-out categories where the zero-shot generator beats each baseline / control",
     )
+    if matrix is not None:
+        create_table_artifact(
+            [{"target": t, **{s: _rounded(v) for s, v in matrix["share"][t].items()}} for t in matrix["categories"]],
+            key="icm-zeroshot-cross-category",
+            description="Share of each target category's own LoRA gain recovered by every category's LoRA",
+        )

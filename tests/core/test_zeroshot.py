@@ -9,6 +9,7 @@ from icm_core.baselines import merged_delta
 from icm_core.zeroshot import (
     assert_no_leakage,
     bootstrap_gap,
+    cross_category_matrix,
     gap_recovered,
     knn_weights,
     make_folds,
@@ -174,3 +175,28 @@ def test_block_evaluation_is_each_test_blocks_mean_nll(tmp_path, tiny_base_dir, 
     assert whole["nll"] == pytest.approx(base["nll"], rel=1e-6)
     assert tuned["mean_nll"] == pytest.approx(sum(tuned["nll"]) / len(tuned["nll"]))
     assert abs(tuned["mean_nll"] - base["mean_nll"]) > 1e-4  # the adapter is scored, not the base model
+
+
+def test_cross_category_matrix_is_the_share_of_each_targets_own_gain():
+    nll = {  # target -> source -> mean NLL on the target's test text
+        "code": {"code": 2.0, "prose": 2.9, "poems": 3.1},
+        "prose": {"code": 4.2, "prose": 3.5, "poems": 3.6},
+        "poems": {"code": 5.0, "prose": 4.05, "poems": 4.2},
+    }
+    base = {"code": 3.0, "prose": 4.0, "poems": 4.5}
+    matrix = cross_category_matrix(nll, base)
+    share = matrix["share"]
+    assert all(share[t][t] == pytest.approx(1.0) for t in nll)
+    assert share["code"]["prose"] == pytest.approx(0.1)  # (3.0 - 2.9) / (3.0 - 2.0)
+    assert share["prose"]["code"] == pytest.approx(-0.4)  # another category's LoRA can hurt
+    assert share["poems"]["prose"] == pytest.approx(1.5)  # ... or beat the own one
+    info = matrix["summary"]
+    assert info["targets_beaten_by_another_lora"] == {"poems": "prose"}
+    assert info["max_off_diagonal"] == pytest.approx(1.5) and info["scored_targets"] == 3
+    assert info["mean_off_diagonal"] == pytest.approx((0.1 - 0.1 - 0.4 + 0.8 - 5 / 3 + 1.5) / 6)
+    # A target whose own LoRA does not beat the base model has no shares (and is not counted).
+    flat = cross_category_matrix({**nll, "code": {"code": 3.0, "prose": 2.9, "poems": 3.1}}, base)
+    assert flat["share"]["code"] == {"code": None, "prose": None, "poems": None}
+    assert flat["summary"]["scored_targets"] == 2
+    with pytest.raises(ValueError, match="prose <- poems"):
+        cross_category_matrix({**nll, "prose": {"code": 4.2, "prose": 3.5}}, base)

@@ -63,6 +63,15 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
     folds = make_folds(list(texts), 2, 0)
     assert summary["fold_assignment"] == folds
 
+    # The cross-category matrix: every category's LoRA on every category's test text.
+    assert (results / "cross_category_matrix.png").is_file()
+    cross = (results / "cross_category.csv").read_text().splitlines()
+    assert cross[0] == "target,source,gap_recovered" and len(cross) == 1 + 4 * 4
+    diagonal = [line.split(",")[2] for line in cross[1:] if line.split(",")[0] == line.split(",")[1]]
+    assert all(float(v) == 1.0 for v in diagonal if v), diagonal
+    assert summary["cross_category"]["categories"] == 4
+    assert "cross-category matrix" in (results / "report.md").read_text()
+
     # Leakage: every fold's generator, pooled multi-task text and k-NN weights name training categories only.
     root = workspace.root
     held_out_of = {c: set(f) for f in folds for c in f}
@@ -105,6 +114,11 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        keys = ["icm-zeroshot-macro", "icm-zeroshot-per-category", "icm-zeroshot-win-rates"]
+        keys = [
+            "icm-zeroshot-macro",
+            "icm-zeroshot-per-category",
+            "icm-zeroshot-win-rates",
+            "icm-zeroshot-cross-category",
+        ]
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
     assert {a.key for a in found} == set(keys)
