@@ -497,6 +497,16 @@ def sample_pdiff_task(category: str, pdiff: ArtifactRef, sample_cfg: SampleConfi
     return run_stage("pdiff_adapters", category, inputs, build)
 
 
+def evaluation_inputs(
+    data: ArtifactRef, adapter: ArtifactRef | None, prefix_like: ArtifactRef | None, root: str
+) -> tuple[Path, Path | None, Path | None]:
+    """This machine's paths for one evaluation: the category's splits, the adapter folder (None: the base model)
+    and, for the base model only, the adapter whose first layer its shared-prefix pass starts at."""
+    adapter_dir = localize(adapter, root).file("adapter") if adapter is not None else None
+    like = localize(prefix_like, root).file("adapter") if adapter is None and prefix_like is not None else None
+    return localize(data, root).file("splits"), adapter_dir, like
+
+
 @task(
     name="evaluate",
     task_run_name="eval-{category}-{method}",
@@ -533,9 +543,7 @@ def evaluate_task(
     }
 
     def build(out: Path) -> dict[str, Any]:
-        adapter_dir = localize(adapter, root).file("adapter") if adapter is not None else None
-        splits = localize(data, root).file("splits")
-        like = localize(prefix_like, root).file("adapter") if adapter is None and prefix_like is not None else None
+        splits, adapter_dir, like = evaluation_inputs(data, adapter, prefix_like, root)
         with device_slot(model_cfg.device):
             score = stages.evaluate_adapter(
                 splits, adapter_dir, model_cfg, data_cfg, eval_cfg, out / "metrics.json", prefix_like=like

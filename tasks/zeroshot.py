@@ -14,7 +14,7 @@ from prefect import task
 from icm_core import zeroshot_stages
 from icm_core.config import DataConfig, EvalConfig, ModelConfig, SampleConfig
 from tasks.artifacts import ArtifactCachePolicy, ArtifactRef, localize
-from tasks.stages import TASK_DEFAULTS, device_slot, retry_unless_bad_input, run_stage
+from tasks.stages import TASK_DEFAULTS, device_slot, evaluation_inputs, retry_unless_bad_input, run_stage
 
 
 @task(
@@ -144,9 +144,7 @@ def block_eval_task(
     }
 
     def build(out: Path) -> dict[str, Any]:
-        adapter_dir = localize(adapter, root).file("adapter") if adapter is not None else None
-        like = localize(prefix_like, root).file("adapter") if adapter is None and prefix_like is not None else None
-        splits = localize(data, root).file("splits")
+        splits, adapter_dir, like = evaluation_inputs(data, adapter, prefix_like, root)
         with device_slot(model_cfg.device):
             result = zeroshot_stages.evaluate_blocks(
                 splits, adapter_dir, model_cfg, data_cfg, eval_cfg, out / "nll.json", prefix_like=like
