@@ -159,24 +159,14 @@ def baseline_adapters(
         out.pdiff = bound(train_pdiff_task, root, suffix)(
             lora_by_name, vector_by_name, cfg.pdiff, device, root, cfg.resume
         )
-        out.adapters["cond_pdiff"] = gather(
-            bound(sample_pdiff_task, root, suffix).map(
-                names, unmapped(out.pdiff), unmapped(cfg.sample), unmapped(root)
-            ),
-            names,
-            "sample-pdiff",
-        )
+        out.adapters["cond_pdiff"] = bound(sample_pdiff_task, root, suffix)(names, out.pdiff, cfg.sample, root)
     if "cond_pdiff_shared" in methods:
         shared_cfg = cfg.pdiff.model_copy(update={"normalization": "shared"})
         out.pdiff_shared = bound(train_pdiff_task, root, "-shared" + suffix)(
             lora_by_name, vector_by_name, shared_cfg, device, root, cfg.resume
         )
-        out.adapters["cond_pdiff_shared"] = gather(
-            bound(sample_pdiff_task, root, "-shared" + suffix).map(
-                names, unmapped(out.pdiff_shared), unmapped(cfg.sample), unmapped(root)
-            ),
-            names,
-            "sample-pdiff-shared",
+        out.adapters["cond_pdiff_shared"] = bound(sample_pdiff_task, root, "-shared" + suffix)(
+            names, out.pdiff_shared, cfg.sample, root
         )
     return out
 
@@ -316,13 +306,7 @@ def run_seed(
         ):
             if model_ref is None:
                 continue
-            refs = gather(
-                bound(sample_pdiff_task, root, f"{variant}-z{k}{sfx}").map(
-                    names, unmapped(model_ref), unmapped(sample_k), unmapped(root)
-                ),
-                names,
-                "sample-pdiff-z",
-            )
+            refs = bound(sample_pdiff_task, root, f"{variant}-z{k}{sfx}")(names, model_ref, sample_k, root)
             for n, ref in zip(names, refs, strict=True):
                 store[n].append(ref)
     diagnose = bound(diagnostics_task, root, sfx)

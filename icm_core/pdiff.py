@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -327,38 +327,66 @@ class PDiffModel:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @torch.no_grad()
-    def sample_latent(self, task_vector: Tensor, seed: int) -> Tensor:
-        """Ancestral DDPM sampling: z_T ~ N(0, I), then T steps of p(z_{t-1} | z_t, condition)."""
+    def sample_latents(self, task_vectors: Tensor, seeds: Sequence[int]) -> Tensor:
+        """Ancestral DDPM sampling of one latent per row of ``task_vectors`` ``[B, C]``, all rows in one batch:
+        z_T ~ N(0, I), then T steps of p(z_{t-1} | z_t, condition). Row ``i`` draws its noise from its own
+        generator seeded ``seeds[i]``, so a row's latent does not depend on what else is in the batch (up to
+        float rounding of the batched convolutions)."""
+        if task_vectors.dim() != 2 or task_vectors.shape[0] != len(seeds):
+            raise ValueError(
+                f"task_vectors must be [B, C] with one seed per row, got {list(task_vectors.shape)} "
+                f"and {len(seeds)} seeds"
+            )
         cfg = self.cfg
         schedule = NoiseSchedule.linear(cfg.timesteps, cfg.beta_start, cfg.beta_end)
         variance = schedule.posterior_variance()
-        rng = torch.Generator().manual_seed(seed)
+        rngs = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         self.denoiser.eval()
-        cond = self.cond_norm(check_task_vector(task_vector, self.denoiser.cond_dim)).unsqueeze(0)
-        z = torch.randn(1, *self.denoiser.latent_shape, generator=rng)
+        cond = torch.stack([self.cond_norm(check_task_vector(v, self.denoiser.cond_dim)) for v in task_vectors])
+
+        def noise() -> Tensor:
+            return torch.stack([torch.randn(self.denoiser.latent_shape, generator=rng) for rng in rngs])
+
+        z = noise()
         for t in reversed(range(schedule.timesteps)):
-            eps = self.denoiser(z, torch.tensor([t]), cond)
+            eps = self.denoiser(z, torch.full((len(rngs),), t), cond)
             beta, alpha, a_bar = (float(v[t]) for v in (schedule.betas, schedule.alphas, schedule.alpha_bars))
             z = (z - beta / math.sqrt(1 - a_bar) * eps) / math.sqrt(alpha)
             if t > 0:
-                z = z + math.sqrt(float(variance[t])) * torch.randn(z.shape, generator=rng)
+                z = z + math.sqrt(float(variance[t])) * noise()
         return z.clamp(-1, 1)
 
+    def sample_latent(self, task_vector: Tensor, seed: int) -> Tensor:
+        """One latent ``[1, ...]`` (:meth:`sample_latents` with a single row)."""
+        return self.sample_latents(task_vector.reshape(1, -1), [seed])
+
     @torch.no_grad()
-    def generate_for(self, category: str, cfg: SampleConfig | None = None) -> dict[str, Tensor]:
-        """Sample a LoRA state dict for a training category (its task vector and its statistics)."""
+    def generate(self, categories: Sequence[str], cfg: SampleConfig | None = None) -> dict[str, dict[str, Tensor]]:
+        """Sample a LoRA state dict for each training category (its task vector and its statistics). Every
+        category's ``cfg.num_draws`` latents (seeds ``cfg.seed``, ``cfg.seed + 1``, ...) are denoised in one
+        batch: the T denoising steps are paid once for all of them, not once per category and draw."""
         cfg = cfg or SampleConfig()
-        if category not in self.task_vectors:
+        unknown = [name for name in categories if name not in self.task_vectors]
+        if unknown:
             raise KeyError(
-                f"category {category!r} is not known to this COND P-DIFF model ({sorted(self.task_vectors)})"
+                f"categories {unknown} are not known to this COND P-DIFF model ({sorted(self.task_vectors)})"
             )
+        rows = [(name, cfg.seed + draw) for name in categories for draw in range(cfg.num_draws)]
+        if not rows:
+            return {}
+        latents = self.sample_latents(
+            torch.stack([self.task_vectors[name] for name, _ in rows]), [seed for _, seed in rows]
+        )
         self.autoencoder.eval()
-        flats = [
-            self.autoencoder.decode(self.sample_latent(self.task_vectors[category], cfg.seed + draw))[0]
-            for draw in range(cfg.num_draws)
-        ]
-        flat = torch.stack(flats).mean(0)
-        return unflatten_lora(self.norm.denormalize(flat, category), self.layout)
+        flats = self.autoencoder.decode(latents).reshape(len(categories), cfg.num_draws, -1).mean(1)
+        return {
+            name: unflatten_lora(self.norm.denormalize(flat, name), self.layout)
+            for name, flat in zip(categories, flats, strict=True)
+        }
+
+    def generate_for(self, category: str, cfg: SampleConfig | None = None) -> dict[str, Tensor]:
+        """Sample a LoRA state dict for one training category (:meth:`generate` with one category)."""
+        return self.generate([category], cfg)[category]
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:

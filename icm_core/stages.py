@@ -197,12 +197,26 @@ def generator_training_data(
     return dataset, next(iter(trajectories.values())).adapter_config
 
 
+def final_lora_state(trajectory_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The LoRA state of a fine-tune's final adapter (the one evaluated as the category's LoRA)."""
+    return read_adapter(read_trajectory(trajectory_dir).adapter_dir)[0]
+
+
 class ValidationScorer:
-    """Scores LoRA states on the categories' validation splits: ``scorer(states)`` is the mean validation NLL
-    (nats per token, averaged over categories) that the generator's early stopping minimises;
-    ``scorer.per_category(states)`` gives each category's value. Each state is merged into the shared base
-    model in turn (``merged_state_into``) and scored on ``max_tokens`` of that category's validation split
-    (evenly spaced blocks, tokenised once here)."""
+    """Scores LoRA states on the categories' validation splits. ``scorer(states)`` is the criterion the
+    generator's early stopping minimises; ``scorer.per_category(states)`` gives each category's validation NLL.
+    Each state is merged into the shared base model in turn (``merged_state_into``) and scored on
+    ``max_tokens`` of that category's validation split (evenly spaced blocks, tokenised once here).
+
+    Criteria (``CVAEConfig.val_criterion``):
+
+    - ``"mean_nll"``: the validation NLL per token, averaged over categories.
+    - ``"worst_gap"``: the largest share of a category's base-to-LoRA validation gap that its generated adapter
+      leaves unrecovered, ``max_c (nll_c - lora_c) / (base_c - lora_c)``: the worst category decides, so
+      training does not stop while one category still lags behind the others. Needs ``reference``, each
+      category's ``(base, LoRA)`` validation NLL (:meth:`with_reference`); a category whose LoRA does not beat
+      the base model on validation by :data:`MIN_VALIDATION_GAP` is left out of it.
+    """
 
     def __init__(
         self,
@@ -210,13 +224,18 @@ class ValidationScorer:
         model_cfg: ModelConfig,
         adapter_config: dict[str, Any],
         batch_size: int = 8,
+        criterion: str = "mean_nll",
+        reference: dict[str, tuple[float, float]] | None = None,
     ) -> None:
+        if criterion not in ("mean_nll", "worst_gap"):
+            raise ValueError(f"val_criterion: unknown criterion {criterion!r} (mean_nll, worst_gap)")
         self.blocks, self.model_cfg, self.adapter_config, self.batch_size = (
             blocks,
             model_cfg,
             adapter_config,
             batch_size,
         )
+        self.criterion, self.reference = criterion, reference
 
     def per_category(self, states: dict[str, dict[str, torch.Tensor] | None]) -> dict[str, float]:
         """Validation NLL per token of each category's state (``None``: the base model itself)."""
@@ -234,9 +253,36 @@ class ValidationScorer:
                 out[name] = result.nll_nats / result.tokens
         return out
 
+    def with_reference(self, lora_states: dict[str, dict[str, torch.Tensor]]) -> ValidationScorer:
+        """This scorer with each category's base-model and LoRA validation NLL as the worst-gap reference."""
+        base = self.per_category(dict.fromkeys(lora_states))
+        lora = self.per_category(lora_states)
+        self.reference = {name: (base[name], lora[name]) for name in lora}
+        return self
+
+    def unrecovered(self, values: dict[str, float]) -> dict[str, float]:
+        """Each category's share of its base-to-LoRA validation gap left unrecovered (0: as good as the LoRA)."""
+        if self.reference is None:
+            raise ValueError("the worst_gap criterion needs each category's base and LoRA validation NLL")
+        return {
+            name: (values[name] - lora) / (base - lora)
+            for name, (base, lora) in self.reference.items()
+            if name in values and base - lora >= MIN_VALIDATION_GAP
+        }
+
     def __call__(self, states: dict[str, dict[str, torch.Tensor]]) -> float:
         values = self.per_category(states)
+        if self.criterion == "worst_gap":
+            shortfalls = self.unrecovered(values)
+            if shortfalls:
+                return max(shortfalls.values())
         return sum(values.values()) / len(values)
+
+
+MIN_VALIDATION_GAP = 1e-4
+"""Nats per token by which a category's LoRA must beat the base model on validation to count in the worst-gap
+criterion (a smaller gap makes the share meaningless). When no category qualifies, the criterion is the mean
+validation NLL."""
 
 
 def validation_scorer(
@@ -246,6 +292,7 @@ def validation_scorer(
     max_tokens: int,
     adapter_config: dict[str, Any],
     batch_size: int = 8,
+    criterion: str = "mean_nll",
 ) -> ValidationScorer | None:
     """The :class:`ValidationScorer` of these categories. A category whose validation split is shorter than one
     block is left out; ``None`` when no category has a full block (the caller then trains to the ceiling)."""
@@ -256,7 +303,7 @@ def validation_scorer(
             blocks[name] = eval_blocks(read_splits(folder).val, tokenizer, data_cfg.seq_len, max_tokens)
         except ValueError:
             continue  # fewer validation tokens than one block
-    return ValidationScorer(blocks, model_cfg, adapter_config, batch_size) if blocks else None
+    return ValidationScorer(blocks, model_cfg, adapter_config, batch_size, criterion) if blocks else None
 
 
 def train_generator_stage(
@@ -272,14 +319,22 @@ def train_generator_stage(
     """Train one CVAE on the trajectories of all categories and save the generator artifact.
 
     ``validation``: ``{"split_dirs": {category: splits folder}, "model_cfg": ..., "data_cfg": ...}``; with it
-    (and ``cvae_cfg.val_every > 0``) training stops early on the generated adapters' validation NLL."""
+    (and ``cvae_cfg.val_every > 0``) training stops early on the generated adapters' validation scores
+    (``cvae_cfg.val_criterion``; the worst-gap criterion scores the base model and each final LoRA once first)."""
     dataset, first = generator_training_data(trajectory_dirs, task_vector_paths)
     kind = vector_kinds(task_vector_paths)
     score = None
     if validation is not None and cvae_cfg.val_every > 0:
         score = validation_scorer(
-            validation["split_dirs"], validation["model_cfg"], validation["data_cfg"], cvae_cfg.val_tokens, first
+            validation["split_dirs"],
+            validation["model_cfg"],
+            validation["data_cfg"],
+            cvae_cfg.val_tokens,
+            first,
+            criterion=cvae_cfg.val_criterion,
         )
+        if score is not None and cvae_cfg.val_criterion == "worst_gap":
+            score.with_reference({name: final_lora_state(trajectory_dirs[name]) for name in score.blocks})
     generator, history, seconds = train_generator(
         dataset, cvae_cfg, first, device=device, on_epoch=on_epoch, resume=resume, score_adapters=score
     )
@@ -439,16 +494,21 @@ def train_pdiff_stage(
     }
 
 
-def sample_pdiff_adapter(
-    pdiff_path: str | Path, out_dir: str | Path, sample_cfg: SampleConfig, category: str
-) -> dict[str, Any]:
-    """Generate a category's adapter with COND P-DIFF (T denoising steps, decode, de-normalise)."""
+def sample_pdiff_states(
+    pdiff_path: str | Path, sample_cfg: SampleConfig, categories: list[str]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], float]:
+    """COND P-DIFF's LoRA states for ``categories`` from one batched denoising pass (T steps for all of them,
+    then decode and de-normalise), the PEFT adapter config to write them with, and the sampling seconds."""
     model = load_pdiff(pdiff_path)
     started = time.perf_counter()
-    state = model.generate_for(category, sample_cfg)
-    seconds = time.perf_counter() - started
-    write_adapter(out_dir, state, model.adapter_config)
-    return {"adapter_dir": str(out_dir), "adapter_sha256": adapter_sha256(out_dir), "seconds": seconds}
+    states = model.generate(categories, sample_cfg)
+    return states, model.adapter_config, time.perf_counter() - started
+
+
+def write_sampled_adapter(out_dir: str | Path, state: dict[str, torch.Tensor], adapter_config: dict[str, Any]) -> str:
+    """Write one sampled LoRA state as a PEFT adapter folder; returns its content hash."""
+    write_adapter(out_dir, state, adapter_config)
+    return adapter_sha256(out_dir)
 
 
 def generator_diagnostics(

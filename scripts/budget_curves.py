@@ -5,7 +5,7 @@ Reads a finished pipeline run under ``--root`` (its data splits, LoRA trajectori
 1. CVAE: trains the generator with the run config's CVAE settings up to ``--epochs``, validating every
    ``--every`` epochs without stopping, and prints per check the generated adapters' validation NLL and the
    share of the base-to-LoRA validation NLL gap they recover (mean and worst category). Then it replays the
-   configured early stopping (``cvae.val_every`` / ``patience`` / ``min_delta``) on that curve: the epoch it
+   configured early stopping (``cvae.val_criterion`` / ``val_every`` / ``patience`` / ``min_delta``) on that curve: the epoch it
    stops at, and what it keeps.
 2. LoRA (``--lora name,...``): fine-tunes each named category with the configured schedule, keeping a
    checkpoint every ``--lora-every`` steps, and prints the validation NLL of each checkpoint.
@@ -26,7 +26,7 @@ from icm_core.config import load_run_config
 from icm_core.cvae import EarlyStopping
 from icm_core.generator import train_generator
 from icm_core.lora_train import load_trajectory_checkpoints, read_trajectory
-from icm_core.stages import finetune_lora, generator_training_data, validation_scorer
+from icm_core.stages import final_lora_state, finetune_lora, generator_training_data, validation_scorer
 
 
 def newest(folder: Path) -> Path:
@@ -46,11 +46,14 @@ def cvae_curve(cfg, root: Path, names: list[str], epochs: int, every: int) -> di
     vectors = {n: newest(root / "task_vectors" / n) / "task_vector.safetensors" for n in names}
     splits = {n: newest(root / "data" / n) / "splits" for n in names}
     dataset, adapter_config = generator_training_data(lora_dirs, vectors)
-    scorer = validation_scorer(splits, cfg.model, cfg.data, cfg.cvae.val_tokens, adapter_config)
+    scorer = validation_scorer(
+        splits, cfg.model, cfg.data, cfg.cvae.val_tokens, adapter_config, criterion=cfg.cvae.val_criterion
+    )
     if scorer is None:
         raise SystemExit("no category has a validation block")
-    base = scorer.per_category(dict.fromkeys(names))
-    lora = scorer.per_category({n: load_trajectory_checkpoints(lora_dirs[n])[-1] for n in names})
+    scorer.with_reference({n: final_lora_state(lora_dirs[n]) for n in names})
+    base = {n: scorer.reference[n][0] for n in names}
+    lora = {n: scorer.reference[n][1] for n in names}
     print(
         f"validation NLL/token  base {sum(base.values()) / len(base):.4f}  LoRA {sum(lora.values()) / len(lora):.4f}"
     )
@@ -59,8 +62,11 @@ def cvae_curve(cfg, root: Path, names: list[str], epochs: int, every: int) -> di
     def score(states) -> float:
         values = scorer.per_category(states)
         shares = gap_share(base, lora, values)
-        checks.append({"nll": sum(values.values()) / len(values), "per_category": values, "gap_share": shares})
-        return checks[-1]["nll"]
+        mean_nll = sum(values.values()) / len(values)
+        worst = max(scorer.unrecovered(values).values(), default=mean_nll)
+        criterion = worst if cfg.cvae.val_criterion == "worst_gap" else mean_nll
+        checks.append({"nll": mean_nll, "criterion": criterion, "per_category": values, "gap_share": shares})
+        return criterion
 
     def on_epoch(epoch: int, row: dict) -> None:
         if "val" in row:
@@ -82,14 +88,15 @@ def cvae_curve(cfg, root: Path, names: list[str], epochs: int, every: int) -> di
     for check in checks:
         if not stopper.due(check["epoch"], epochs):
             continue
-        stopper.observe(check["epoch"], check["nll"])
+        stopper.observe(check["epoch"], check["criterion"])
         if stopper.stopped:
             stop = check["epoch"]
             break
     best_check = next(check for check in checks if check["epoch"] == stopper.best_epoch)
     kept = best_check["gap_share"].values()
     print(
-        f"\nconfigured rule (val_every {rule.val_every}, patience {rule.patience}, min_delta {rule.min_delta}): "
+        f"\nconfigured rule ({rule.val_criterion}, val_every {rule.val_every}, patience {rule.patience}, "
+        f"min_delta {rule.min_delta}): "
         f"stops after epoch {stop or epochs}, keeps epoch {best_check['epoch']} "
         f"(gap recovered mean {sum(kept) / len(kept):.1%}, worst {min(kept):.1%}); "
         f"{epochs} epochs took {seconds:.0f} s with validation"

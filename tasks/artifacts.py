@@ -250,29 +250,56 @@ class ArtifactCachePolicy(CachePolicy):
 
     ``category_arg`` names the task parameter that holds the category name (or a Category), so the
     policy can locate the output folder; ``exclude`` lists parameters that do not change the output.
+    ``fan_out=(list_arg, item_arg)`` is for a task that builds one output per item of its ``list_arg``
+    parameter, each keyed by the task's inputs plus ``item_arg`` = the item (e.g. COND P-DIFF's batched
+    sampling): the record is valid only while every item's output is.
     """
 
-    def __init__(self, stage: str, category_arg: str | None = "category", exclude: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        stage: str,
+        category_arg: str | None = "category",
+        exclude: tuple[str, ...] = (),
+        fan_out: tuple[str, str] | None = None,
+    ):
         super().__init__()
         self.stage = stage
         self.category_arg = category_arg
         self.exclude = exclude
+        self.fan_out = fan_out
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
         used = {k: v for k, v in inputs.items() if k not in self.exclude}
         try:
             key = stage_key(self.stage, used)
+            if self.fan_out is None:
+                category = category_name(inputs.get(self.category_arg)) if self.category_arg else None
+                ready = output_ready(inputs["root"], self.stage, key, category)
+            else:
+                list_arg, item_arg = self.fan_out
+                ready = all(
+                    output_ready(
+                        inputs["root"],
+                        self.stage,
+                        stage_key(self.stage, {**used, item_arg: item}),
+                        category_name(item),
+                    )
+                    for item in inputs[list_arg]
+                )
         except ModelLoadError:
             return None  # an unloadable (or unpinnable) model: the task body fails with the same clear error
-        category = category_name(inputs.get(self.category_arg)) if self.category_arg else None
-        root = inputs["root"]
-        folder = output_dir(root, self.stage, key, category)
-        if valid_output(folder) is not None:
-            return key
-        if is_remote(root) and remote_manifest(root, folder) is not None:
-            return key  # published by another machine: consumers fetch and verify it (localize)
-        drop_cache_record(task_ctx, key)
+        if not ready:
+            drop_cache_record(task_ctx, key)
         return key
+
+
+def output_ready(root: str, stage: str, key: str, category: str | None) -> bool:
+    """Whether the output of ``stage`` with ``key`` is complete here, or published by another machine at an
+    fsspec root (consumers fetch and verify it: :func:`localize`)."""
+    folder = output_dir(root, stage, key, category)
+    if valid_output(folder) is not None:
+        return True
+    return is_remote(root) and remote_manifest(root, folder) is not None
 
 
 def category_name(value: Any) -> str | None:

@@ -481,20 +481,32 @@ def train_pdiff_task(
 
 @task(
     name="sample-cond-pdiff",
-    task_run_name="sample-pdiff-{category}",
-    cache_policy=ArtifactCachePolicy("pdiff_adapters"),
+    task_run_name="sample-pdiff",
+    cache_policy=ArtifactCachePolicy("pdiff_adapters", category_arg=None, fan_out=("categories", "category")),
     **TASK_DEFAULTS,
 )
-def sample_pdiff_task(category: str, pdiff: ArtifactRef, sample_cfg: SampleConfig, root: str) -> ArtifactRef:
-    """Generate the category's adapter with COND P-DIFF."""
-    inputs = {"category": category, "pdiff": pdiff, "sample_cfg": sample_cfg, "root": root}
+def sample_pdiff_task(
+    categories: list[str], pdiff: ArtifactRef, sample_cfg: SampleConfig, root: str
+) -> list[ArtifactRef]:
+    """Generate the categories' adapters with COND P-DIFF, in order, denoised together in one batch (the 1000
+    steps are paid once, not once per category). Each category has its own output folder, keyed by the
+    batch's inputs plus its name; a lost folder is rebuilt by sampling the same batch again, so the rebuilt
+    adapter is bit-identical to the lost one (batched float rounding depends on the batch)."""
+    inputs = {"categories": categories, "pdiff": pdiff, "sample_cfg": sample_cfg, "root": root}
+    sampled: dict[str, Any] = {}
 
-    def build(out: Path) -> dict[str, Any]:
-        pdiff_file = localize(pdiff, root).file("pdiff.safetensors")
-        result = stages.sample_pdiff_adapter(pdiff_file, out / "adapter", sample_cfg, category)
-        return {"seconds": result["seconds"], "adapter_sha256": result["adapter_sha256"]}
+    def build_for(name: str) -> Callable[[Path], dict[str, Any]]:
+        def build(out: Path) -> dict[str, Any]:
+            if not sampled:
+                pdiff_file = localize(pdiff, root).file("pdiff.safetensors")
+                states, adapter_config, seconds = stages.sample_pdiff_states(pdiff_file, sample_cfg, categories)
+                sampled.update(states=states, config=adapter_config, seconds=seconds)
+            digest = stages.write_sampled_adapter(out / "adapter", sampled["states"][name], sampled["config"])
+            return {"seconds": sampled["seconds"], "batch_categories": len(categories), "adapter_sha256": digest}
 
-    return run_stage("pdiff_adapters", category, inputs, build)
+        return build
+
+    return [run_stage("pdiff_adapters", n, {**inputs, "category": n}, build_for(n)) for n in categories]
 
 
 def evaluation_inputs(

@@ -2,7 +2,7 @@
 
     prepare_detection_task -> finetune_detector -> detector_task_vector   (per task)
     icm_core.stages.train_generator_stage / soup_adapter / train_pdiff_stage  (all tasks; unchanged)
-    icm_core.stages.sample_adapter / sample_pdiff_adapter                 (per task; unchanged)
+    icm_core.stages.sample_adapter (per task) / sample_pdiff_states (all tasks, one batch)  (unchanged)
     evaluate_detector                                                      (per task and method)
 
 A task folder holds ``task.json`` (name, description, where the images are), ``train.json`` and

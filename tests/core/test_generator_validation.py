@@ -17,6 +17,7 @@ from icm_core.splits import CategorySplits, read_splits, write_splits
 from icm_core.stages import (
     compute_task_vector,
     evaluate_adapter,
+    final_lora_state,
     finetune_lora,
     prepare_data,
     train_generator_stage,
@@ -75,6 +76,30 @@ def test_scorer_is_the_mean_validation_nll_of_the_adapters(trained, tmp_path):
     # The criterion sees the weights: other deltas, another score.
     scaled = {n: {k: v * 30 for k, v in s.items()} for n, s in states.items()}
     assert abs(score(scaled) - score(states)) > 1e-3
+
+
+def test_worst_gap_criterion_is_the_largest_unrecovered_share(trained):
+    """The default criterion: the worst category's share of its base-to-LoRA validation gap left unrecovered."""
+    config = read_trajectory(trained["loras"]["prose"]).adapter_config
+    score = validation_scorer(
+        trained["splits"], trained["model_cfg"], trained["data_cfg"], 96, config, criterion="worst_gap"
+    )
+    with pytest.raises(ValueError, match="base and LoRA validation NLL"):
+        score.unrecovered({"prose": 1.0})
+    finals = {name: final_lora_state(folder) for name, folder in trained["loras"].items()}
+    score.with_reference(finals)
+    base = score.per_category(dict.fromkeys(finals))
+    lora = score.per_category(finals)
+    assert score.reference == {n: (base[n], lora[n]) for n in finals}
+    qualifying = [n for n in finals if base[n] - lora[n] >= 1e-4]
+    assert qualifying, (base, lora)  # the tiny fine-tunes beat the base model on validation
+    assert score(finals) == pytest.approx(0.0, abs=1e-9)  # the LoRAs themselves leave nothing unrecovered
+    weaker = {n: {k: v * 0.5 for k, v in state.items()} for n, state in finals.items()}
+    values = score.per_category(weaker)
+    shares = {n: (values[n] - lora[n]) / (base[n] - lora[n]) for n in qualifying}
+    assert score(weaker) == pytest.approx(max(shares.values()), rel=1e-9)
+    assert score(weaker) > 0
+    assert score(dict.fromkeys(finals)) == pytest.approx(1.0)  # the base model recovers nothing
 
 
 def test_generator_stops_on_validation_and_records_it(trained, tmp_path):

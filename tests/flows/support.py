@@ -212,8 +212,9 @@ def states_by_name(state) -> dict[str, str]:
 
 def expected_task_runs(categories=CATEGORIES) -> set[str]:
     names = {"train-cvae", "train-cond-pdiff", "soup-all", "report", "diagnostics-icm_lora", "diagnostics-cond_pdiff"}
+    names |= {"sample-pdiff", "sample-pdiff-z1"}  # COND P-DIFF samples all categories in one batch
     for c in categories:
-        names |= {f"data-{c}", f"lora-{c}", f"task-vector-{c}", f"sample-{c}", f"sample-pdiff-{c}"}
-        names |= {f"trajectory-mean-{c}", f"soup-{c}-own", f"sample-{c}-z1", f"sample-pdiff-{c}-z1"}
+        names |= {f"data-{c}", f"lora-{c}", f"task-vector-{c}", f"sample-{c}"}
+        names |= {f"trajectory-mean-{c}", f"soup-{c}-own", f"sample-{c}-z1"}
         names |= {f"eval-{c}-{m}" for m in EVALUATED}
     return names

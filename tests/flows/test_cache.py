@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from pathlib import Path
 
 from tests.flows.support import CATEGORIES, expected_task_runs, states_by_name
@@ -38,8 +40,7 @@ def test_cvae_config_change_reruns_only_cvae_and_downstream(workspace):
     assert set(states) == expected_task_runs()
     upstream = {f"{stage}-{c}" for c in CATEGORIES for stage in ("data", "lora", "task-vector")}
     # The baselines do not depend on the CVAE config: Model Soup and COND P-DIFF come from the cache.
-    baselines = {"soup-all", "train-cond-pdiff", "diagnostics-cond_pdiff"}
-    baselines |= {f"{s}-{c}{z}" for c in CATEGORIES for s in ("sample-pdiff",) for z in ("", "-z1")}
+    baselines = {"soup-all", "train-cond-pdiff", "diagnostics-cond_pdiff", "sample-pdiff", "sample-pdiff-z1"}
     baselines |= {f"trajectory-mean-{c}" for c in CATEGORIES} | {f"soup-{c}-own" for c in CATEGORIES}
     methods = ("base", "lora", "trajectory_mean", "soup_own", "model_soup", "cond_pdiff")
     unaffected = upstream | baselines | {f"eval-{c}-{m}" for c in CATEGORIES for m in methods}
@@ -97,3 +98,28 @@ def test_lost_cache_record_reuses_complete_artifact(workspace):
     assert {name: s for name, s in states.items() if s != "Cached"} == {"lora-recipes": "Completed"}
     assert {p: p.stat().st_mtime_ns for p in manifest.parent.rglob("*")} == mtimes
     assert record.is_file()  # recorded again: the next run is a plain cache hit
+
+
+def test_batched_pdiff_sampling_rebuilds_a_lost_category_bit_identically(workspace):
+    """COND P-DIFF samples every category in one batch but keeps one folder per category: losing one category's
+    folders invalidates the batch tasks' records; the rerun samples the same batch again, writes only the lost
+    category's adapters, byte-identical to the lost ones, so nothing downstream reruns."""
+    first = workspace.run()
+    assert first.is_completed(), first.message
+    manifests = {p.parent: json.loads(p.read_text()) for p in workspace.root.glob("pdiff_adapters/*/*/manifest.json")}
+    assert len(manifests) == 2 * len(CATEGORIES)  # the scored draw and the z1 draw of each category
+    assert {m["meta"]["batch_categories"] for m in manifests.values()} == {len(CATEGORIES)}
+    lost = CATEGORIES[0]
+    kept = {f: (f / "manifest.json").stat().st_mtime_ns for f in manifests if f.parent.name != lost}
+    lost_bytes = {p: sha256(p) for p in (workspace.root / "pdiff_adapters" / lost).rglob("*.safetensors")}
+    assert len(lost_bytes) == 2
+    shutil.rmtree(workspace.root / "pdiff_adapters" / lost)
+
+    second = workspace.run()
+    assert second.is_completed(), second.message
+    states = states_by_name(second)
+    rerun = {"sample-pdiff", "sample-pdiff-z1"}
+    assert {name: s for name, s in states.items() if s != "Cached"} == dict.fromkeys(rerun, "Completed")
+    assert {p: sha256(p) for p in lost_bytes} == lost_bytes
+    assert {f: (f / "manifest.json").stat().st_mtime_ns for f in kept} == kept  # the others were not rewritten
+    assert second.result()["rows"] == first.result()["rows"]

@@ -84,7 +84,7 @@ def test_long_stages_show_progress(workspace):
             )
         )
     descriptions = {artifact.description for artifact in found}
-    for stage in ("finetune-lora", "task-vector", "evaluate", "sample-pdiff"):
+    for stage in ("finetune-lora", "task-vector", "evaluate", "sample ("):
         assert any(d and d.startswith(stage) for d in descriptions), (stage, descriptions)
     assert any(d and d.startswith("fine-tune lora-") for d in descriptions), descriptions
     assert any(d and d.startswith("train the ICM-LoRA CVAE") for d in descriptions), descriptions
