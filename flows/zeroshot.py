@@ -3,6 +3,7 @@
     data, oracle LoRA, base-model task vector        (every category, .map; the vector needs only its text)
     for each of K folds (deterministic over category names):
         train only on the other folds' categories:   ICM-LoRA generator, mean LoRA, multi-task LoRA (pooled text)
+                                                      (+ generators on nested subsets of them: the scaling curve)
         for each held-out category:                   ICM-LoRA zero-shot, shuffled-vector and mean-condition
                                                       controls, 1-NN and softmax k-NN by the same task vector
     per-block NLL of every method on every held-out category's test split
@@ -25,7 +26,7 @@ from icm_core.categories import category_family, library_categories
 from icm_core.config import ZeroShotRunConfig
 from icm_core.data import Category, source_fingerprint
 from icm_core.registry import load_registry
-from icm_core.zeroshot import assert_no_leakage, make_folds, shuffled_partner
+from icm_core.zeroshot import SCALING_PREFIX, assert_no_leakage, make_folds, scaling_subsets, shuffled_partner
 from tasks.artifacts import ArtifactRef
 from tasks.records import on_root
 from tasks.stages import finetune_task, prepare_data_task, task_vector_task, train_generator_task
@@ -120,12 +121,21 @@ def zeroshot_protocol(
         train_loras = {n: lora_by[n] for n in train}
         train_vectors = {n: vector_by[n] for n in train}
         train_data = {n: data_by[n] for n in train}
+        subsets = scaling_subsets(train, zs.scaling_sizes, zs.fold_seed + i)  # the scaling curve's training sets
         assert_no_leakage(
             held_out,
             {"generator trajectories": list(train_loras), "generator task vectors": list(train_vectors),
-             "multi-task text": list(train_data), "k-NN library": list(train_loras)},
+             "multi-task text": list(train_data), "k-NN library": list(train_loras),
+             **{f"scaling generator ({size} categories)": subset for size, subset in subsets.items()}},
         )  # fmt: skip
         generator = train_generator(train_loras, train_vectors, cfg.cvae, cfg.model.device, root, cfg.resume)
+        scaled = {
+            size: train_generator(
+                {n: lora_by[n] for n in subset}, {n: vector_by[n] for n in subset}, cfg.cvae, cfg.model.device, root,
+                cfg.resume,
+            )
+            for size, subset in subsets.items()
+        }  # fmt: skip
         functional = None
         if zs.functional_steps > 0:  # the generator variant aimed at unseen categories (decoder through the LM)
             functional = functional_generator(
@@ -147,6 +157,9 @@ def zeroshot_protocol(
                     cat, method, train_loras, train_vectors, query, k, zs.knn_temperature, root
                 )
             adapters[cat]["icm_lora"] = vector_adapter(cat, "icm_lora", generator, [query], cfg.sample, root)
+            for size, smaller in scaled.items():
+                method = f"{SCALING_PREFIX}{size}"
+                adapters[cat][method] = vector_adapter(cat, method, smaller, [query], cfg.sample, root)
             if functional is not None:
                 adapters[cat]["icm_functional"] = vector_adapter(
                     cat, "icm_functional", functional, [query], cfg.sample, root

@@ -524,11 +524,20 @@ class ZeroShotConfig(StageConfig):
         "on every category's test text: N^2 evaluations, the figure that shows the categories are distinct); "
         "0 leaves it out. Equal to eval.max_tokens, its diagonal and base scores are the protocol's own.",
     )
+    scaling_sizes: tuple[int, ...] = Field(
+        (8, 16),
+        description="Training-set sizes of the scaling curve: in every fold, one more generator per size, trained "
+        "on that many of the fold's training categories (nested subsets of one seeded shuffle) and scored on the "
+        "fold's held-out categories as 'icm_lora@<size>'; the fold's full generator is the curve's last point. "
+        "Sizes not below a fold's training count are skipped; () turns the curve off.",
+    )
     functional_steps: int = Field(
-        0,
+        300,
         ge=0,
         description="Steps of the functional fine-tune of each fold's generator decoder through the frozen base "
-        "model (method 'icm_functional', icm_core/functional_loss.py); 0 leaves the variant out.",
+        "model (method 'icm_functional', icm_core/functional_loss.py; one training category per step, so 300 "
+        "is about 10 visits per category of a 30-category fold, ~1.3 s a step on 2 CPU cores); 0 leaves the "
+        "variant out.",
     )
     functional_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the functional fine-tune.")
     functional_batch_blocks: int = Field(2, ge=1, description="Training blocks per functional step.")

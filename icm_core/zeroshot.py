@@ -28,12 +28,16 @@ from icm_core.baselines import _pair, delta_weights, factorise, lora_modules, lo
 __all__ = [
     "BASELINES",
     "METHODS",
+    "SCALING_PREFIX",
     "assert_no_leakage",
     "bootstrap_gap",
     "cross_category_matrix",
     "gap_recovered",
     "knn_weights",
     "make_folds",
+    "scaling_curve",
+    "scaling_size",
+    "scaling_subsets",
     "shuffled_partner",
     "summarize",
     "weighted_delta_adapter",
@@ -56,6 +60,9 @@ BASELINES: tuple[str, ...] = ("mean_lora", "multitask_lora", "nn1", "knn_softmax
 """The baselines ICM-LoRA zero-shot is compared with (win rates ``icm_lora_vs_<baseline>``)."""
 CONTROLS: tuple[str, ...] = ("icm_shuffled", "icm_mean_condition")
 """Controls: ICM-LoRA with another held-out category's vector, and with the mean training condition."""
+SCALING_PREFIX = "icm_lora@"
+"""Method name prefix of the scaling curve's generators: ``icm_lora@8`` is ICM-LoRA zero-shot from a generator
+trained on 8 of the fold's training categories (``icm_lora`` itself is the point with all of them)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,6 +118,30 @@ def shuffled_partner(held_out: Sequence[str]) -> dict[str, str]:
     if len(names) < 2:
         raise ValueError("the shuffled-vector control needs at least two held-out categories in a fold")
     return {name: names[(i + 1) % len(names)] for i, name in enumerate(names)}
+
+
+def scaling_subsets(train: Sequence[str], sizes: Sequence[int], seed: int) -> dict[int, list[str]]:
+    """The scaling curve's training sets within one fold: for each size ``s`` below ``len(train)``, the first
+    ``s`` names of one seeded shuffle of ``train`` (so the sets are nested: every larger set contains the
+    smaller ones, and the curve measures adding categories, not swapping them). Each set is returned sorted;
+    sizes that are not below ``len(train)`` are left out (the whole set is the protocol's own generator).
+
+    Raises:
+        ValueError: A size below 1.
+    """
+    if any(s < 1 for s in sizes):
+        raise ValueError(f"zeroshot.scaling_sizes: sizes must be at least 1, got {list(sizes)}")
+    order = sorted(train)
+    random.Random(seed).shuffle(order)
+    return {s: sorted(order[:s]) for s in sorted(set(sizes)) if s < len(order)}
+
+
+def scaling_size(method: str) -> int | None:
+    """The training-set size of a scaling-curve method name (``icm_lora@8`` -> 8), else None."""
+    if not method.startswith(SCALING_PREFIX):
+        return None
+    tail = method[len(SCALING_PREFIX) :]
+    return int(tail) if tail.isdigit() else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,6 +357,8 @@ def summarize(
     {"icm_lora_vs_<other>": share}}`` (shares in [0, 1] of the gap; base is 0 and oracle 1 by definition).
     """
     methods = [m for m in METHODS if all(m in nll[c] for c in nll)]
+    scaled = {m for c in nll for m in nll[c] if scaling_size(m) is not None and all(m in nll[x] for x in nll)}
+    methods += sorted(scaled, key=scaling_size)
     result = bootstrap_gap(nll, methods, samples, seed)
     wins = {
         f"icm_lora_vs_{other}": win_rate(result["per_category"], "icm_lora", other)
@@ -351,4 +384,21 @@ def summarize(
         "best_baseline": best_baseline,
         "excluded_categories": result["excluded"],
     }
+    if scaled and "icm_lora" in methods:
+        summary["scaling"] = scaling_curve(result["macro"], sorted(scaled, key=scaling_size), folds, len(nll))
     return {**result, "summary": summary, "methods": methods}
+
+
+def scaling_curve(
+    macro: Mapping[str, Mapping[str, float]], scaled: Sequence[str], folds: Sequence[Sequence[str]], n: int
+) -> list[dict[str, Any]]:
+    """Zero-shot macro gain (with its interval) against the number of training categories: one point per
+    scaling method, then ``icm_lora`` at the folds' full training sets (their mean size; ``per_fold`` lists
+    them, since folds may differ by one)."""
+    full = [n - len(fold) for fold in folds]
+    points = [{"training_categories": scaling_size(m), "method": m} for m in scaled]
+    points.append({"training_categories": sum(full) / len(full), "per_fold": full, "method": "icm_lora"})
+    for point in points:
+        cell = macro[point["method"]]
+        point.update(macro_gain=cell["gap"], ci95=[cell["low"], cell["high"]])
+    return points

@@ -13,7 +13,7 @@ import torch
 
 from icm_core.io import write_json, write_text
 from icm_core.plots import pca_2d, pyplot, save_figure
-from icm_core.zeroshot import METHODS
+from icm_core.zeroshot import METHODS, scaling_size
 
 
 TITLES = {
@@ -28,6 +28,14 @@ TITLES = {
     "icm_shuffled": "ICM-LoRA, shuffled vector (control)",
     "icm_mean_condition": "ICM-LoRA, mean condition (control)",
 }
+
+
+def title(method: str) -> str:
+    """A method's display name (scaling-curve methods: the size of their generator's training set)."""
+    size = scaling_size(method)
+    if size is not None:
+        return f"ICM-LoRA zero-shot, generator trained on {size} categories"
+    return TITLES.get(method, method)
 
 
 def _pct(value: float | None) -> str:
@@ -87,9 +95,7 @@ def write_results(
     ]
     for m in methods:
         low, high = summary["macro_gain_ci95"][m]
-        lines.append(
-            f"| {TITLES.get(m, m)} (`{m}`) | {_pct(summary['macro_gain'][m])} | {_pct(low)} .. {_pct(high)} |"
-        )
+        lines.append(f"| {title(m)} (`{m}`) | {_pct(summary['macro_gain'][m])} | {_pct(low)} .. {_pct(high)} |")
     lines += ["", "| win rate | share of held-out categories |", "|---|---:|"]
     lines += [f"| `{k}` | {_pct(v)} |" for k, v in summary["win_rate"].items()]
     if summary.get("excluded_categories"):
@@ -102,6 +108,8 @@ def write_results(
     for cat in sorted(result["per_category"]):
         cells = [_pct(result["per_category"][cat][m]["gap"]) for m in methods]
         lines.append(f"| {cat} | {fold_of.get(cat, '')} | " + " | ".join(cells) + " |")
+    if summary.get("scaling"):
+        lines += ["", *_scaling_lines(summary["scaling"])]
     if matrix is not None:
         files.update(_cross_category(out, matrix, families))
         lines += ["", *_cross_category_lines(matrix, meta)]
@@ -117,6 +125,24 @@ def write_results(
     files["report"] = str(write_text(out / "report.md", "\n".join(lines) + "\n"))
     files.update(_figures(out, result, methods, multitask_losses, vectors, families))
     return files
+
+
+def _scaling_lines(points: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines = [
+        "## Scaling: zero-shot gain against the number of training categories",
+        "",
+        "Per fold, generators trained on nested subsets of the fold's training categories, each scored on the "
+        "fold's held-out categories; the last row is the protocol's own generator (all training categories).",
+        "",
+        "| training categories | method | macro gap recovered | 95% interval |",
+        "|---:|---|---:|---|",
+    ]
+    for point in points:
+        low, high = point["ci95"]
+        size = point["training_categories"]
+        shown = f"{size:g}" if "per_fold" not in point else f"{size:g} (per fold {point['per_fold']})"
+        lines.append(f"| {shown} | `{point['method']}` | {_pct(point['macro_gain'])} | {_pct(low)} .. {_pct(high)} |")
+    return lines
 
 
 def _cross_category_lines(matrix: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
@@ -163,7 +189,7 @@ def _figures(out, result, methods, multitask_losses, vectors, families) -> dict[
     plt = pyplot()
     files = {}
     cats = sorted(result["per_category"])
-    shown = [m for m in methods if m not in ("base", "oracle")]
+    shown = [m for m in methods if m not in ("base", "oracle") and scaling_size(m) is None]
     if cats and shown:
         fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(cats) * len(shown) / 3), 4))
         width = 0.8 / len(shown)
@@ -179,6 +205,21 @@ def _figures(out, result, methods, multitask_losses, vectors, families) -> dict[
         ax.set_ylabel("share of base-to-oracle NLL gap")
         ax.legend(fontsize=6, ncol=2)
         files["gain_figure"] = str(save_figure(fig, out / "gain_per_category.png"))
+    scaling = result["summary"].get("scaling")
+    if scaling:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        xs = [p["training_categories"] for p in scaling]
+        ys = [p["macro_gain"] for p in scaling]
+        err = [[max(0, p["macro_gain"] - p["ci95"][0]) for p in scaling],
+               [max(0, p["ci95"][1] - p["macro_gain"]) for p in scaling]]  # fmt: skip
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label="ICM-LoRA zero-shot")
+        for baseline, style in (("mean_lora", "--"), ("knn_softmax", ":"), ("multitask_lora", "-.")):
+            if baseline in result["macro"]:
+                ax.axhline(result["macro"][baseline]["gap"], ls=style, lw=0.8, color="gray", label=baseline)
+        ax.set_xlabel("training categories of the generator")
+        ax.set_ylabel("macro share of the gap recovered")
+        ax.legend(fontsize=6)
+        files["scaling_curve"] = str(save_figure(fig, out / "scaling_curve.png"))
     if multitask_losses:
         fig, ax = plt.subplots(figsize=(5, 3))
         for label, losses in multitask_losses.items():
@@ -204,4 +245,4 @@ def _figures(out, result, methods, multitask_losses, vectors, families) -> dict[
     return files
 
 
-__all__ = ["METHODS", "TITLES", "write_results"]
+__all__ = ["METHODS", "TITLES", "title", "write_results"]

@@ -5,8 +5,8 @@ Reads a finished pipeline run under ``--root`` (its data splits, LoRA trajectori
 1. CVAE: trains the generator with the run config's CVAE settings up to ``--epochs``, validating every
    ``--every`` epochs without stopping, and prints per check the generated adapters' validation NLL and the
    share of the base-to-LoRA validation NLL gap they recover (mean and worst category). Then it replays the
-   configured early stopping (``cvae.val_criterion`` / ``val_every`` / ``patience`` / ``min_delta``) on that curve: the epoch it
-   stops at, and what it keeps.
+   configured early stopping (``cvae.val_criterion`` / ``val_every`` / ``patience`` / ``min_delta``) on that
+   curve: the epoch it stops at, and what it keeps.
 2. LoRA (``--lora name,...``): fine-tunes each named category with the configured schedule, keeping a
    checkpoint every ``--lora-every`` steps, and prints the validation NLL of each checkpoint.
 

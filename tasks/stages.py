@@ -346,12 +346,14 @@ def train_generator_task(
             progress.append(Progress("train the ICM-LoRA CVAE (epochs)", cvae_cfg.epochs))
         progress[0].update(epoch)
         if "val" in row:
+            what = "worst unrecovered gap" if cvae_cfg.val_criterion == "worst_gap" else "mean NLL"
             logger.info(
-                "cvae epoch %d/%d recon %.5f kld %.3f val nll %.4f",
+                "cvae epoch %d/%d recon %.5f kld %.3f validation %s %.4f",
                 epoch,
                 cvae_cfg.epochs,
                 row["recon"],
                 row["kld"],
+                what,
                 row["val"],
             )
         elif epoch % max(1, cvae_cfg.epochs // 10) == 0 or epoch == cvae_cfg.epochs:

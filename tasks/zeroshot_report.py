@@ -93,6 +93,17 @@ def _publish(result: dict[str, Any], matrix: dict[str, Any] | None = None) -> No
         key="icm-zeroshot-win-rates",
         description="Share of held-out categories where the zero-shot generator beats each baseline / control",
     )
+    if summary.get("scaling"):
+        create_table_artifact(
+            [
+                {"training_categories": p["training_categories"], "method": p["method"],
+                 "macro_gap_recovered": _rounded(p["macro_gain"]), "ci95_low": _rounded(p["ci95"][0]),
+                 "ci95_high": _rounded(p["ci95"][1])}
+                for p in summary["scaling"]
+            ],
+            key="icm-zeroshot-scaling",
+            description="Zero-shot macro gain against the number of categories the generator was trained on",
+        )  # fmt: skip
     if matrix is not None:
         create_table_artifact(
             [{"target": t, **{s: _rounded(v) for s, v in matrix["share"][t].items()}} for t in matrix["categories"]],

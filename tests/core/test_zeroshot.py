@@ -13,6 +13,8 @@ from icm_core.zeroshot import (
     gap_recovered,
     knn_weights,
     make_folds,
+    scaling_size,
+    scaling_subsets,
     shuffled_partner,
     summarize,
     weighted_delta_adapter,
@@ -123,6 +125,36 @@ def test_summary_has_the_issue_format():
     assert set(summary["win_rate"]) == {
         f"icm_lora_vs_{m}" for m in ["mean_lora", "multitask_lora", "nn1", "knn_softmax"]
     }
+
+
+def test_scaling_subsets_are_nested_deterministic_and_below_the_full_set():
+    train = [f"cat{i:02d}" for i in range(12)]
+    subsets = scaling_subsets(train, [8, 3, 12, 20, 3], seed=4)
+    assert list(subsets) == [3, 8]  # sorted, duplicates merged, sizes >= 12 left to the full generator
+    assert subsets == scaling_subsets(list(reversed(train)), [3, 8], seed=4)  # depends on the set, not its order
+    assert all(len(subsets[s]) == s and subsets[s] == sorted(subsets[s]) for s in subsets)
+    assert set(subsets[3]) < set(subsets[8]) < set(train)
+    assert scaling_subsets(train, [3], seed=5)[3] != subsets[3] or scaling_subsets(train, [3], seed=6)[3] != subsets[3]
+    with pytest.raises(ValueError, match="scaling_sizes"):
+        scaling_subsets(train, [0], seed=0)
+    assert scaling_size("icm_lora@8") == 8 and scaling_size("icm_lora") is None and scaling_size("icm_lora@z1") is None
+
+
+def test_summary_scaling_curve_ends_at_the_full_generator():
+    base = [3.0, 3.1, 2.9, 3.2]
+    nll = {}
+    for cat in ["a", "b", "c", "d", "e"]:
+        nll[cat] = {"base": base, "oracle": [b - 1 for b in base], "mean_lora": [b - 0.3 for b in base]}
+        nll[cat]["icm_lora"] = [b - 0.6 for b in base]
+        nll[cat]["icm_lora@2"] = [b - 0.4 for b in base]
+        nll[cat]["icm_lora@1"] = [b - 0.2 for b in base]
+    summary = summarize(nll, [["a", "b", "c"], ["d", "e"]], samples=20)["summary"]
+    points = summary["scaling"]
+    assert [p["method"] for p in points] == ["icm_lora@1", "icm_lora@2", "icm_lora"]
+    assert [p["training_categories"] for p in points] == [1, 2, 2.5] and points[-1]["per_fold"] == [2, 3]
+    assert [p["macro_gain"] for p in points] == pytest.approx([0.2, 0.4, 0.6])
+    assert all(p["ci95"][0] - 1e-9 <= p["macro_gain"] <= p["ci95"][1] + 1e-9 for p in points)
+    assert "icm_lora_vs_icm_lora@1" not in summary["win_rate"]  # win rates stay against baselines and controls
 
 
 def test_zeroshot_config_refuses_vectors_a_held_out_category_cannot_have():

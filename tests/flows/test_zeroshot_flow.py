@@ -39,7 +39,9 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
         task_vector=TaskVectorConfig(hidden_from="base", num_samples=2, sample_tokens=16),
         cvae=base.cvae,
         eval=base.eval,
-        zeroshot=ZeroShotConfig(folds=2, multitask_steps=4, bootstrap_samples=20, knn_k=2, functional_steps=2),
+        zeroshot=ZeroShotConfig(
+            folds=2, multitask_steps=4, bootstrap_samples=20, knn_k=2, functional_steps=2, scaling_sizes=(1, 5)
+        ),
     )
     results = tmp_path / "results"
     out = zeroshot_protocol(
@@ -47,7 +49,10 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
     )
     summary = json.loads((results / "summary.json").read_text())
     assert summary["categories"] == 4 and summary["folds"] == 2
-    assert set(summary["macro_gain"]) == set(METHODS)
+    assert set(summary["macro_gain"]) == {*METHODS, "icm_lora@1"}  # size 5 >= a fold's 2 training categories
+    scaling = summary["scaling"]
+    assert [(p["method"], p["training_categories"]) for p in scaling] == [("icm_lora@1", 1), ("icm_lora", 2)]
+    assert scaling[-1]["macro_gain"] == summary["macro_gain"]["icm_lora"]
     assert summary["scored_categories"] >= 1
     assert summary["macro_gain"]["base"] == 0.0 and abs(summary["macro_gain"]["oracle"] - 1.0) < 1e-9
     assert {
@@ -58,7 +63,7 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
     } <= set(summary["win_rate"])
     assert all(summary[k] == v for k, v in out["summary"].items())
     for name in ("report.md", "per_category.csv", "results.json", "gain_per_category.png",
-                 "multitask_training_curve.png", "task_vector_map.png"):  # fmt: skip
+                 "multitask_training_curve.png", "task_vector_map.png", "scaling_curve.png"):  # fmt: skip
         assert (results / name).is_file(), name
     folds = make_folds(list(texts), 2, 0)
     assert summary["fold_assignment"] == folds
@@ -76,7 +81,8 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
     root = workspace.root
     held_out_of = {c: set(f) for f in folds for c in f}
     generated = [read_json(m)["meta"] for m in root.glob("zs_generated/*/*/manifest.json")]
-    assert len(generated) == 4 * 4  # icm_lora, icm_functional, shuffled and mean-condition per held-out category
+    # icm_lora, icm_functional, shuffled, mean-condition and the 1-category generator's, per held-out category
+    assert len(generated) == 4 * 5
     for manifest in root.glob("zs_generated/*/*/manifest.json"):
         cat = manifest.parent.parent.name
         meta = read_json(manifest)["meta"]
@@ -93,11 +99,20 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
         held = set(folds[int(label.split("-")[1])]) if label.startswith("fold-") else held_out_of[label]
         assert not set(meta["weights"]) & held, (label, meta)
     generators = [load_tensors(p)[1] for p in root.glob("generator/*/generator.safetensors")]
-    assert len(generators) == 4  # per fold: the reconstruction-trained CVAE and its functional fine-tune
+    # Per fold: the reconstruction-trained CVAE, its functional fine-tune and the scaling curve's 1-category one.
+    assert len(generators) == 6
     assert {g["task_vector_kind"] for g in generators} == {f"hidden_state:base:{cfg.model.name_or_path}"}
-    assert sorted(sorted(g["categories"]) for g in generators) == sorted(
+    full = [g for g in generators if len(g["categories"]) == 2]
+    assert sorted(sorted(g["categories"]) for g in full) == sorted(
         sorted(set(texts) - set(f)) for f in folds for _ in range(2)
     )
+    assert sum(len(g["categories"]) == 1 for g in generators) == 2
+    # The 1-category generator saw one of its fold's training categories, never a held-out one.
+    for manifest in root.glob("zs_generated/*/*/manifest.json"):
+        meta = read_json(manifest)["meta"]
+        if meta["method"] == "icm_lora@1":
+            assert len(meta["generator_categories"]) == 1
+            assert not set(meta["generator_categories"]) & held_out_of[manifest.parent.parent.name]
     assert sum("functional" in g for g in generators) == 2
     assert "icm_functional_vs_icm_lora" in summary["win_rate"]
 
@@ -119,6 +134,7 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
             "icm-zeroshot-per-category",
             "icm-zeroshot-win-rates",
             "icm-zeroshot-cross-category",
+            "icm-zeroshot-scaling",
         ]
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
     assert {a.key for a in found} == set(keys)
