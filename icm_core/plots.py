@@ -83,9 +83,12 @@ def plot_training_curves(
     ax.set_title("ICM-LoRA CVAE")
     checked = [row for row in cvae_history if "val" in row]
     if checked:
-        # The early-stopping criterion: generated adapters' validation NLL (nats/token), its own axis.
+        # The early-stopping criterion (cvae.val_criterion: the worst category's unrecovered share of its
+        # validation gap, or the mean validation NLL), on its own axis; the dotted line marks the kept epoch.
         val_ax = ax.twinx()
-        val_ax.plot([r["epoch"] + 1 for r in checked], [r["val"] for r in checked], "k.-", label="validation NLL")
+        val_ax.plot(
+            [r["epoch"] + 1 for r in checked], [r["val"] for r in checked], "k.-", label="validation criterion"
+        )
         best = [r for r in checked if r.get("best")]
         if best:
             val_ax.axvline(best[0]["epoch"] + 1, color="k", ls=":", lw=1)

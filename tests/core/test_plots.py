@@ -49,7 +49,7 @@ def test_training_curves_show_the_validation_criterion(figures, tmp_path):
     history[3]["best"] = True
     plots.plot_training_curves(history, None, tmp_path / "curves.png")
     val_ax = figures[0][0].axes[1]
-    [line] = [ln for ln in val_ax.get_lines() if ln.get_label() == "validation NLL"]
+    [line] = [ln for ln in val_ax.get_lines() if ln.get_label() == "validation criterion"]
     assert list(line.get_xdata()) == [2, 4, 6] and list(line.get_ydata()) == [3.0, 2.5, 2.6]
     assert [ln.get_xdata()[0] for ln in val_ax.get_lines() if ln.get_linestyle() == ":"] == [4]
 
