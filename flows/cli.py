@@ -71,37 +71,59 @@ def _run(flow_call, *args: Any, **kwargs: Any) -> Any:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from flows.pipeline import check_category_sources, copy_report, icm_pipeline, select_categories
-    from flows.runtime import device_from_env, make_task_runner
+    from flows import run_record
+    from flows.runtime import device_from_env
     from icm_core.base_model import resolve_device
     from icm_core.config import load_run_config
-    from icm_core.runner import format_table
+    from icm_core.selection import check_category_sources, select_categories
 
     cfg = load_run_config(args.config, args.set + ([f"seeds={args.seeds}"] if args.seeds else []))
     resolve_device(device_from_env(cfg).model.device)
-    runner = make_task_runner(args.runner, args.runner_address, args.workers)
     only = _names(args.only)
     # A bad category file or a missing/empty source fails here, before a Prefect server or flow run starts.
-    check_category_sources(select_categories(args.categories, only))
-    summary = _run(
-        icm_pipeline.with_options(task_runner=runner),
-        config=cfg,
-        categories_file=args.categories,
-        only=only,
-        root=args.root,
-        verify=args.verify,
-    )
+    categories = check_category_sources(select_categories(args.categories, only))
+    # Nothing changed since a finished run with the same key: print its summary, start no server.
+    key = run_record.run_key(device_from_env(cfg), categories, only, args.root)
+    summary = None if args.rerun or args.verify else run_record.find(args.root, key)
+    if summary is not None:
+        from tasks.store import write_root_json
+
+        write_root_json(args.root, "latest.json", summary)  # what a flow run would have pointed it at
+        print(f"up to date: every stage of this run is cached (run record {run_record.record_path(args.root, key)}; "
+              "--rerun runs the flow anyway)")  # fmt: skip
+    else:
+        from flows.pipeline import icm_pipeline
+        from flows.runtime import make_task_runner
+
+        runner = make_task_runner(args.runner, args.runner_address, args.workers)
+        summary = _run(
+            icm_pipeline.with_options(task_runner=runner),
+            config=cfg,
+            categories_file=args.categories,
+            only=only,
+            root=args.root,
+            verify=args.verify,
+        )
+        run_record.write(args.root, key, summary)
+    _print_summary(summary, args.results_dir)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any], results_dir: str | None) -> None:
+    from icm_core.runner import format_table
+
     print()
     print(format_table(summary["rows"]))
     print()
     print(f"report:    {summary['report']}")
-    if args.results_dir:
-        print(f"copied:    {copy_report(summary['report_dir'], args.results_dir)}")
+    if results_dir:
+        from flows.pipeline import copy_report
+
+        print(f"copied:    {copy_report(summary['report_dir'], results_dir)}")
     print(f"generator: {summary['generator']}")
     print("adapters:")
     for row in summary["rows"]:
         print(f"  {row['category']:<14} {row['adapter_dir']}")
-    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -239,12 +261,12 @@ def cmd_registry_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_retrain(args: argparse.Namespace) -> int:
-    from flows.pipeline import check_category_sources
     from flows.registry import retrain_categories
     from flows.runtime import device_from_env
     from icm_core.base_model import resolve_device
     from icm_core.config import load_run_config
     from icm_core.registry import load_registry
+    from icm_core.selection import check_category_sources
 
     cfg = load_run_config(args.config, args.set)
     resolve_device(device_from_env(cfg).model.device)
@@ -298,7 +320,13 @@ def _flow_commands(sub) -> None:
     p.add_argument(
         "--verify",
         action="store_true",
-        help="re-hash every reused output and model file (slow; default: sizes + mtimes)",
+        help="re-hash every reused output and model file (slow; default: sizes + mtimes); always runs the flow",
+    )
+    p.add_argument(
+        "--rerun",
+        action="store_true",
+        help="run the flow even when a finished run with the same key is recorded (default: print that run's "
+        "summary without starting Prefect; flows/run_record.py)",
     )
 
     p = add(

@@ -29,8 +29,8 @@ from prefect.futures import PrefectFuture, wait
 from flows.runtime import device_from_env, use_hub_token
 from icm_core.base_model import resolve_device
 from icm_core.config import METHOD_NAMES, RunConfig
-from icm_core.data import Category, DataError, builtin_categories, iter_documents, source_fingerprint
-from icm_core.registry import load_registry
+from icm_core.data import Category, source_fingerprint
+from icm_core.selection import check_category_sources, select_categories  # noqa: F401 - re-exported
 from tasks.artifacts import ArtifactRef
 from tasks.manifest import VERIFY_ENV
 from tasks.progress import track
@@ -169,40 +169,6 @@ def baseline_adapters(
             names, out.pdiff_shared, cfg.sample, root
         )
     return out
-
-
-def select_categories(categories_file: str | None, only: Sequence[str] | None) -> list[Category]:
-    categories = load_registry(categories_file) if categories_file else builtin_categories()
-    names = [c.name for c in categories]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"duplicate category names: {duplicates}")
-    if only:
-        unknown = sorted(set(only) - set(names))
-        if unknown:
-            raise ValueError(f"only: unknown categories {unknown}; known: {sorted(names)}")
-        categories = [c for c in categories if c.name in set(only)]
-    if not categories:
-        raise ValueError("no categories to run")
-    return categories
-
-
-def check_category_sources(categories: Sequence[Category]) -> list[Category]:
-    """Fail early, naming the category and file, when a user category's source is missing or holds no text.
-
-    Reads each source only up to its first non-empty document (built-in sources ship with the install), so
-    the CLI can refuse a bad category file in well under a second, before any Prefect server starts.
-
-    Raises:
-        DataError: A source is missing, unreadable or empty.
-    """
-    for category in categories:
-        if category.is_builtin:
-            continue
-        source_fingerprint(category)  # every file of the source exists
-        if next(iter_documents(category), None) is None:
-            raise DataError(f"category {category.name!r}: source {category.source} is empty (no non-whitespace text)")
-    return list(categories)
 
 
 def _run_name() -> str:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from prefect.task_runners import ThreadPoolTaskRunner
-
 from icm_core.config import RunConfig
 
 
@@ -45,6 +43,8 @@ def make_task_runner(kind: str = "threads", address: str | None = None, workers:
     if kind == "threads":
         if address:
             raise ValueError("runner_address: the thread runner runs in this process; it takes no address")
+        from prefect.task_runners import ThreadPoolTaskRunner
+
         return ThreadPoolTaskRunner(max_workers=workers)
     if kind == "dask":
         try:

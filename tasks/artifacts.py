@@ -18,25 +18,31 @@ runs again instead of handing out a broken artifact.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel, ConfigDict
 
-import icm_core
 from icm_core import model_identity
-from icm_core.config import ModelConfig, TaskVectorConfig, config_fingerprint
+from icm_core.config import config_fingerprint
 from icm_core.io import ArtifactError
 from icm_core.layout import stage_dir
 from icm_core.model_identity import ModelLoadError
+from tasks.identity import (  # noqa: F401 - re-exported: callers import them from here
+    FINGERPRINTS,
+    PRESENTATION_MODULES,
+    REPORT_STAGES,
+    code_fingerprint,
+    model_identities,
+    model_sources,
+    source_identity,
+)
 from tasks.manifest import (  # noqa: F401 - re-exported: callers import them from here
     MANIFEST,
     full_verify_requested,
@@ -48,9 +54,6 @@ from tasks.store import fetch, is_remote, local_root, remote_manifest
 
 
 logger = logging.getLogger("icm_lora.artifacts")
-
-FINGERPRINTS = ".fingerprints"
-"""Folder under the (local staging) artifacts root holding the fingerprint records of local model folders."""
 
 
 class ArtifactRef(BaseModel):
@@ -73,45 +76,6 @@ class ArtifactRef(BaseModel):
         return Path(self.path) / name
 
 
-PRESENTATION_MODULES = frozenset(
-    {
-        "icm_core/reporting.py",
-        "icm_core/stats.py",
-        "icm_core/plots.py",
-        "icm_core/vision/report.py",
-        "tasks/report.py",
-        "tasks/ablations.py",
-        "tasks/detection_report.py",
-        "icm_core/zeroshot_report.py",
-        "tasks/zeroshot_report.py",
-    }
-)
-"""Modules that only format results (tables, figures, UI artifacts). Editing them re-renders reports but
-must not retrain anything, so they are left out of the fingerprint of the compute stages. No other
-module may import them (``tests/test_layering.py`` checks)."""
-
-REPORT_STAGES = frozenset({"report", "ablation_report"})
-
-
-@cache
-def code_fingerprint(include_presentation: bool = True) -> str:
-    """sha256 over icm_core's version and the source of icm_core and tasks: editing the method or a task
-    wrapper invalidates cached stages (Prefect's TASK_SOURCE would only see the task function itself).
-
-    With ``include_presentation=False`` the result-formatting modules are left out: that is the
-    fingerprint of every compute stage, so a change to a table or a figure reruns only the reports.
-    """
-    digest = hashlib.sha256(icm_core.__version__.encode())
-    for package in (Path(icm_core.__file__).parent, Path(__file__).parent):
-        for path in sorted(package.rglob("*.py")):
-            name = f"{package.name}/{path.relative_to(package).as_posix()}"
-            if not include_presentation and name in PRESENTATION_MODULES:
-                continue
-            digest.update(name.encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
 def canonical(value: Any) -> Any:
     """What of a task input goes into a cache key: refs by content hash, configs by their fields."""
     if isinstance(value, ArtifactRef):
@@ -125,53 +89,6 @@ def canonical(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def model_sources(value: Any) -> list[tuple[str, str]]:
-    """The models a stage input makes the stage read, as ``(kind, name_or_path)``: the base LM of a
-    ModelConfig, the sentence encoder of a description TaskVectorConfig, the detector of a DetectorConfig, the
-    CLIP checkpoint of a CLIP detection task vector (the vision configs are recognised by class name, so this
-    module does not import the vision package)."""
-    if isinstance(value, ModelConfig):
-        return [("base_model", value.name_or_path)]
-    if isinstance(value, TaskVectorConfig) and value.source == "description":
-        return [("text_encoder", value.text_encoder)]
-    kind = type(value).__name__
-    if kind == "DetectorConfig":
-        return [("detector", value.name_or_path)]
-    if kind == "DetectionTaskVectorConfig" and value.source.startswith("clip_") and value.clip_checkpoint:
-        return [("clip", value.clip_checkpoint)]
-    return []
-
-
-def source_identity(kind: str, name_or_path: str, value: Any, record_dir: Path, full: bool) -> dict[str, Any]:
-    """Content identity of one model a stage reads (see ``icm_core.model_identity``)."""
-    if kind == "base_model":
-        from icm_core.base_model import model_content_identity
-
-        return model_content_identity(value, record_dir, full)
-    if kind == "text_encoder":
-        from icm_core.task_vectors import BUILTIN_TEXT_ENCODERS, resolve_text_encoder
-
-        if name_or_path in BUILTIN_TEXT_ENCODERS:
-            name_or_path = resolve_text_encoder(name_or_path)
-    elif kind == "detector" and value.kind == "mtcnn" and name_or_path == "facenet-pytorch":
-        from icm_core.vision.mtcnn import facenet_folder
-
-        name_or_path = str(facenet_folder() / "data")
-    return model_identity.path_or_hub_identity(name_or_path, record_dir, full)
-
-
-def model_identities(inputs: dict[str, Any], root: str | Path) -> dict[str, Any]:
-    """``{input name: [identity, ...]}`` for every input that makes the stage read a model."""
-    record_dir = local_root(root) / FINGERPRINTS
-    full = full_verify_requested()
-    found = {}
-    for name, value in sorted(inputs.items()):
-        sources = model_sources(value)
-        if sources:
-            found[name] = [source_identity(kind, path, value, record_dir, full) for kind, path in sources]
-    return found
 
 
 def stage_key(stage: str, inputs: dict[str, Any]) -> str:

@@ -79,7 +79,7 @@ def test_presentation_modules_are_imported_only_by_reports_and_flows():
 
 
 def test_presentation_change_keeps_compute_fingerprint(tmp_path, monkeypatch):
-    import tasks.artifacts as artifacts
+    import tasks.identity as artifacts  # where the fingerprint lives (tasks.artifacts re-exports it)
 
     code_root = tmp_path / "code"
     for package in ("icm_core", "tasks"):
@@ -91,7 +91,7 @@ def test_presentation_change_keeps_compute_fingerprint(tmp_path, monkeypatch):
     def fingerprints() -> tuple[str, str]:
         artifacts.code_fingerprint.cache_clear()
         monkeypatch.setattr(artifacts.icm_core, "__file__", str(code_root / "icm_core" / "__init__.py"))
-        monkeypatch.setattr(artifacts, "__file__", str(code_root / "tasks" / "artifacts.py"))
+        monkeypatch.setattr(artifacts, "TASKS_DIR", code_root / "tasks")
         return artifacts.code_fingerprint(False), artifacts.code_fingerprint(True)
 
     try:
