@@ -210,9 +210,20 @@ def states_by_name(state) -> dict[str, str]:
     return {run.name: run.state.name for run in runs}
 
 
+BATCHED_TASK_RUNS = frozenset({"sample-pdiff", "sample-pdiff-z1"})
+"""Task runs that write one output folder per category (COND P-DIFF samples all categories in one batch)."""
+
+
+def expected_output_folders(categories=CATEGORIES) -> int:
+    """How many stage output folders a run writes: one per task run, and one per category for each batched one."""
+    runs = expected_task_runs(categories)
+    assert BATCHED_TASK_RUNS <= runs
+    return len(runs) - len(BATCHED_TASK_RUNS) + len(BATCHED_TASK_RUNS) * len(categories)
+
+
 def expected_task_runs(categories=CATEGORIES) -> set[str]:
     names = {"train-cvae", "train-cond-pdiff", "soup-all", "report", "diagnostics-icm_lora", "diagnostics-cond_pdiff"}
-    names |= {"sample-pdiff", "sample-pdiff-z1"}  # COND P-DIFF samples all categories in one batch
+    names |= BATCHED_TASK_RUNS
     for c in categories:
         names |= {f"data-{c}", f"lora-{c}", f"task-vector-{c}", f"sample-{c}"}
         names |= {f"trajectory-mean-{c}", f"soup-{c}-own", f"sample-{c}-z1"}

@@ -16,7 +16,7 @@ import yaml
 from icm_core.faults import TRACE_ENV
 from tasks.artifacts import valid_output
 from tests.flows.crash import check_visible_files, hidden_leftovers, output_folders
-from tests.flows.support import CATEGORIES, EVALUATED, expected_task_runs, states_by_name
+from tests.flows.support import CATEGORIES, EVALUATED, expected_output_folders, states_by_name
 from tests.flows.test_faults import eval_scores
 
 
@@ -81,7 +81,7 @@ def test_two_pipelines_at_once_build_every_output_once(workspace, prefect_api, t
     folders = output_folders(workspace.root)
     assert {Path(t) for t in builds} == set(folders)
     assert set(builds.values()) == {1}, builds
-    assert len(folders) == len(expected_task_runs())
+    assert len(folders) == expected_output_folders()
     lora_steps = Counter(target for _, _, point, target in rows if point == "lora.step")
     assert sorted(lora_steps.values()) == [LORA_STEPS] * len(CATEGORIES), lora_steps
     assert len({pid for _, pid, _, _ in rows}) == 2, "one of the runs did no work at all"
@@ -96,7 +96,7 @@ def test_two_pipelines_at_once_build_every_output_once(workspace, prefect_api, t
     # 3) Both completed with the same results; every artifact verifies; no temporary file is left.
     assert results_table(outputs[0]) == results_table(outputs[1])
     assert all(valid_output(folder) is not None for folder in folders)
-    assert check_visible_files(workspace.root)["manifests"] == len(expected_task_runs())
+    assert check_visible_files(workspace.root)["manifests"] == expected_output_folders()
     assert hidden_leftovers(workspace.root) == []
     assert set(eval_scores(workspace.root)) == {(c, m) for c in CATEGORIES for m in EVALUATED}
 

@@ -13,7 +13,7 @@ from flows.generate import latest_generator
 from icm_core.io import ArtifactError, read_json
 from tasks.artifacts import ArtifactRef, localize
 from tasks.store import CACHE_ENV, local_root, normalize_root
-from tests.flows.support import expected_task_runs, states_by_name
+from tests.flows.support import expected_output_folders, expected_task_runs, states_by_name
 
 
 def published(url: str) -> dict[str, object]:
@@ -34,7 +34,7 @@ def test_fresh_machine_reuses_published_artifacts(workspace, tmp_path, monkeypat
     assert first.is_completed(), first.message
     before = published(url)
     manifests = sorted(p for p in before if p.endswith("/manifest.json"))
-    assert len(manifests) == len(expected_task_runs())  # every stage output is published, manifest last
+    assert len(manifests) == expected_output_folders()  # every stage output is published, manifest last
     assert any(p.endswith("/latest.json") for p in before)
     # Prefect's result records live inside the root they describe (tasks/records.py), not on this machine.
     records = [p for p in before if "/.prefect/results/" in p]

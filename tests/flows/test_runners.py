@@ -12,7 +12,7 @@ from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_setti
 
 from flows.pipeline import icm_pipeline
 from flows.runtime import make_task_runner
-from tests.flows.support import expected_task_runs, states_by_name
+from tests.flows.support import expected_output_folders, expected_task_runs, states_by_name
 
 
 def manifests(root: Path) -> dict[tuple[str, ...], dict[str, str]]:
@@ -82,7 +82,7 @@ def test_dask_runner_matches_thread_runner(workspace, tmp_path):
 
     by_threads, by_dask = manifests(workspace.root), manifests(dask_root)
     assert set(by_dask) == set(by_threads)
-    assert len(by_dask) == len(expected_task_runs())  # one output folder per task run
+    assert len(by_dask) == expected_output_folders()
     different = {
         where: sorted(f for f in by_threads[where] if by_threads[where][f] != by_dask[where].get(f))
         for where in by_threads
