@@ -78,12 +78,13 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from icm_core.selection import check_category_sources, select_categories
 
     cfg = load_run_config(args.config, args.set + ([f"seeds={args.seeds}"] if args.seeds else []))
-    resolve_device(device_from_env(cfg).model.device)
+    worker_cfg = device_from_env(cfg)  # the config as the flow will see it
+    resolve_device(worker_cfg.model.device)
     only = _names(args.only)
     # A bad category file or a missing/empty source fails here, before a Prefect server or flow run starts.
     categories = check_category_sources(select_categories(args.categories, only))
     # Nothing changed since a finished run with the same key: print its summary, start no server.
-    key = run_record.run_key(device_from_env(cfg), categories, only, args.root)
+    key = run_record.run_key(worker_cfg, categories, only, args.root)
     summary = None if args.rerun or args.verify else run_record.find(args.root, key)
     if summary is not None:
         from tasks.store import write_root_json

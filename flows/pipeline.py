@@ -30,7 +30,7 @@ from flows.runtime import device_from_env, use_hub_token
 from icm_core.base_model import resolve_device
 from icm_core.config import METHOD_NAMES, RunConfig
 from icm_core.data import Category, source_fingerprint
-from icm_core.selection import check_category_sources, select_categories  # noqa: F401 - re-exported
+from icm_core.selection import select_categories
 from tasks.artifacts import ArtifactRef
 from tasks.manifest import VERIFY_ENV
 from tasks.progress import track

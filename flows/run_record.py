@@ -35,7 +35,7 @@ from icm_core.config import RunConfig
 from icm_core.data import Category, source_fingerprint
 from icm_core.io import ArtifactError, read_json, write_json
 from icm_core.model_identity import ModelLoadError, library_versions
-from tasks.identity import code_fingerprint, model_identities
+from tasks.identity import code_fingerprint, hash_sources, model_identities
 from tasks.manifest import valid_output
 from tasks.store import is_remote, local_root
 
@@ -49,9 +49,7 @@ FLOWS_DIR = Path(__file__).parent
 def flows_fingerprint() -> str:
     """sha256 over the source of the ``flows`` package (the composition of the stages)."""
     digest = hashlib.sha256()
-    for path in sorted(FLOWS_DIR.rglob("*.py")):
-        digest.update(path.relative_to(FLOWS_DIR).as_posix().encode())
-        digest.update(path.read_bytes())
+    hash_sources(digest, FLOWS_DIR)
     return digest.hexdigest()
 
 

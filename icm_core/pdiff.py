@@ -356,10 +356,6 @@ class PDiffModel:
                 z = z + math.sqrt(float(variance[t])) * noise()
         return z.clamp(-1, 1)
 
-    def sample_latent(self, task_vector: Tensor, seed: int) -> Tensor:
-        """One latent ``[1, ...]`` (:meth:`sample_latents` with a single row)."""
-        return self.sample_latents(task_vector.reshape(1, -1), [seed])
-
     @torch.no_grad()
     def generate(self, categories: Sequence[str], cfg: SampleConfig | None = None) -> dict[str, dict[str, Tensor]]:
         """Sample a LoRA state dict for each training category (its task vector and its statistics). Every

@@ -270,13 +270,16 @@ class ValidationScorer:
             if name in values and base - lora >= MIN_VALIDATION_GAP
         }
 
-    def __call__(self, states: dict[str, dict[str, torch.Tensor]]) -> float:
-        values = self.per_category(states)
+    def criterion_of(self, values: dict[str, float]) -> float:
+        """The stopping criterion of per-category validation NLLs (:meth:`per_category`'s output)."""
         if self.criterion == "worst_gap":
             shortfalls = self.unrecovered(values)
             if shortfalls:
                 return max(shortfalls.values())
         return sum(values.values()) / len(values)
+
+    def __call__(self, states: dict[str, dict[str, torch.Tensor]]) -> float:
+        return self.criterion_of(self.per_category(states))
 
 
 MIN_VALIDATION_GAP = 1e-4

@@ -54,14 +54,21 @@ def code_fingerprint(include_presentation: bool = True) -> str:
     fingerprint of every compute stage, so a change to a table or a figure reruns only the reports.
     """
     digest = hashlib.sha256(icm_core.__version__.encode())
+    skip = frozenset() if include_presentation else PRESENTATION_MODULES
     for package in (Path(icm_core.__file__).parent, TASKS_DIR):
-        for path in sorted(package.rglob("*.py")):
-            name = f"{package.name}/{path.relative_to(package).as_posix()}"
-            if not include_presentation and name in PRESENTATION_MODULES:
-                continue
-            digest.update(name.encode())
-            digest.update(path.read_bytes())
+        hash_sources(digest, package, skip)
     return digest.hexdigest()
+
+
+def hash_sources(digest: Any, package: Path, skip: frozenset[str] = frozenset()) -> None:
+    """Feed every ``.py`` file of ``package`` to ``digest`` in path order, each as its name
+    (``<package>/<relative path>``) then its bytes; ``skip`` lists names to leave out."""
+    for path in sorted(package.rglob("*.py")):
+        name = f"{package.name}/{path.relative_to(package).as_posix()}"
+        if name in skip:
+            continue
+        digest.update(name.encode())
+        digest.update(path.read_bytes())
 
 
 def model_sources(value: Any) -> list[tuple[str, str]]:
