@@ -197,7 +197,7 @@ def zeroshot_protocol(
     }
     out = report(
         nll_refs, folds, multitask, vector_by, {c.name: category_family(c) for c in categories}, meta,
-        zs.bootstrap_samples, zs.seed, root, results_dir, cross,
+        zs.bootstrap_samples, zs.seed, root, results_dir, cross, lora_by,
     )  # fmt: skip
     summary = out["summary"]
     logger.info("macro gap recovered: %s", {m: round(v, 3) for m, v in summary["macro_gain"].items()})

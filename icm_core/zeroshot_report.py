@@ -1,5 +1,6 @@
 """Files of a leave-out run: summary.json, per-category CSV, a markdown report and figures (gain per held-out
-category and method with intervals; the multi-task LoRA's training curves; the map of all task vectors)."""
+category and method with intervals; the multi-task LoRA's training curves; the map of all task vectors; what the
+task vectors say about the adapters, from :mod:`icm_core.condition_geometry`)."""
 
 from __future__ import annotations
 
@@ -52,15 +53,19 @@ def write_results(
     families: Mapping[str, str | None],
     meta: Mapping[str, Any],
     matrix: Mapping[str, Any] | None = None,
+    geometry: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """Write ``summary.json``, ``results.json``, ``per_category.csv``, ``report.md`` and PNG figures to ``out``
     (with ``matrix``, from :func:`icm_core.zeroshot.cross_category_matrix`: ``cross_category.csv`` and its
-    figure, and its summary in ``summary.json``)."""
+    figure, and its summary in ``summary.json``; with ``geometry``, from
+    :func:`icm_core.condition_geometry.condition_geometry`: ``condition_geometry.json``, its figure and section)."""
     out = Path(out)
     methods = list(result["methods"])
     summary = {**result["summary"], **{k: v for k, v in meta.items() if k not in result["summary"]}}
     if matrix is not None:
         summary["cross_category"] = matrix["summary"]
+    if geometry is not None:
+        summary["condition_geometry"] = geometry_summary(geometry)
     files = {"summary": str(write_json(out / "summary.json", summary))}
     fold_of = {c: i for i, fold in enumerate(folds) for c in fold}
     payload = {
@@ -113,6 +118,9 @@ def write_results(
     if matrix is not None:
         files.update(_cross_category(out, matrix, families))
         lines += ["", *_cross_category_lines(matrix, meta)]
+    if geometry is not None:
+        files.update(write_geometry(out, geometry, families))
+        lines += ["", *geometry_lines(geometry)]
     lines += ["", "## Multi-task LoRA training curves", ""]
     for label, losses in multitask_losses.items():
         if losses:
@@ -245,4 +253,104 @@ def _figures(out, result, methods, multitask_losses, vectors, families) -> dict[
     return files
 
 
-__all__ = ["METHODS", "TITLES", "title", "write_results"]
+def geometry_summary(geometry: Mapping[str, Any]) -> dict[str, Any]:
+    """The headline numbers of a condition-geometry analysis (no matrices, no per-category rows)."""
+    keep = ("vector_cosine", "adapter_cosine", "vector_vs_adapter", "vector_vs_transfer", "adapter_vs_transfer")
+    summary: dict[str, Any] = {"categories": len(geometry["categories"])}
+    summary.update({k: geometry[k] for k in keep if k in geometry})
+    summary["others_mean_cosine"] = {k: v for k, v in geometry["others_mean_cosine"].items() if k != "per_category"}
+    if "retrieval" in geometry:
+        summary["retrieval"] = {
+            by: {k: v for k, v in cell.items() if k != "per_target"} for by, cell in geometry["retrieval"].items()
+        }
+    if "families" in geometry:
+        summary["families"] = geometry["families"]
+    return summary
+
+
+def _rho(cell: Mapping[str, Any] | None) -> str:
+    if not cell or cell.get("spearman") is None:
+        return "n/a"
+    return f"Spearman {cell['spearman']:+.2f} (Mantel p = {cell['p_value']:.3f}, {cell['pairs']} pairs)"
+
+
+def geometry_lines(geometry: Mapping[str, Any]) -> list[str]:
+    """The report section: does the task vector carry what the adapters differ by?"""
+    g = geometry
+    mean = g["others_mean_cosine"]
+    lines = [
+        "## What the task vectors say about the adapters",
+        "",
+        f"Over {len(g['categories'])} categories' final LoRAs and task vectors (nothing trained; "
+        "`condition_geometry.json`, `condition_geometry.png`). Cosines of weight changes `dW = s B A` are exact, "
+        "from the factors.",
+        "",
+        f"- task-vector cosine between categories: mean {g['vector_cosine']['mean']:.3f} "
+        f"(range {g['vector_cosine']['min']:.3f} .. {g['vector_cosine']['max']:.3f})",
+        f"- adapter (dW) cosine between categories: mean {g['adapter_cosine']['mean']:.3f} "
+        f"(range {g['adapter_cosine']['min']:.3f} .. {g['adapter_cosine']['max']:.3f})",
+        f"- cosine of each adapter to the mean of all the others (what the mean LoRA holds of it): mean "
+        f"{mean['mean']:.3f} (range {mean['min']:.3f} .. {mean['max']:.3f})",
+        f"- task-vector similarity against adapter similarity: {_rho(g['vector_vs_adapter'])}",
+    ]
+    if "vector_vs_transfer" in g:
+        lines += [
+            f"- task-vector similarity against transfer (source LoRA's share of the target's gain): "
+            f"{_rho(g['vector_vs_transfer'])}",
+            f"- adapter similarity against transfer: {_rho(g['adapter_vs_transfer'])}",
+        ]
+    for by, cell in g.get("retrieval", {}).items():
+        if cell.get("targets"):
+            lines.append(
+                f"- nearest category by {by.removeprefix('by_').replace('_', ' ')}: its LoRA recovers "
+                f"{_pct(cell['mean_nearest_share'])} of a target's gain on average, against "
+                f"{_pct(cell['mean_best_share'])} for the best other category and {_pct(cell['mean_median_share'])} "
+                f"for the median one; it is the best in {_pct(cell['nearest_is_best'])} and in the top 3 in "
+                f"{_pct(cell['nearest_in_top3'])} of {cell['targets']} targets"
+            )
+    for kind, contrast in g.get("families", {}).items():
+        if contrast["within"] is not None and contrast["across"] is not None:
+            lines.append(
+                f"- {kind.replace('_', ' ')} within a family {contrast['within']:.3f}, across families "
+                f"{contrast['across']:.3f}"
+            )
+    return lines
+
+
+def write_geometry(out: str | Path, geometry: Mapping[str, Any], families: Mapping[str, str | None]) -> dict[str, str]:
+    """``condition_geometry.json`` (everything, matrices included) and ``condition_geometry.png``: adapter cosine
+    against task-vector cosine over category pairs (same family or not), and, with the transfer matrix, the
+    source LoRA's share of the target's gain against the task-vector cosine."""
+    out = Path(out)
+    files = {"geometry": str(write_json(out / "condition_geometry.json", dict(geometry)))}
+    names = geometry["categories"]
+    vec, ada = geometry["matrices"]["vector_cosine"], geometry["matrices"]["adapter_cosine"]
+    pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+    same = [families.get(names[i]) is not None and families.get(names[i]) == families.get(names[j]) for i, j in pairs]
+    panels = 2 if "retrieval" in geometry else 1
+    plt = pyplot()
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    ax = axes[0][0]
+    for flag, label, colour in ((False, "different families", "tab:gray"), (True, "same family", "tab:red")):
+        idx = [k for k, s in enumerate(same) if s == flag]
+        ax.scatter([vec[i][j] for i, j in (pairs[k] for k in idx)], [ada[i][j] for i, j in (pairs[k] for k in idx)],
+                   s=6, alpha=0.6, label=label, color=colour)  # fmt: skip
+    ax.set_xlabel("task-vector cosine")
+    ax.set_ylabel("adapter (dW) cosine")
+    ax.set_title(_rho(geometry["vector_vs_adapter"]), fontsize=7)
+    ax.legend(fontsize=6)
+    if panels == 2:
+        ax = axes[0][1]
+        transfer = geometry["matrices"]["transfer"]
+        cells = [(vec[t][s], transfer[t][s]) for t in range(len(names)) for s in range(len(names))]
+        xs, ys = [x for x, y in cells if y is not None], [y for _, y in cells if y is not None]
+        ax.scatter(xs, ys, s=6, alpha=0.6, color="tab:blue")
+        ax.axhline(0.0, color="black", lw=0.6)
+        ax.set_xlabel("task-vector cosine (target, source)")
+        ax.set_ylabel("source LoRA's share of the target's gain")
+        ax.set_title(_rho(geometry.get("vector_vs_transfer")), fontsize=7)
+    files["geometry_figure"] = str(save_figure(fig, out / "condition_geometry.png"))
+    return files
+
+
+__all__ = ["METHODS", "TITLES", "geometry_lines", "geometry_summary", "title", "write_geometry", "write_results"]

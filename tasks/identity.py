@@ -35,6 +35,7 @@ PRESENTATION_MODULES = frozenset(
         "tasks/ablations.py",
         "tasks/detection_report.py",
         "icm_core/zeroshot_report.py",
+        "icm_core/condition_geometry.py",
         "tasks/zeroshot_report.py",
     }
 )

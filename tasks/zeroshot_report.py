@@ -9,13 +9,15 @@ import math
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from icm_core.adapters import read_adapter
+from icm_core.condition_geometry import condition_geometry, lora_factors
 from icm_core.io import read_json
 from icm_core.lora_train import read_trajectory
 from icm_core.stages import load_task_vector
 from icm_core.zeroshot import cross_category_matrix, summarize
-from icm_core.zeroshot_report import write_results
+from icm_core.zeroshot_report import geometry_lines, write_results
 from tasks.artifacts import ArtifactRef, localize
 
 
@@ -32,9 +34,11 @@ def report_task(
     root: str,
     results_dir: str,
     cross: dict[str, Any] | None = None,
+    loras: dict[str, ArtifactRef] | None = None,
 ) -> dict[str, Any]:
     """Read every per-block NLL file, compute the metric and write the results folder (with the cross-category
-    matrix when ``cross`` holds its evaluations, see ``flows.zeroshot.cross_category_evals``)."""
+    matrix when ``cross`` holds its evaluations, see ``flows.zeroshot.cross_category_evals``; with every
+    category's own LoRA in ``loras``: what the task vectors say about the adapters, icm_core.condition_geometry)."""
 
     def mean_nll_of(ref: ArtifactRef) -> float:
         return read_json(localize(ref, root).file("nll.json"))["mean_nll"]
@@ -55,11 +59,22 @@ def report_task(
     tensors = {
         name: load_task_vector(localize(ref, root).file("task_vector.safetensors")) for name, ref in vectors.items()
     }
+    geometry = None
+    if loras and len(loras) >= 3:
+        adapters = {n: lora_factors(*read_adapter(read_trajectory(localize(r, root).folder).adapter_dir))
+                    for n, r in loras.items()}  # fmt: skip
+        geometry = condition_geometry(tensors, adapters, matrix and matrix["share"], families, seed=seed)
     files = write_results(
         results_dir, result, folds, mean_nll, losses, tensors, families, {**meta, "bootstrap_samples": samples},
-        matrix,
+        matrix, geometry,
     )  # fmt: skip
     _publish(result, matrix)
+    if geometry is not None:
+        create_markdown_artifact(
+            "\n".join(geometry_lines(geometry)),
+            key="icm-zeroshot-condition-geometry",
+            description="Zero-shot: does the task vector carry what the categories' adapters differ by?",
+        )
     return {"summary": result["summary"], "files": files, "cross_category": matrix and matrix["summary"]}
 
 

@@ -8,15 +8,31 @@ only on a model and data small enough that one run takes seconds on two shared C
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prefect.logging import disable_run_logger
+from prefect.logging.handlers import PrefectConsoleHandler
 from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
 from tests.flows.support import Workspace, forecast_text, recipe_text, tiny_run_config, write_categories
+
+
+@pytest.fixture(autouse=True)
+def prefect_console_on_live_stderr() -> None:
+    """Prefect builds its console handler once per process, on the ``sys.stderr`` of that moment. When that was a
+    previous test's ``capsys`` stream, closed since, every log line of the next flow run fails to print until the
+    run dies of recursion. Point each Prefect console handler at the stream that is live for this test."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.stream = sys.stderr  # not setStream: it flushes the old, closed stream
+                handler.console.file = sys.stderr
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from icm_core.config import TaskVectorConfig, ZeroShotConfig, ZeroShotRunConfig
@@ -77,6 +79,15 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
     assert summary["cross_category"]["categories"] == 4
     assert "cross-category matrix" in (results / "report.md").read_text()
 
+    # What the task vectors say about the adapters, with the transfer analysis from the matrix.
+    geometry = json.loads((results / "condition_geometry.json").read_text())
+    assert geometry["categories"] == sorted(texts)
+    assert geometry["vector_vs_adapter"]["pairs"] == 6 and geometry["vector_vs_transfer"]["pairs"] <= 12
+    assert geometry["retrieval"]["by_task_vector"]["targets"] == summary["cross_category"]["scored_targets"]
+    assert summary["condition_geometry"]["categories"] == 4 and "matrices" not in summary["condition_geometry"]
+    assert (results / "condition_geometry.png").is_file()
+    assert "What the task vectors say about the adapters" in (results / "report.md").read_text()
+
     # Leakage: every fold's generator, pooled multi-task text and k-NN weights name training categories only.
     root = workspace.root
     held_out_of = {c: set(f) for f in folds for c in f}
@@ -135,6 +146,21 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
             "icm-zeroshot-win-rates",
             "icm-zeroshot-cross-category",
             "icm-zeroshot-scaling",
+            "icm-zeroshot-condition-geometry",
         ]
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
     assert {a.key for a in found} == set(keys)
+
+    # The same analysis straight from the artifacts root (for runs made before the report had it).
+    script = Path(__file__).resolve().parents[2] / "scripts" / "condition_geometry.py"
+    out_dir = tmp_path / "geometry"
+    done = subprocess.run(
+        [sys.executable, str(script), "--root", str(root), "--results", str(results), "--out", str(out_dir),
+         "--permutations", "999"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    from_root = json.loads((out_dir / "condition_geometry.json").read_text())
+    assert from_root["vector_vs_adapter"] == geometry["vector_vs_adapter"]
+    assert from_root["retrieval"] == geometry["retrieval"]
+    assert "What the task vectors say about the adapters" in done.stdout

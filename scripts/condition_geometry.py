@@ -1,0 +1,95 @@
+"""What the task vectors say about the adapters, for the categories of a finished (or half-finished) run.
+
+    .venv/bin/python scripts/condition_geometry.py --root artifacts [--results results/zeroshot] [--out DIR]
+
+The leave-out flow writes this analysis into its own report (``icm_core.condition_geometry``). This script runs the
+same analysis straight from an artifacts root: the final LoRA of every category under ``<root>/lora/`` and its task
+vector under ``<root>/task_vectors/``, so it can run before the benchmark's generators exist, or over a run made
+by an older commit. With ``--results`` holding a leave-out run's ``results.json`` that has the cross-category
+matrix, it adds the transfer analysis. Writes ``condition_geometry.json``, ``condition_geometry.md`` and
+``condition_geometry.png`` to ``--out`` (default: ``--results``) and prints the markdown. A category with more
+than one finished LoRA or task vector (runs with different settings under one root) is an error naming the
+folders; ``--lora-key`` / ``--vector-key`` pick one by its folder name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def finished(stage_dir: Path, key: str | None) -> dict[str, Path]:
+    """``{category: folder}`` of the finished outputs (a manifest written) under ``<root>/<stage>/``."""
+    found: dict[str, Path] = {}
+    if not stage_dir.is_dir():
+        return found
+    for category in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
+        folders = [f for f in sorted(category.iterdir()) if (f / "manifest.json").is_file()]
+        if key is not None:
+            folders = [f for f in folders if f.name.startswith(key)]
+        if len(folders) > 1:
+            raise SystemExit(
+                f"{category}: {len(folders)} finished outputs {[f.name for f in folders]}; pick one with "
+                f"--{'lora' if stage_dir.name == 'lora' else 'vector'}-key"
+            )
+        if folders:
+            found[category.name] = folders[0]
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="artifacts", help="artifacts root of the run")
+    parser.add_argument("--results", default=None, help="a leave-out results folder (its results.json)")
+    parser.add_argument("--out", default=None, help="where to write (default: --results)")
+    parser.add_argument("--lora-key", default=None, help="prefix of the LoRA folder name to use per category")
+    parser.add_argument("--vector-key", default=None, help="prefix of the task-vector folder name to use")
+    parser.add_argument("--permutations", type=int, default=999, help="Mantel permutations")
+    args = parser.parse_args()
+    out = args.out or args.results
+    if out is None:
+        parser.error("give --out or --results")
+
+    from icm_core.adapters import read_adapter
+    from icm_core.categories import category_family, library_categories
+    from icm_core.condition_geometry import condition_geometry, lora_factors
+    from icm_core.io import read_json, write_text
+    from icm_core.lora_train import read_trajectory
+    from icm_core.stages import load_task_vector
+    from icm_core.zeroshot_report import geometry_lines, write_geometry
+
+    root = Path(args.root)
+    loras = finished(root / "lora", args.lora_key)
+    vectors = finished(root / "task_vectors", args.vector_key)
+    share = None
+    if args.results and (Path(args.results) / "results.json").is_file():
+        matrix = read_json(Path(args.results) / "results.json").get("cross_category")
+        share = matrix and matrix["share"]
+    names = sorted(set(loras) & set(vectors) & (set(share) if share else set(loras)))
+    if len(names) < 3:
+        raise SystemExit(f"{root}: {len(names)} categories with both a finished LoRA and task vector; need 3")
+    families = {c.name: category_family(c) for c in library_categories()}
+    geometry = condition_geometry(
+        {n: load_task_vector(vectors[n] / "task_vector.safetensors") for n in names},
+        {n: lora_factors(*read_adapter(read_trajectory(loras[n]).adapter_dir)) for n in names},
+        share,
+        families,
+        args.permutations,
+    )
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_geometry(out, geometry, families)
+    sources = [f"- artifacts root: `{root}`", f"- cross-category matrix: {'yes' if share else 'no'}"]
+    text = "\n".join(["# " + geometry_lines(geometry)[0].removeprefix("## "), *geometry_lines(geometry)[1:], "",
+                      *sources]) + "\n"  # fmt: skip
+    write_text(Path(out) / "condition_geometry.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
