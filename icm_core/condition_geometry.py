@@ -12,6 +12,10 @@ measures that on a library of final LoRAs and task vectors, without training any
   the best and the typical other category: the ceiling of any adapter retrieved by this vector;
 - **the mean's share**: the cosine of each adapter to the mean of all the others (what the mean-LoRA baseline
   holds of it);
+- **the library's reach** in weight space, each category left out in turn: the cosine of its adapter to what the
+  mean LoRA, the 1-NN and the softmax k-NN by task vector build from the others, against two oracles that know the
+  held-out adapter: the single closest other adapter, and the best linear combination of all the others (the
+  projection onto their span, the most any weighted mean of library adapters can hold);
 - **families**: mean similarity within a family against across families.
 
 Inner products of weight changes come from the low-rank factors (``r x r`` products per module), never from the
@@ -20,6 +24,7 @@ dense ``dW``, so the analysis costs the same for an 8B model's adapters as for a
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from collections.abc import Mapping, Sequence
@@ -28,6 +33,8 @@ from typing import Any
 import torch
 
 from icm_core.baselines import _pair, lora_modules, lora_scaling
+from icm_core.config import ZeroShotConfig
+from icm_core.zeroshot import knn_weights
 
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -99,6 +106,52 @@ def others_mean_cosine(gram: torch.Tensor) -> torch.Tensor:
     mean_sq = (total - 2 * row + diag) / (n - 1) ** 2  # |mean of the others|^2
     scale = (diag.clamp_min(0) * mean_sq.clamp_min(0)).sqrt()
     return torch.where(scale > 0, inner / scale.clamp_min(1e-300), torch.zeros_like(inner))
+
+
+def combination_cosine(gram: torch.Tensor, target: int, weights: Mapping[int, float]) -> float:
+    """Cosine of adapter ``target`` to ``sum_j w_j dW_j``, from the Gram matrix (0 for a zero combination)."""
+    idx = list(weights)
+    w = torch.tensor([weights[j] for j in idx], dtype=torch.float64)
+    inner = float(w @ gram[target, idx])
+    norm_sq = float(w @ gram[idx][:, idx] @ w) * float(gram[target, target])
+    return inner / math.sqrt(norm_sq) if norm_sq > 0 else 0.0
+
+
+def span_cosine(gram: torch.Tensor, target: int, others: Sequence[int]) -> float:
+    """Cosine of adapter ``target`` to its projection onto the span of ``others``' weight changes: the most any
+    linear combination of them holds of it (least squares on the Gram matrix)."""
+    idx = list(others)
+    g = gram[idx, target]
+    projected_sq = float(g @ torch.linalg.pinv(gram[idx][:, idx], hermitian=True) @ g)
+    own = float(gram[target, target])
+    return math.sqrt(min(max(projected_sq / own, 0.0), 1.0)) if own > 0 else 0.0
+
+
+def library_reach(
+    names: Sequence[str], vectors: Mapping[str, torch.Tensor], gram: torch.Tensor, k: int, temperature: float
+) -> dict[str, Any]:
+    """Each category left out in turn, with all the others as the library: the weight-space cosine of its adapter
+    to the mean LoRA, the 1-NN and the softmax k-NN (by ``vectors``, as the leave-out baselines pick them), and to
+    two oracles: the closest single other adapter, and the projection onto the span of all the others."""
+    per_category: dict[str, dict[str, float]] = {}
+    cosine = cosine_from_gram(gram)
+    for i, name in enumerate(names):
+        others = [j for j in range(len(names)) if j != i]
+        keys = {names[j]: vectors[names[j]] for j in others}
+        nn1 = knn_weights(vectors[name], keys, 1, None)
+        knn = knn_weights(vectors[name], keys, k, temperature)
+        per_category[name] = {
+            "mean_lora": combination_cosine(gram, i, {j: 1 / len(others) for j in others}),
+            "nn1": combination_cosine(gram, i, {names.index(n): w for n, w in nn1.items()}),
+            "knn_softmax": combination_cosine(gram, i, {names.index(n): w for n, w in knn.items()}),
+            "best_single_oracle": max(float(cosine[i, j]) for j in others),
+            "span_oracle": span_cosine(gram, i, others),
+        }
+    methods = next(iter(per_category.values())).keys()
+    return {
+        "mean": {m: statistics.fmean(c[m] for c in per_category.values()) for m in methods},
+        "per_category": per_category,
+    }
 
 
 def rank(values: Sequence[float]) -> list[float]:
@@ -245,6 +298,8 @@ def condition_geometry(
     families: Mapping[str, str | None] | None = None,
     permutations: int = 999,
     seed: int = 0,
+    knn_k: int = ZeroShotConfig().knn_k,
+    knn_temperature: float = ZeroShotConfig().knn_temperature,
 ) -> dict[str, Any]:
     """The whole analysis over the categories that have both a task vector and an adapter.
 
@@ -256,9 +311,12 @@ def condition_geometry(
         families: Category family per category, for the within/across contrast; optional.
         permutations: Mantel permutations.
         seed: Seed of the permutations.
+        knn_k: Neighbours of the softmax k-NN in the library's reach (as ``zeroshot.knn_k``).
+        knn_temperature: Its softmax temperature (as ``zeroshot.knn_temperature``).
 
     Returns:
-        ``{"categories", "vector_cosine", "adapter_cosine", "vector_vs_adapter", "others_mean_cosine", ...}``,
+        ``{"categories", "vector_cosine", "adapter_cosine", "vector_vs_adapter", "others_mean_cosine",
+        "library_reach", ...}``,
         with ``"vector_vs_transfer"``, ``"adapter_vs_transfer"``, ``"retrieval"`` and the transfer matrix when
         ``share`` is given and ``"families"`` when ``families`` is. Matrices are in ``categories`` order.
 
@@ -268,7 +326,8 @@ def condition_geometry(
     names = sorted(set(vectors) & set(adapters) & (set(share) if share is not None else set(vectors)))
     if len(names) < 3:
         raise ValueError(f"condition geometry needs at least 3 categories with a vector and an adapter, got {names}")
-    vec = vector_cosines(torch.stack([vectors[n].flatten().double() for n in names]))
+    flat = {n: vectors[n].flatten().double() for n in names}
+    vec = vector_cosines(torch.stack([flat[n] for n in names]))
     gram = adapter_gram([adapters[n] for n in names])
     ada, to_mean = cosine_from_gram(gram), others_mean_cosine(gram)
     result: dict[str, Any] = {
@@ -282,6 +341,7 @@ def condition_geometry(
             "max": float(to_mean.max()),
             "per_category": {n: float(v) for n, v in zip(names, to_mean, strict=True)},
         },
+        "library_reach": library_reach(names, flat, gram, knn_k, knn_temperature),
         "matrices": {"vector_cosine": _rows(vec), "adapter_cosine": _rows(ada)},
     }
     if share is not None:
@@ -304,15 +364,18 @@ def condition_geometry(
 __all__ = [
     "Factors",
     "adapter_gram",
+    "combination_cosine",
     "condition_geometry",
     "cosine_from_gram",
     "delta_inner",
     "family_contrast",
+    "library_reach",
     "lora_factors",
     "mantel",
     "neighbour_transfer",
     "others_mean_cosine",
     "rank",
+    "span_cosine",
     "spearman",
     "vector_cosines",
 ]

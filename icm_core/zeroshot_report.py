@@ -253,12 +253,22 @@ def _figures(out, result, methods, multitask_losses, vectors, families) -> dict[
     return files
 
 
+REACH = {
+    "mean_lora": "the mean LoRA",
+    "nn1": "the 1-NN by task vector",
+    "knn_softmax": "the softmax k-NN by task vector",
+    "best_single_oracle": "the closest other adapter (oracle)",
+    "span_oracle": "the best combination of all the others (projection, oracle)",
+}
+
+
 def geometry_summary(geometry: Mapping[str, Any]) -> dict[str, Any]:
     """The headline numbers of a condition-geometry analysis (no matrices, no per-category rows)."""
     keep = ("vector_cosine", "adapter_cosine", "vector_vs_adapter", "vector_vs_transfer", "adapter_vs_transfer")
     summary: dict[str, Any] = {"categories": len(geometry["categories"])}
     summary.update({k: geometry[k] for k in keep if k in geometry})
     summary["others_mean_cosine"] = {k: v for k, v in geometry["others_mean_cosine"].items() if k != "per_category"}
+    summary["library_reach"] = geometry["library_reach"]["mean"]
     if "retrieval" in geometry:
         summary["retrieval"] = {
             by: {k: v for k, v in cell.items() if k != "per_target"} for by, cell in geometry["retrieval"].items()
@@ -292,6 +302,8 @@ def geometry_lines(geometry: Mapping[str, Any]) -> list[str]:
         f"- cosine of each adapter to the mean of all the others (what the mean LoRA holds of it): mean "
         f"{mean['mean']:.3f} (range {mean['min']:.3f} .. {mean['max']:.3f})",
         f"- task-vector similarity against adapter similarity: {_rho(g['vector_vs_adapter'])}",
+        "- the library's reach, each category left out with all the others as the library: mean cosine of its "
+        "adapter to " + ", ".join(f"{REACH[m]} {v:.3f}" for m, v in g["library_reach"]["mean"].items()),
     ]
     if "vector_vs_transfer" in g:
         lines += [

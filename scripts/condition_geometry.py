@@ -22,6 +22,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from icm_core.config import ZeroShotConfig  # noqa: E402 - after the path insert
+
+
+DEFAULTS = ZeroShotConfig()
+
 
 def finished(stage_dir: Path, key: str | None) -> dict[str, Path]:
     """``{category: folder}`` of the finished outputs (a manifest written) under ``<root>/<stage>/``."""
@@ -50,6 +55,8 @@ def main() -> int:
     parser.add_argument("--lora-key", default=None, help="prefix of the LoRA folder name to use per category")
     parser.add_argument("--vector-key", default=None, help="prefix of the task-vector folder name to use")
     parser.add_argument("--permutations", type=int, default=999, help="Mantel permutations")
+    parser.add_argument("--knn-k", type=int, default=DEFAULTS.knn_k, help="softmax k-NN neighbours (zeroshot.knn_k)")
+    parser.add_argument("--knn-temperature", type=float, default=DEFAULTS.knn_temperature, help="its temperature")
     args = parser.parse_args()
     out = args.out or args.results
     if out is None:
@@ -80,6 +87,8 @@ def main() -> int:
         share,
         families,
         args.permutations,
+        knn_k=args.knn_k,
+        knn_temperature=args.knn_temperature,
     )
     Path(out).mkdir(parents=True, exist_ok=True)
     write_geometry(out, geometry, families)

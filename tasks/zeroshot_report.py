@@ -13,6 +13,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from icm_core.adapters import read_adapter
 from icm_core.condition_geometry import condition_geometry, lora_factors
+from icm_core.config import ZeroShotConfig
 from icm_core.io import read_json
 from icm_core.lora_train import read_trajectory
 from icm_core.stages import load_task_vector
@@ -63,7 +64,11 @@ def report_task(
     if loras and len(loras) >= 3:
         adapters = {n: lora_factors(*read_adapter(read_trajectory(localize(r, root).folder).adapter_dir))
                     for n, r in loras.items()}  # fmt: skip
-        geometry = condition_geometry(tensors, adapters, matrix and matrix["share"], families, seed=seed)
+        zs = ZeroShotConfig(**meta.get("config", {}).get("zeroshot", {}))  # the k-NN baselines' settings
+        geometry = condition_geometry(
+            tensors, adapters, matrix and matrix["share"], families, seed=seed, knn_k=zs.knn_k,
+            knn_temperature=zs.knn_temperature,
+        )  # fmt: skip
     files = write_results(
         results_dir, result, folds, mean_nll, losses, tensors, families, {**meta, "bootstrap_samples": samples},
         matrix, geometry,

@@ -9,15 +9,18 @@ import torch
 from icm_core.baselines import delta_weights, lora_scaling
 from icm_core.condition_geometry import (
     adapter_gram,
+    combination_cosine,
     condition_geometry,
     cosine_from_gram,
     delta_inner,
     family_contrast,
+    library_reach,
     lora_factors,
     mantel,
     neighbour_transfer,
     others_mean_cosine,
     rank,
+    span_cosine,
     spearman,
 )
 
@@ -68,6 +71,52 @@ def test_cosine_to_the_mean_of_the_others_matches_the_dense_mean():
     for i in range(5):
         others = torch.cat([dense[:i], dense[i + 1 :]]).mean(0)
         assert float(cos[i]) == pytest.approx(float(torch.nn.functional.cosine_similarity(dense[i], others, dim=0)))
+
+
+def test_combination_cosine_matches_the_dense_weighted_sum():
+    states = [_state(s) for s in range(4)]
+    dense = torch.stack([_dense(s) for s in states])
+    gram = adapter_gram([lora_factors(s, CONFIG) for s in states])
+    weights = {1: 0.5, 2: 0.3, 3: 0.2}
+    combined = sum(w * dense[j] for j, w in weights.items())
+    expected = float(torch.nn.functional.cosine_similarity(dense[0], combined, dim=0))
+    assert combination_cosine(gram, 0, weights) == pytest.approx(expected)
+
+
+def _sum(*factors) -> dict:
+    """The factors of the sum of several adapters' weight changes (ranks concatenated)."""
+    return {
+        m: (torch.cat([f[m][0] for f in factors], 1), torch.cat([f[m][1] for f in factors], 0)) for m in factors[0]
+    }
+
+
+def test_span_cosine_is_one_inside_the_span_and_zero_outside_it():
+    a, b, c = (lora_factors(_state(s), CONFIG) for s in range(3))
+    inside = adapter_gram([a, b, c, _sum(a, b)])
+    assert span_cosine(inside, 3, [0, 1, 2]) == pytest.approx(1.0)
+    assert span_cosine(inside, 3, [2]) < 1.0
+    orthogonal = {m: (bx, torch.zeros_like(ax)) for m, (bx, ax) in a.items()}  # dW = 0: nothing to hold
+    assert span_cosine(adapter_gram([a, b, orthogonal]), 2, [0, 1]) == 0.0
+
+
+def test_library_reach_leaves_each_category_out_and_bounds_it_by_the_oracles():
+    names = ["a", "b", "c", "d"]
+    adapters = [lora_factors(_state(s), CONFIG) for s in range(3)]
+    adapters.append(_sum(adapters[0], adapters[1]))  # d's adapter is a + b: in the span of the others
+    gram = adapter_gram(adapters)
+    vectors = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0, 1.0]), "c": torch.tensor([-1.0, 0.0]),
+               "d": torch.tensor([0.9, 0.2])}  # fmt: skip
+    reach = library_reach(names, vectors, gram, k=2, temperature=0.05)
+    d = reach["per_category"]["d"]
+    assert d["span_oracle"] == pytest.approx(1.0)
+    assert d["nn1"] == pytest.approx(float(cosine_from_gram(gram)[3, 0]))  # d's nearest vector is a's
+    assert d["best_single_oracle"] >= d["nn1"]
+    for cell in reach["per_category"].values():
+        assert all(-1 - 1e-9 <= v <= 1 + 1e-9 for v in cell.values())
+        assert cell["span_oracle"] >= max(cell["mean_lora"], cell["nn1"], cell["knn_softmax"]) - 1e-9
+    assert reach["mean"]["span_oracle"] == pytest.approx(
+        sum(c["span_oracle"] for c in reach["per_category"].values()) / 4
+    )
 
 
 def test_ranks_average_ties_and_spearman_is_rank_based():
