@@ -10,8 +10,6 @@ measures that on a library of final LoRAs and task vectors, without training any
 - **vector vs transfer** (with the cross-category matrix): the same against how much of a target's own LoRA gain
   the source's LoRA recovers on the target's text, and the transfer of the nearest category by task vector against
   the best and the typical other category: the ceiling of any adapter retrieved by this vector;
-- **the mean's share**: the cosine of each adapter to the mean of all the others (what the mean-LoRA baseline
-  holds of it);
 - **the library's reach** in weight space, each category left out in turn: the cosine of its adapter to what the
   mean LoRA, the 1-NN and the softmax k-NN by task vector build from the others, against two oracles that know the
   held-out adapter: the single closest other adapter, and the best linear combination of all the others (the
@@ -90,22 +88,6 @@ def vector_cosines(vectors: torch.Tensor) -> torch.Tensor:
     """Pairwise cosine similarities of the rows of ``vectors`` [N, D] (float64)."""
     rows = vectors.double()
     return cosine_from_gram(rows @ rows.T)
-
-
-def others_mean_cosine(gram: torch.Tensor) -> torch.Tensor:
-    """For each adapter ``i``: cosine of ``dW_i`` to the mean of the other adapters' ``dW``, from the Gram matrix.
-
-    Needs at least two adapters."""
-    n = gram.shape[0]
-    if n < 2:
-        raise ValueError(f"others_mean_cosine: needs at least 2 adapters, got {n}")
-    total = gram.sum()
-    row = gram.sum(1)
-    diag = gram.diagonal()
-    inner = (row - diag) / (n - 1)  # <dW_i, mean of the others>
-    mean_sq = (total - 2 * row + diag) / (n - 1) ** 2  # |mean of the others|^2
-    scale = (diag.clamp_min(0) * mean_sq.clamp_min(0)).sqrt()
-    return torch.where(scale > 0, inner / scale.clamp_min(1e-300), torch.zeros_like(inner))
 
 
 def combination_cosine(gram: torch.Tensor, target: int, weights: Mapping[int, float]) -> float:
@@ -315,8 +297,7 @@ def condition_geometry(
         knn_temperature: Its softmax temperature (as ``zeroshot.knn_temperature``).
 
     Returns:
-        ``{"categories", "vector_cosine", "adapter_cosine", "vector_vs_adapter", "others_mean_cosine",
-        "library_reach", ...}``,
+        ``{"categories", "vector_cosine", "adapter_cosine", "vector_vs_adapter", "library_reach", ...}``,
         with ``"vector_vs_transfer"``, ``"adapter_vs_transfer"``, ``"retrieval"`` and the transfer matrix when
         ``share`` is given and ``"families"`` when ``families`` is. Matrices are in ``categories`` order.
 
@@ -329,18 +310,12 @@ def condition_geometry(
     flat = {n: vectors[n].flatten().double() for n in names}
     vec = vector_cosines(torch.stack([flat[n] for n in names]))
     gram = adapter_gram([adapters[n] for n in names])
-    ada, to_mean = cosine_from_gram(gram), others_mean_cosine(gram)
+    ada = cosine_from_gram(gram)
     result: dict[str, Any] = {
         "categories": names,
         "vector_cosine": _off_diagonal(vec),
         "adapter_cosine": _off_diagonal(ada),
         "vector_vs_adapter": mantel(_rows(vec), _rows(ada), permutations, seed),
-        "others_mean_cosine": {
-            "mean": float(to_mean.mean()),
-            "min": float(to_mean.min()),
-            "max": float(to_mean.max()),
-            "per_category": {n: float(v) for n, v in zip(names, to_mean, strict=True)},
-        },
         "library_reach": library_reach(names, flat, gram, knn_k, knn_temperature),
         "matrices": {"vector_cosine": _rows(vec), "adapter_cosine": _rows(ada)},
     }
@@ -373,7 +348,6 @@ __all__ = [
     "lora_factors",
     "mantel",
     "neighbour_transfer",
-    "others_mean_cosine",
     "rank",
     "span_cosine",
     "spearman",

@@ -267,7 +267,6 @@ def geometry_summary(geometry: Mapping[str, Any]) -> dict[str, Any]:
     keep = ("vector_cosine", "adapter_cosine", "vector_vs_adapter", "vector_vs_transfer", "adapter_vs_transfer")
     summary: dict[str, Any] = {"categories": len(geometry["categories"])}
     summary.update({k: geometry[k] for k in keep if k in geometry})
-    summary["others_mean_cosine"] = {k: v for k, v in geometry["others_mean_cosine"].items() if k != "per_category"}
     summary["library_reach"] = geometry["library_reach"]["mean"]
     if "retrieval" in geometry:
         summary["retrieval"] = {
@@ -287,7 +286,6 @@ def _rho(cell: Mapping[str, Any] | None) -> str:
 def geometry_lines(geometry: Mapping[str, Any]) -> list[str]:
     """The report section: does the task vector carry what the adapters differ by?"""
     g = geometry
-    mean = g["others_mean_cosine"]
     lines = [
         "## What the task vectors say about the adapters",
         "",
@@ -299,11 +297,9 @@ def geometry_lines(geometry: Mapping[str, Any]) -> list[str]:
         f"(range {g['vector_cosine']['min']:.3f} .. {g['vector_cosine']['max']:.3f})",
         f"- adapter (dW) cosine between categories: mean {g['adapter_cosine']['mean']:.3f} "
         f"(range {g['adapter_cosine']['min']:.3f} .. {g['adapter_cosine']['max']:.3f})",
-        f"- cosine of each adapter to the mean of all the others (what the mean LoRA holds of it): mean "
-        f"{mean['mean']:.3f} (range {mean['min']:.3f} .. {mean['max']:.3f})",
         f"- task-vector similarity against adapter similarity: {_rho(g['vector_vs_adapter'])}",
-        "- the library's reach, each category left out with all the others as the library: mean cosine of its "
-        "adapter to " + ", ".join(f"{REACH[m]} {v:.3f}" for m, v in g["library_reach"]["mean"].items()),
+        "- the library's reach in weight space, each category left out with all the others as the library: mean "
+        "cosine of its adapter to " + ", ".join(f"{REACH[m]} {v:.3f}" for m, v in g["library_reach"]["mean"].items()),
     ]
     if "vector_vs_transfer" in g:
         lines += [
@@ -326,7 +322,32 @@ def geometry_lines(geometry: Mapping[str, Any]) -> list[str]:
                 f"- {kind.replace('_', ' ')} within a family {contrast['within']:.3f}, across families "
                 f"{contrast['across']:.3f}"
             )
-    return lines
+    return lines + ["", *_reach_table(g)]
+
+
+def _reach_table(g: Mapping[str, Any]) -> list[str]:
+    """Per category: the library's reach, and with the transfer matrix what its nearest category by task vector
+    and its best other category recover of its gain."""
+    methods = list(REACH)
+    retrieval = g.get("retrieval", {}).get("by_task_vector", {}).get("per_target", {})
+    head = "| category | " + " | ".join(f"cos to {m}" for m in methods) + " |"
+    rule = "|---|" + "---:|" * len(methods)
+    if retrieval:
+        head += " nearest by vector | its share of the gain | best other (share) |"
+        rule += "---|---:|---|"
+    rows = [head, rule]
+    for name in g["categories"]:
+        cells = [f"{g['library_reach']['per_category'][name][m]:.3f}" for m in methods]
+        row = f"| {name} | " + " | ".join(cells) + " |"
+        if retrieval:
+            t = retrieval.get(name)
+            row += (
+                f" {t['nearest']} | {_pct(t['nearest_share'])} | {t['best']} ({_pct(t['best_share'])}) |"
+                if t
+                else " | | |"
+            )
+        rows.append(row)
+    return rows
 
 
 def write_geometry(out: str | Path, geometry: Mapping[str, Any], families: Mapping[str, str | None]) -> dict[str, str]:

@@ -18,7 +18,6 @@ from icm_core.condition_geometry import (
     lora_factors,
     mantel,
     neighbour_transfer,
-    others_mean_cosine,
     rank,
     span_cosine,
     spearman,
@@ -64,15 +63,6 @@ def test_different_modules_are_refused():
         delta_inner(x, y)
 
 
-def test_cosine_to_the_mean_of_the_others_matches_the_dense_mean():
-    states = [_state(s) for s in range(5)]
-    dense = torch.stack([_dense(s) for s in states])
-    cos = others_mean_cosine(adapter_gram([lora_factors(s, CONFIG) for s in states]))
-    for i in range(5):
-        others = torch.cat([dense[:i], dense[i + 1 :]]).mean(0)
-        assert float(cos[i]) == pytest.approx(float(torch.nn.functional.cosine_similarity(dense[i], others, dim=0)))
-
-
 def test_combination_cosine_matches_the_dense_weighted_sum():
     states = [_state(s) for s in range(4)]
     dense = torch.stack([_dense(s) for s in states])
@@ -81,6 +71,9 @@ def test_combination_cosine_matches_the_dense_weighted_sum():
     combined = sum(w * dense[j] for j, w in weights.items())
     expected = float(torch.nn.functional.cosine_similarity(dense[0], combined, dim=0))
     assert combination_cosine(gram, 0, weights) == pytest.approx(expected)
+    mean_of_others = dense[1:].mean(0)  # the mean LoRA of a library without adapter 0
+    expected = float(torch.nn.functional.cosine_similarity(dense[0], mean_of_others, dim=0))
+    assert combination_cosine(gram, 0, {j: 1 / 3 for j in (1, 2, 3)}) == pytest.approx(expected)
 
 
 def _sum(*factors) -> dict:
