@@ -15,6 +15,7 @@ folders; ``--lora-key`` / ``--vector-key`` pick one by its folder name.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +27,19 @@ from icm_core.config import ZeroShotConfig  # noqa: E402 - after the path insert
 
 
 DEFAULTS = ZeroShotConfig()
+
+
+def commit() -> str:
+    """This checkout's commit (short hash, '+dirty' with uncommitted changes), or 'unknown' outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "icm_core", "scripts"], cwd=REPO,
+                               capture_output=True, text=True)  # fmt: skip
+    except OSError:
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return f"`{head.stdout.strip()}`" + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def finished(stage_dir: Path, key: str | None) -> dict[str, Path]:
@@ -92,7 +106,11 @@ def main() -> int:
     )
     Path(out).mkdir(parents=True, exist_ok=True)
     write_geometry(out, geometry, families)
-    sources = [f"- artifacts root: `{root}`", f"- cross-category matrix: {'yes' if share else 'no'}"]
+    sources = [
+        f"- artifacts root: `{root}`",
+        f"- cross-category matrix: {'yes, from ' + str(Path(args.results) / 'results.json') if share else 'no'}",
+        f"- analysed by `scripts/condition_geometry.py` at commit {commit()}",
+    ]
     text = "\n".join(["# " + geometry_lines(geometry)[0].removeprefix("## "), *geometry_lines(geometry)[1:], "",
                       *sources]) + "\n"  # fmt: skip
     write_text(Path(out) / "condition_geometry.md", text)
