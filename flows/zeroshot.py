@@ -6,7 +6,8 @@
                                                       (+ generators on nested subsets of them: the scaling curve)
         for each held-out category:                   ICM-LoRA zero-shot, shuffled-vector and mean-condition
                                                       controls, 1-NN and softmax k-NN by the same task vector
-    per-block NLL of every method on every held-out category's test split
+        per-block NLL of every method on the fold's held-out test splits -> interim report (results/interim/)
+    the cross-category matrix (every category's own LoRA on every category's test text)
     -> gap recovered (base = 0, oracle = 1), paired bootstrap intervals, win rates -> results/zeroshot/
 
 Every stage is cached by its inputs (see ``tasks/artifacts.py``): a rerun reuses everything finished, a killed
@@ -27,6 +28,7 @@ from icm_core.config import ZeroShotRunConfig
 from icm_core.data import Category, source_fingerprint
 from icm_core.registry import load_registry
 from icm_core.zeroshot import SCALING_PREFIX, assert_no_leakage, make_folds, scaling_subsets, shuffled_partner
+from icm_core.zeroshot_report import interim_dir
 from tasks.artifacts import ArtifactRef
 from tasks.records import on_root
 from tasks.stages import finetune_task, prepare_data_task, task_vector_task, train_generator_task
@@ -111,9 +113,16 @@ def zeroshot_protocol(
         "task-vector",
     )  # fmt: skip
     data_by, lora_by, vector_by = (dict(zip(names, x, strict=True)) for x in (data, loras, vectors))
+    families = {c.name: category_family(c) for c in categories}
+    meta = {
+        "config": cfg.model_dump(mode="json"),
+        "fold_assignment": folds,
+        "task_vector_kind": vector_by[names[0]].meta.get("kind"),
+    }
 
     adapters: dict[str, dict[str, ArtifactRef | None]] = {n: {"base": None, "oracle": lora_by[n]} for n in names}
     multitask: dict[str, ArtifactRef] = {}
+    nll_refs: dict[str, dict[str, ArtifactRef]] = {}
     for i, held_out in enumerate(folds):
         label = f"fold-{i}"
         train = [n for n in names if n not in held_out]
@@ -170,10 +179,43 @@ def zeroshot_protocol(
             adapters[cat]["icm_mean_condition"] = vector_adapter(
                 cat, "icm_mean_condition", generator, mean_condition, cfg.sample, root
             )
+        if zs.interim_reports:
+            # 3) This fold's scores as soon as its adapters exist, and a report over the folds done so far: a
+            #    benchmark split across sessions shows numbers before its last fold.
+            nll_refs.update(held_out_evals(block_eval, held_out, adapters, data_by, lora_by, cfg, root))
+            if i < len(folds) - 1:
+                report(
+                    nll_refs, folds, multitask, vector_by, families, meta, zs.bootstrap_samples, zs.seed, root,
+                    str(interim_dir(results_dir)),
+                )  # fmt: skip
 
-    # 3) Per-block NLL of every method on every held-out category's test split.
+    # 3) Per-block NLL of every method on every held-out category's test split (all at once without interim
+    #    reports: the folds' evaluations then run side by side).
+    nll_refs.update(
+        held_out_evals(block_eval, [n for n in names if n not in nll_refs], adapters, data_by, lora_by, cfg, root)
+    )
+    nll_refs = {n: nll_refs[n] for n in names}
+
+    # 4) The cross-category matrix (every category's own LoRA on every category's test text): are they distinct?
+    #    After the protocol's own scores, so a long matrix never delays the headline numbers.
+    cross = cross_category_evals(block_eval, names, data_by, lora_by, cfg, root) if zs.cross_matrix_tokens else None
+
+    out = report(
+        nll_refs, folds, multitask, vector_by, families, meta, zs.bootstrap_samples, zs.seed, root, results_dir, cross,
+        lora_by,
+    )  # fmt: skip
+    summary = out["summary"]
+    logger.info("macro gap recovered: %s", {m: round(v, 3) for m, v in summary["macro_gain"].items()})
+    return out
+
+
+def held_out_evals(
+    block_eval, held_out: list[str], adapters: dict, data_by: dict, lora_by: dict, cfg: ZeroShotRunConfig, root: str
+) -> dict[str, dict[str, ArtifactRef]]:
+    """Per-block NLL of every method's adapter (``adapters[category][method]``; None is the base model) on each
+    ``held_out`` category's test split: ``{category: {method: ref}}``."""
     futures, labels, keys = [], [], []
-    for cat in names:
+    for cat in held_out:
         for method, adapter in adapters[cat].items():
             like = lora_by[cat] if adapter is None else None  # the base pass fills the prefix for the adapters
             futures.append(
@@ -182,25 +224,9 @@ def zeroshot_protocol(
             labels.append(f"{cat} ({method})")
             keys.append((cat, method))
     refs = gather(futures, labels, "evaluate")
-    nll_refs: dict[str, dict[str, ArtifactRef]] = {n: {} for n in names}
+    out: dict[str, dict[str, ArtifactRef]] = {cat: {} for cat in held_out}
     for (cat, method), ref in zip(keys, refs, strict=True):
-        nll_refs[cat][method] = ref
-
-    # 4) The cross-category matrix (every category's own LoRA on every category's test text): are they distinct?
-    #    After the protocol's own scores, so a long matrix never delays the headline numbers.
-    cross = cross_category_evals(block_eval, names, data_by, lora_by, cfg, root) if zs.cross_matrix_tokens else None
-
-    meta = {
-        "config": cfg.model_dump(mode="json"),
-        "fold_assignment": folds,
-        "task_vector_kind": vector_by[names[0]].meta.get("kind"),
-    }
-    out = report(
-        nll_refs, folds, multitask, vector_by, {c.name: category_family(c) for c in categories}, meta,
-        zs.bootstrap_samples, zs.seed, root, results_dir, cross, lora_by,
-    )  # fmt: skip
-    summary = out["summary"]
-    logger.info("macro gap recovered: %s", {m: round(v, 3) for m, v in summary["macro_gain"].items()})
+        out[cat][method] = ref
     return out
 
 

@@ -59,13 +59,20 @@ def lora_scaling(adapter_config: Mapping[str, Any]) -> float:
     return alpha / math.sqrt(rank) if adapter_config.get("use_rslora") else alpha / rank
 
 
-def delta_weights(state_dict: Mapping[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """dW = scaling * B @ A for every adapted module (float64, for an exact average)."""
-    deltas = {}
+def scaled_factors(
+    state_dict: Mapping[str, torch.Tensor], scaling: float
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module: (scaling * B, A)}`` for every adapted module (float64), so that dW = B' @ A."""
+    factors = {}
     for module in lora_modules(state_dict):
         a_key, b_key = _pair(state_dict, module)
-        deltas[module] = scaling * (state_dict[b_key].double() @ state_dict[a_key].double())
-    return deltas
+        factors[module] = (scaling * state_dict[b_key].double(), state_dict[a_key].double())
+    return factors
+
+
+def delta_weights(state_dict: Mapping[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """dW = scaling * B @ A for every adapted module (float64, for an exact average)."""
+    return {module: b @ a for module, (b, a) in scaled_factors(state_dict, scaling).items()}
 
 
 def factorise(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from icm_core.baselines import _pair, lora_modules, lora_scaling
+from icm_core.baselines import lora_scaling, scaled_factors
 from icm_core.config import ZeroShotConfig
 from icm_core.zeroshot import knn_weights
 
@@ -41,12 +41,7 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 def lora_factors(state_dict: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any]) -> Factors:
     """An adapter's weight change as low-rank factors (float64), module by module."""
-    scale = lora_scaling(adapter_config)
-    factors = {}
-    for module in lora_modules(state_dict):
-        a_key, b_key = _pair(state_dict, module)
-        factors[module] = (scale * state_dict[b_key].double(), state_dict[a_key].double())
-    return factors
+    return scaled_factors(state_dict, lora_scaling(adapter_config))
 
 
 def delta_inner(x: Factors, y: Factors) -> float:
@@ -110,13 +105,19 @@ def span_cosine(gram: torch.Tensor, target: int, others: Sequence[int]) -> float
 
 
 def library_reach(
-    names: Sequence[str], vectors: Mapping[str, torch.Tensor], gram: torch.Tensor, k: int, temperature: float
+    names: Sequence[str],
+    vectors: Mapping[str, torch.Tensor],
+    gram: torch.Tensor,
+    k: int,
+    temperature: float,
+    cosine: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Each category left out in turn, with all the others as the library: the weight-space cosine of its adapter
     to the mean LoRA, the 1-NN and the softmax k-NN (by ``vectors``, as the leave-out baselines pick them), and to
-    two oracles: the closest single other adapter, and the projection onto the span of all the others."""
+    two oracles: the closest single other adapter, and the projection onto the span of all the others
+    (``cosine``: :func:`cosine_from_gram` of ``gram``, when the caller has it already)."""
     per_category: dict[str, dict[str, float]] = {}
-    cosine = cosine_from_gram(gram)
+    cosine = cosine_from_gram(gram) if cosine is None else cosine
     for i, name in enumerate(names):
         others = [j for j in range(len(names)) if j != i]
         keys = {names[j]: vectors[names[j]] for j in others}
@@ -316,7 +317,7 @@ def condition_geometry(
         "vector_cosine": _off_diagonal(vec),
         "adapter_cosine": _off_diagonal(ada),
         "vector_vs_adapter": mantel(_rows(vec), _rows(ada), permutations, seed),
-        "library_reach": library_reach(names, flat, gram, knn_k, knn_temperature),
+        "library_reach": library_reach(names, flat, gram, knn_k, knn_temperature, ada),
         "matrices": {"vector_cosine": _rows(vec), "adapter_cosine": _rows(ada)},
     }
     if share is not None:

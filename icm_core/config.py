@@ -517,6 +517,12 @@ class ZeroShotConfig(StageConfig):
     )
     bootstrap_samples: int = Field(2000, ge=10, description="Paired bootstrap resamples of test blocks.")
     seed: int = Field(0, description="Seed of the bootstrap.")
+    interim_reports: bool = Field(
+        True,
+        description="Score each fold's held-out categories as soon as its adapters exist and write an interim "
+        "report over the folds done so far to <results_dir>/interim/ (removed by the final report), so a benchmark "
+        "split across sessions shows numbers before its last fold.",
+    )
     cross_matrix_tokens: int = Field(
         1024,
         ge=0,

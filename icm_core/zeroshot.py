@@ -355,6 +355,8 @@ def summarize(
 
     ``summary`` holds ``{"categories", "folds", "macro_gain": {method: share}, "win_rate":
     {"icm_lora_vs_<other>": share}}`` (shares in [0, 1] of the gap; base is 0 and oracle 1 by definition).
+    ``nll`` may hold only some folds' categories (an interim report): ``folds_evaluated`` counts the folds whose
+    categories are all in it and ``complete`` says whether that is every fold.
     """
     methods = [m for m in METHODS if all(m in nll[c] for c in nll)]
     scaled = {m for c in nll for m in nll[c] if scaling_size(m) is not None and all(m in nll[x] for x in nll)}
@@ -374,18 +376,22 @@ def summarize(
             }
         )
     best_baseline = max((m for m in BASELINES if m in methods), key=lambda m: result["macro"][m]["gap"], default=None)
+    evaluated = [fold for fold in folds if all(c in nll for c in fold)]
     summary = {
         "categories": len(nll),
         "scored_categories": len(result["categories"]),
         "folds": len(folds),
+        "folds_evaluated": len(evaluated),
+        "complete": len(evaluated) == len(folds),
         "macro_gain": {m: result["macro"][m]["gap"] for m in methods},
         "macro_gain_ci95": {m: [result["macro"][m]["low"], result["macro"][m]["high"]] for m in methods},
         "win_rate": wins,
         "best_baseline": best_baseline,
         "excluded_categories": result["excluded"],
     }
-    if scaled and "icm_lora" in methods:
-        summary["scaling"] = scaling_curve(result["macro"], sorted(scaled, key=scaling_size), folds, len(nll))
+    if scaled and "icm_lora" in methods and evaluated:
+        total = sum(len(fold) for fold in folds)  # every fold's training set is the other folds' categories
+        summary["scaling"] = scaling_curve(result["macro"], sorted(scaled, key=scaling_size), evaluated, total)
     return {**result, "summary": summary, "methods": methods}
 
 
@@ -393,8 +399,8 @@ def scaling_curve(
     macro: Mapping[str, Mapping[str, float]], scaled: Sequence[str], folds: Sequence[Sequence[str]], n: int
 ) -> list[dict[str, Any]]:
     """Zero-shot macro gain (with its interval) against the number of training categories: one point per
-    scaling method, then ``icm_lora`` at the folds' full training sets (their mean size; ``per_fold`` lists
-    them, since folds may differ by one)."""
+    scaling method, then ``icm_lora`` at the full training sets of ``folds`` (the scored folds, out of ``n``
+    categories in all; their mean size, and ``per_fold`` lists them, since folds may differ by one)."""
     full = [n - len(fold) for fold in folds]
     points = [{"training_categories": scaling_size(m), "method": m} for m in scaled]
     points.append({"training_categories": sum(full) / len(full), "per_fold": full, "method": "icm_lora"})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,15 @@ TITLES = {
     "icm_shuffled": "ICM-LoRA, shuffled vector (control)",
     "icm_mean_condition": "ICM-LoRA, mean condition (control)",
 }
+
+
+INTERIM = "interim"
+"""Subfolder of a results folder for the report over the folds finished so far (removed by the final report)."""
+
+
+def interim_dir(results_dir: str | Path) -> Path:
+    """Where a leave-out run writes its interim reports: ``<results_dir>/interim``."""
+    return Path(results_dir) / INTERIM
 
 
 def title(method: str) -> str:
@@ -58,7 +68,10 @@ def write_results(
     """Write ``summary.json``, ``results.json``, ``per_category.csv``, ``report.md`` and PNG figures to ``out``
     (with ``matrix``, from :func:`icm_core.zeroshot.cross_category_matrix`: ``cross_category.csv`` and its
     figure, and its summary in ``summary.json``; with ``geometry``, from
-    :func:`icm_core.condition_geometry.condition_geometry`: ``condition_geometry.json``, its figure and section)."""
+    :func:`icm_core.condition_geometry.condition_geometry`: ``condition_geometry.json``, its figure and section).
+
+    A result over only some folds (``summary["complete"]`` false) says so at the top of the report; a complete
+    one removes the interim reports under ``out`` (:func:`interim_dir`), which it supersedes."""
     out = Path(out)
     methods = list(result["methods"])
     summary = {**result["summary"], **{k: v for k, v in meta.items() if k not in result["summary"]}}
@@ -95,6 +108,7 @@ def write_results(
         "gap recovered on each held-out category's test blocks, macro-averaged; 95% paired bootstrap intervals "
         f"over test blocks ({meta.get('bootstrap_samples', '?')} resamples).",
         "",
+        *_interim_lines(summary, folds),
         "| method | macro gap recovered | 95% interval |",
         "|---|---:|---|",
     ]
@@ -132,7 +146,22 @@ def write_results(
     lines += ["", "Run settings:", "", "```json", json.dumps(dict(meta), indent=1, default=str), "```"]
     files["report"] = str(write_text(out / "report.md", "\n".join(lines) + "\n"))
     files.update(_figures(out, result, methods, multitask_losses, vectors, families))
+    if summary.get("complete", True):
+        shutil.rmtree(interim_dir(out), ignore_errors=True)
     return files
+
+
+def _interim_lines(summary: Mapping[str, Any], folds: Sequence[Sequence[str]]) -> list[str]:
+    """A notice heading a report over only some folds (none for a complete one)."""
+    if summary.get("complete", True):
+        return []
+    total = sum(len(fold) for fold in folds)
+    return [
+        f"**Interim report: {summary['folds_evaluated']} of {summary['folds']} folds scored** "
+        f"({summary['categories']} of {total} held-out categories). The remaining folds, the cross-category "
+        "matrix and the condition geometry come with the final report, which replaces this folder.",
+        "",
+    ]
 
 
 def _scaling_lines(points: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -386,4 +415,14 @@ def write_geometry(out: str | Path, geometry: Mapping[str, Any], families: Mappi
     return files
 
 
-__all__ = ["METHODS", "TITLES", "geometry_lines", "geometry_summary", "title", "write_geometry", "write_results"]
+__all__ = [
+    "INTERIM",
+    "METHODS",
+    "TITLES",
+    "geometry_lines",
+    "geometry_summary",
+    "interim_dir",
+    "title",
+    "write_geometry",
+    "write_results",
+]

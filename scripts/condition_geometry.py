@@ -43,12 +43,15 @@ def commit() -> str:
 
 
 def finished(stage_dir: Path, key: str | None) -> dict[str, Path]:
-    """``{category: folder}`` of the finished outputs (a manifest written) under ``<root>/<stage>/``."""
+    """``{category: folder}`` of the finished outputs under ``<root>/<stage>/``: those whose manifest lists files
+    that are all present and unchanged (``tasks.manifest.valid_output``, as the flows' cache reads them)."""
+    from tasks.manifest import valid_output
+
     found: dict[str, Path] = {}
     if not stage_dir.is_dir():
         return found
     for category in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
-        folders = [f for f in sorted(category.iterdir()) if (f / "manifest.json").is_file()]
+        folders = [f for f in sorted(category.iterdir()) if f.is_dir() and valid_output(f) is not None]
         if key is not None:
             folders = [f for f in folders if f.name.startswith(key)]
         if len(folders) > 1:

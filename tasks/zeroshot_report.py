@@ -89,8 +89,14 @@ def _rounded(value: float | None) -> float | None:
 
 def _publish(result: dict[str, Any], matrix: dict[str, Any] | None = None) -> None:
     """Prefect UI artifacts: the macro table, one row per held-out category and method, the win rates, and the
-    cross-category matrix (one row per target category)."""
+    cross-category matrix (one row per target category). An interim result's descriptions say how many folds
+    it covers; the final report publishes new versions of the same keys."""
     summary = result["summary"]
+    coverage = (
+        ""
+        if summary.get("complete", True)
+        else f" (interim: {summary['folds_evaluated']} of {summary['folds']} folds)"
+    )
     macro = [
         {
             "method": m,
@@ -100,18 +106,23 @@ def _publish(result: dict[str, Any], matrix: dict[str, Any] | None = None) -> No
         }
         for m in result["methods"]
     ]
-    create_table_artifact(macro, key="icm-zeroshot-macro", description="Zero-shot: macro share of the gap recovered")
+    create_table_artifact(
+        macro, key="icm-zeroshot-macro", description="Zero-shot: macro share of the gap recovered" + coverage
+    )
     rows = [
         {"category": cat, "method": m, "gap_recovered": _rounded(cell["gap"]), "ci95_low": _rounded(cell["low"]),
          "ci95_high": _rounded(cell["high"])}
         for cat, by in sorted(result["per_category"].items())
         for m, cell in by.items()
     ]  # fmt: skip
-    create_table_artifact(rows, key="icm-zeroshot-per-category", description="Zero-shot: gap recovered per category")
+    create_table_artifact(
+        rows, key="icm-zeroshot-per-category", description="Zero-shot: gap recovered per category" + coverage
+    )
     create_table_artifact(
         [{"comparison": k, "win_rate": _rounded(v)} for k, v in summary["win_rate"].items()],
         key="icm-zeroshot-win-rates",
-        description="Share of held-out categories where the zero-shot generator beats each baseline / control",
+        description="Share of held-out categories where the zero-shot generator beats each baseline / control"
+        + coverage,
     )
     if summary.get("scaling"):
         create_table_artifact(
@@ -122,7 +133,7 @@ def _publish(result: dict[str, Any], matrix: dict[str, Any] | None = None) -> No
                 for p in summary["scaling"]
             ],
             key="icm-zeroshot-scaling",
-            description="Zero-shot macro gain against the number of categories the generator was trained on",
+            description="Zero-shot macro gain against the number of categories the generator trained on" + coverage,
         )  # fmt: skip
     if matrix is not None:
         create_table_artifact(

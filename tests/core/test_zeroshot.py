@@ -155,6 +155,23 @@ def test_summary_scaling_curve_ends_at_the_full_generator():
     assert [p["macro_gain"] for p in points] == pytest.approx([0.2, 0.4, 0.6])
     assert all(p["ci95"][0] - 1e-9 <= p["macro_gain"] <= p["ci95"][1] + 1e-9 for p in points)
     assert "icm_lora_vs_icm_lora@1" not in summary["win_rate"]  # win rates stay against baselines and controls
+    assert summary["folds_evaluated"] == 2 and summary["complete"]
+
+
+def test_interim_summary_counts_the_scored_folds_only():
+    base = [3.0, 3.1, 2.9, 3.2]
+    nll = {}
+    for cat in ["d", "e"]:  # fold 1 of [[a, b, c], [d, e]] scored, fold 0 not yet
+        nll[cat] = {"base": base, "oracle": [b - 1 for b in base], "mean_lora": [b - 0.3 for b in base]}
+        nll[cat]["icm_lora"] = [b - 0.6 for b in base]
+        nll[cat]["icm_lora@1"] = [b - 0.2 for b in base]
+    summary = summarize(nll, [["a", "b", "c"], ["d", "e"]], samples=20)["summary"]
+    assert summary["categories"] == 2 and summary["folds"] == 2
+    assert summary["folds_evaluated"] == 1 and not summary["complete"]
+    # fold 1's generator trained on the 3 categories of fold 0, out of 5 in all
+    assert summary["scaling"][-1]["training_categories"] == 3 and summary["scaling"][-1]["per_fold"] == [3]
+    partial = summarize({"a": nll["d"]}, [["a", "b", "c"], ["d", "e"]], samples=20)["summary"]
+    assert partial["folds_evaluated"] == 0 and "scaling" not in partial
 
 
 def test_zeroshot_config_refuses_vectors_a_held_out_category_cannot_have():

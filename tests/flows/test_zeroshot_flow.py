@@ -69,6 +69,8 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
         assert (results / name).is_file(), name
     folds = make_folds(list(texts), 2, 0)
     assert summary["fold_assignment"] == folds
+    assert summary["complete"] and summary["folds_evaluated"] == 2
+    assert not (results / "interim").exists()  # the interim report after fold 0 is superseded and removed
 
     # The cross-category matrix: every category's LoRA on every category's test text.
     assert (results / "cross_category_matrix.png").is_file()
@@ -150,6 +152,9 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
         ]
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
     assert {a.key for a in found} == set(keys)
+    # Fold 0's interim report was published before the final one (an earlier version of the same key).
+    macro = [a.description or "" for a in found if a.key == "icm-zeroshot-macro"]
+    assert any("interim: 1 of 2 folds" in d for d in macro) and any("interim" not in d for d in macro), macro
 
     # The same analysis straight from the artifacts root (for runs made before the report had it).
     script = Path(__file__).resolve().parents[2] / "scripts" / "condition_geometry.py"
@@ -164,3 +169,16 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
     assert from_root["vector_vs_adapter"] == geometry["vector_vs_adapter"]
     assert from_root["retrieval"] == geometry["retrieval"]
     assert "What the task vectors say about the adapters" in done.stdout
+
+    # A LoRA whose files no longer match their manifest is not read, as the flows' cache would not read it.
+    victim_category = geometry["categories"][0]
+    lora_dir = next(root.glob(f"lora/{victim_category}/*/manifest.json")).parent
+    victim = next(lora_dir.rglob("*.safetensors"))
+    victim.write_bytes(victim.read_bytes()[:-8] + b"corrupt!")
+    done = subprocess.run(
+        [sys.executable, str(script), "--root", str(root), "--out", str(tmp_path / "geometry-3")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    left = json.loads((tmp_path / "geometry-3" / "condition_geometry.json").read_text())["categories"]
+    assert left == sorted(set(texts) - {victim_category})
