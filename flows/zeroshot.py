@@ -189,8 +189,8 @@ def zeroshot_protocol(
                     str(interim_dir(results_dir)),
                 )  # fmt: skip
 
-    # 3) Per-block NLL of every method on every held-out category's test split (all at once without interim
-    #    reports: the folds' evaluations then run side by side).
+    # 3) The categories not scored yet (every one without interim reports: all folds' evaluations then run
+    #    side by side): per-block NLL of every method on each held-out category's test split.
     nll_refs.update(
         held_out_evals(block_eval, [n for n in names if n not in nll_refs], adapters, data_by, lora_by, cfg, root)
     )
