@@ -377,8 +377,10 @@ def summarize(
         )
     best_baseline = max((m for m in BASELINES if m in methods), key=lambda m: result["macro"][m]["gap"], default=None)
     evaluated = [fold for fold in folds if all(c in nll for c in fold)]
+    total = sum(len(fold) for fold in folds)  # every fold's training set is the other folds' categories
     summary = {
         "categories": len(nll),
+        "protocol_categories": total,
         "scored_categories": len(result["categories"]),
         "folds": len(folds),
         "folds_evaluated": len(evaluated),
@@ -390,9 +392,14 @@ def summarize(
         "excluded_categories": result["excluded"],
     }
     if scaled and "icm_lora" in methods and evaluated:
-        total = sum(len(fold) for fold in folds)  # every fold's training set is the other folds' categories
         summary["scaling"] = scaling_curve(result["macro"], sorted(scaled, key=scaling_size), evaluated, total)
     return {**result, "summary": summary, "methods": methods}
+
+
+def is_interim(summary: Mapping[str, Any]) -> bool:
+    """Whether a :func:`summarize` summary covers only some folds (a summary without ``complete`` predates
+    interim reports and was complete)."""
+    return not summary.get("complete", True)
 
 
 def scaling_curve(

@@ -15,7 +15,7 @@ import torch
 
 from icm_core.io import write_json, write_text
 from icm_core.plots import pca_2d, pyplot, save_figure
-from icm_core.zeroshot import METHODS, scaling_size
+from icm_core.zeroshot import METHODS, is_interim, scaling_size
 
 
 TITLES = {
@@ -108,7 +108,7 @@ def write_results(
         "gap recovered on each held-out category's test blocks, macro-averaged; 95% paired bootstrap intervals "
         f"over test blocks ({meta.get('bootstrap_samples', '?')} resamples).",
         "",
-        *_interim_lines(summary, folds),
+        *_interim_lines(summary),
         "| method | macro gap recovered | 95% interval |",
         "|---|---:|---|",
     ]
@@ -146,20 +146,20 @@ def write_results(
     lines += ["", "Run settings:", "", "```json", json.dumps(dict(meta), indent=1, default=str), "```"]
     files["report"] = str(write_text(out / "report.md", "\n".join(lines) + "\n"))
     files.update(_figures(out, result, methods, multitask_losses, vectors, families))
-    if summary.get("complete", True):
+    if not is_interim(summary):
         shutil.rmtree(interim_dir(out), ignore_errors=True)
     return files
 
 
-def _interim_lines(summary: Mapping[str, Any], folds: Sequence[Sequence[str]]) -> list[str]:
+def _interim_lines(summary: Mapping[str, Any]) -> list[str]:
     """A notice heading a report over only some folds (none for a complete one)."""
-    if summary.get("complete", True):
+    if not is_interim(summary):
         return []
-    total = sum(len(fold) for fold in folds)
     return [
         f"**Interim report: {summary['folds_evaluated']} of {summary['folds']} folds scored** "
-        f"({summary['categories']} of {total} held-out categories). The remaining folds, the cross-category "
-        "matrix and the condition geometry come with the final report, which replaces this folder.",
+        f"({summary['categories']} of {summary['protocol_categories']} held-out categories). The remaining "
+        "folds, the cross-category matrix and the condition geometry come with the final report, which replaces "
+        "this folder.",
         "",
     ]
 

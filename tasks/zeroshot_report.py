@@ -17,7 +17,7 @@ from icm_core.config import ZeroShotConfig
 from icm_core.io import read_json
 from icm_core.lora_train import read_trajectory
 from icm_core.stages import load_task_vector
-from icm_core.zeroshot import cross_category_matrix, summarize
+from icm_core.zeroshot import cross_category_matrix, is_interim, summarize
 from icm_core.zeroshot_report import geometry_lines, write_results
 from tasks.artifacts import ArtifactRef, localize
 
@@ -92,11 +92,7 @@ def _publish(result: dict[str, Any], matrix: dict[str, Any] | None = None) -> No
     cross-category matrix (one row per target category). An interim result's descriptions say how many folds
     it covers; the final report publishes new versions of the same keys."""
     summary = result["summary"]
-    coverage = (
-        ""
-        if summary.get("complete", True)
-        else f" (interim: {summary['folds_evaluated']} of {summary['folds']} folds)"
-    )
+    coverage = f" (interim: {summary['folds_evaluated']} of {summary['folds']} folds)" if is_interim(summary) else ""
     macro = [
         {
             "method": m,

@@ -168,15 +168,16 @@ class Workspace:
         )
 
 
-def settled_task_runs(flow_run_ids, timeout_s: float = 60.0, quiet_s: float = 2.0) -> list:
+def settled_task_runs(flow_run_ids, timeout_s: float = 60.0, quiet_s: float = 1.5) -> list:
     """The task runs of the given flow runs, read back through the Prefect API once the server has recorded them.
 
     Task-run states reach the server as events that its recorder writes asynchronously, so a read right after
-    a flow returns can still see a run's first record (a default name like ``report-ccb``, state Pending)
-    rather than its last. The client's events are flushed, then the read is repeated until every task run is in
-    a final state (the server keeps the record with the latest state timestamp, which carries the final name),
-    or, for runs that legitimately stay unfinished (NotReady behind a failed upstream), until nothing has
-    changed for ``quiet_s`` seconds."""
+    a flow returns can see a run's first record (a default name like ``report-ccb``, state Pending) rather than
+    its last, or miss a run whose events are not recorded yet (seen in CI: a fully cached rerun read back
+    without its last task, ``report``). The client's events are flushed, then the read is repeated until
+    nothing has changed for ``quiet_s`` seconds and every task run is in a final state; runs that legitimately
+    stay unfinished (NotReady behind a failed upstream) are returned once ``timeout_s`` has passed or nothing
+    has changed for ``4 * quiet_s``."""
     from prefect.events.worker import EventsWorker
 
     EventsWorker.drain_all()
@@ -186,13 +187,13 @@ def settled_task_runs(flow_run_ids, timeout_s: float = 60.0, quiet_s: float = 2.
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_task_runs(flow_run_filter=flow_filter)
-            if all(run.state is not None and run.state.is_final() for run in runs):
-                return runs
             snapshot = sorted((str(run.id), run.name, run.state_name or "") for run in runs)
             now = time.monotonic()
             if snapshot != last_snapshot:
                 last_snapshot, unchanged_since = snapshot, now
-            elif now - unchanged_since >= quiet_s or now > deadline:
+            quiet_for = now - unchanged_since
+            all_final = all(run.state is not None and run.state.is_final() for run in runs)
+            if (all_final and quiet_for >= quiet_s) or quiet_for >= 4 * quiet_s or now > deadline:
                 return runs
             time.sleep(0.2)
 
