@@ -96,6 +96,10 @@ zombie-detection: install
 bench-cli: install
 	$(BIN)/python scripts/bench_cli.py $(ARGS)
 
+# Peak memory and threads of a flow submitting many torch tasks: Prefect's default pool vs ours (flows/runtime.py).
+bench-threads: install
+	$(BIN)/python scripts/bench_task_threads.py $(ARGS)
+
 clean:
 	rm -rf artifacts/data artifacts/lora artifacts/task_vectors artifacts/generator artifacts/adapters \
 		artifacts/soup artifacts/pdiff artifacts/pdiff_adapters artifacts/ablation_report artifacts/latest-ablations.json \

@@ -25,6 +25,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.pipeline import icm_pipeline
+from flows.runtime import thread_task_runner
 from icm_core.config import OFFICIAL_CHANNELS, RunConfig, config_fingerprint
 from tasks.ablations import ablation_report_task, publish_ablations
 from tasks.records import on_root
@@ -88,7 +89,7 @@ def ablation_variants(
     return variants
 
 
-@flow(name="icm-ablations", log_prints=True)
+@flow(name="icm-ablations", task_runner=thread_task_runner(), log_prints=True)
 def icm_ablations(
     config: RunConfig = RunConfig(),  # noqa: B008 - pydantic default, shown as a form in the UI
     categories_file: str | None = None,

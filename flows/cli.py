@@ -315,7 +315,7 @@ def _flow_commands(sub) -> None:
     p.add_argument("--root", default="artifacts", help="artifacts folder or fsspec URL (default: artifacts)")
     p.add_argument("--runner", choices=RUNNERS, default="threads", help="task runner (default: threads)")
     p.add_argument("--runner-address", help="Dask scheduler / Ray address (default: start a local cluster)")
-    p.add_argument("--workers", type=int, help="local cluster size / thread pool size")
+    p.add_argument("--workers", type=int, help="local cluster size / thread pool size (threads: min(32, cores + 4))")
     p.add_argument("--seeds", type=int, help="run with this many seeds (= --set seeds=N; default 1)")
     p.add_argument("--results-dir", help="also copy the report's files (report.md, results.*, figures) here")
     p.add_argument(

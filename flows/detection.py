@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.pipeline import baseline_adapters, gather
+from flows.runtime import thread_task_runner
 from icm_core.config import config_fingerprint, load_run_config
 from icm_core.vision.config import DetectionRunConfig, task_slug
 from icm_core.vision.stages import source_fingerprint
@@ -43,7 +44,7 @@ def load_detection_config(path: str | None = None, overrides: list[str] | None =
     return load_run_config(path, overrides, DetectionRunConfig)
 
 
-@flow(name="icm-detection")
+@flow(name="icm-detection", task_runner=thread_task_runner())
 def detection_pipeline(
     config: DetectionRunConfig = DetectionRunConfig(),  # noqa: B008 - pydantic default, shown as a form in the UI
     root: str = "artifacts/detection",

@@ -25,6 +25,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.runtime import thread_task_runner
 from icm_core.adapters import adapter_sha256
 from icm_core.config import ModelConfig, SampleConfig, TaskVectorConfig
 from icm_core.io import read_json, sha256_file, sidecar_path
@@ -156,7 +157,7 @@ def _run_name() -> str:
     return f"generate-{p.get('category') or ('description' if p.get('description') else 'task-vector')}"
 
 
-@flow(name="generate-adapter", flow_run_name=_run_name, log_prints=True)
+@flow(name="generate-adapter", task_runner=thread_task_runner(), flow_run_name=_run_name, log_prints=True)
 def generate_adapter(
     category: str | None = None,
     description: str | None = None,

@@ -26,7 +26,7 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.futures import PrefectFuture, wait
 
-from flows.runtime import device_from_env, use_hub_token
+from flows.runtime import device_from_env, thread_task_runner, use_hub_token
 from icm_core.base_model import resolve_device
 from icm_core.config import METHOD_NAMES, RunConfig
 from icm_core.data import Category, source_fingerprint
@@ -345,7 +345,7 @@ def verification(full: bool):
             os.environ[VERIFY_ENV] = before
 
 
-@flow(name="icm-pipeline", flow_run_name=_run_name, log_prints=True)
+@flow(name="icm-pipeline", task_runner=thread_task_runner(), flow_run_name=_run_name, log_prints=True)
 def icm_pipeline(
     config: RunConfig = RunConfig(),  # noqa: B008 - pydantic default, shown as a form in the UI
     categories_file: str | None = None,

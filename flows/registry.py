@@ -43,7 +43,7 @@ from prefect.events import emit_event
 
 from flows.generate import file_sha256, latest_generator
 from flows.pipeline import icm_pipeline
-from flows.runtime import device_from_env
+from flows.runtime import device_from_env, thread_task_runner
 from icm_core.adapters import adapter_sha256
 from icm_core.config import RunConfig
 from icm_core.data import Category, source_fingerprint
@@ -67,7 +67,7 @@ def category_resource(name: str, registry: str) -> dict[str, str]:
     return {"prefect.resource.id": f"{EVENT_PREFIX}{name}", "prefect.resource.name": name, "icm.registry": registry}
 
 
-@flow(name="scan-categories", log_prints=True)
+@flow(name="scan-categories", task_runner=thread_task_runner(), log_prints=True)
 def scan_categories(registry: str = "categories", root: str = "artifacts", baseline: bool = False) -> dict[str, Any]:
     """Compare the category registry with the last scan and emit ``icm.category.*`` events for the changes.
 
@@ -275,7 +275,12 @@ def publish_retrained(summary: dict[str, Any], registry: str, root: str) -> dict
     return entries
 
 
-@flow(name="icm-zero-shot-publish", flow_run_name=lambda: "zero-shot-" + _param("category"), log_prints=True)
+@flow(
+    name="icm-zero-shot-publish",
+    task_runner=thread_task_runner(),
+    flow_run_name=lambda: "zero-shot-" + _param("category"),
+    log_prints=True,
+)
 def publish_new_category(
     category: str | None = None,
     change: str = "added",
@@ -334,7 +339,7 @@ def _retrain_run_name() -> str:
     return f"retrain-{params.get('change')}-{params['category']}" if params.get("category") else "retrain-registry"
 
 
-@flow(name="icm-retrain", flow_run_name=_retrain_run_name, log_prints=True)
+@flow(name="icm-retrain", task_runner=thread_task_runner(), flow_run_name=_retrain_run_name, log_prints=True)
 def retrain_categories(
     category: str | None = None,
     change: str = "added",

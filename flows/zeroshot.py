@@ -22,7 +22,7 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 
 from flows.pipeline import finetune_categories, gather
-from flows.runtime import device_from_env
+from flows.runtime import device_from_env, thread_task_runner
 from icm_core.categories import category_family, library_categories
 from icm_core.config import ZeroShotRunConfig
 from icm_core.data import Category, source_fingerprint
@@ -55,7 +55,7 @@ def select(categories_file: str | None, only: list[str] | None) -> list[Category
     return categories
 
 
-@flow(name="icm-zeroshot", log_prints=True)
+@flow(name="icm-zeroshot", task_runner=thread_task_runner(), log_prints=True)
 def zeroshot_protocol(
     config: ZeroShotRunConfig = ZeroShotRunConfig(),  # noqa: B008 - pydantic default, a form in the UI
     categories_file: str | None = None,
