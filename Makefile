@@ -17,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install lock demo test lint bench bench-cli bench-warm clean chromium ablations zombie-detection results corpora library zeroshot
+.PHONY: install lock demo test lint bench bench-cli bench-warm bench-threads clean chromium ablations zombie-detection results corpora library zeroshot
 
 $(BIN)/.installed: pyproject.toml requirements.lock Makefile
 	$(PYTHON) -m venv $(VENV)
