@@ -32,11 +32,11 @@ def thread_pool_size(workers: int | None = None) -> int:
     else Python's ``ThreadPoolExecutor`` default, ``min(32, cores + 4)``.
 
     Prefect's own default is unbounded: every submitted task gets a new thread, and a thread that has run torch
-    ops keeps the memory it allocated (and its OpenMP thread team) while it lives. The leave-out flow submits
-    1,640 evaluations at once: that made 1,634 threads, the process grew by 20-40 MB per evaluation and was
-    killed at 24 GiB. ``scripts/bench_task_threads.py`` (48 forward passes of SmolLM2-135M submitted at once, 2
-    cores): peak RSS 3,969 MB and 107 OS threads on Prefect's default pool, 2,314 MB and 23 threads on this
-    one, in the same wall time (153 s and 147 s). Heavy stages take turns per device anyway
+    ops holds on to memory while it lives (measured below; which allocator keeps it was not isolated). The
+    leave-out flow submits 1,640 evaluations at once: that made 1,634 threads, the process grew by 20-40 MB per
+    evaluation and was killed at 24 GiB. ``scripts/bench_task_threads.py`` (48 forward passes of SmolLM2-135M
+    submitted at once, 2 cores): peak RSS 3,969 MB and 107 OS threads on Prefect's default pool, 2,314 MB and 23
+    threads on this one, in the same wall time (153 s and 147 s). Heavy stages take turns per device anyway
     (``tasks.stages.device_slot``), so a small pool loses no parallelism.
     """
     if workers is not None:

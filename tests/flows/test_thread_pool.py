@@ -1,6 +1,6 @@
 """The flows' thread pool is bounded. Prefect's own default starts a thread per submitted task, and a torch
-thread keeps its OpenMP team and memory while it lives: the leave-out flow's 1,640 evaluations made 1,634
-threads and ran the process out of memory (flows/runtime.thread_pool_size)."""
+thread holds on to memory while it lives: the leave-out flow's 1,640 evaluations made 1,634 threads and ran
+the process out of memory (flows/runtime.thread_pool_size)."""
 
 from __future__ import annotations
 
