@@ -30,8 +30,8 @@ $(BIN)/.installed: pyproject.toml requirements.lock Makefile
 	# MTCNN's pretrained weights; its declared pins (torch<2.3, torchvision<0.18, numpy<2) do not apply here.
 	$(UV) --no-deps facenet-pytorch==2.6.0
 	# torchvision (vision extra) is a CUDA build next to the CPU torch: a start-up hook keeps transformers
-	# and peft importable in any script run with this venv (icm_core/_torchvision_compat.py).
-	$(BIN)/python -c "from icm_core._torchvision_compat import install_pth; print('wrote', install_pth())"
+	# and peft importable in any script run with this venv (icm_core/models/torchvision_compat.py).
+	$(BIN)/python -c "from icm_core.models.torchvision_compat import install_pth; print('wrote', install_pth())"
 	touch $@
 
 # Re-resolve requirements.lock after a change to pyproject.toml's dependencies (then check: no nvidia-* lines).
@@ -54,7 +54,7 @@ chromium:
 # The category library's Debian text (docs, code, quotes, tables): apt-get download + dpkg-deb -x into
 # artifacts/corpora/debian (nothing is installed; ~60 MB of .debs, ~240 MB extracted, ~1 min). Needs apt (root).
 corpora: install
-	$(BIN)/python -m icm_core.corpora.debian
+	$(BIN)/python -m icm_core.data.corpora.debian
 
 # Smoke run of the library: prepare every category's splits and count its tokens (results/zeroshot/library.md).
 library: corpora

@@ -26,7 +26,9 @@ from prefect import flow, get_run_logger
 
 from flows.pipeline import icm_pipeline
 from flows.runtime import thread_task_runner
-from icm_core.config import OFFICIAL_CHANNELS, RunConfig, config_fingerprint
+from icm_core.config import RunConfig
+from icm_core.generator.config import OFFICIAL_CHANNELS
+from icm_core.infra.config import config_fingerprint
 from tasks.ablations import ablation_report_task, publish_ablations
 from tasks.records import on_root
 from tasks.report import root_relative

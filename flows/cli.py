@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from icm_core.__main__ import (
+from icm_core.cli import (
     STAGE_COMMANDS,
     STAGE_ERRORS,
     add_stage_commands,
@@ -73,9 +73,9 @@ def _run(flow_call, *args: Any, **kwargs: Any) -> Any:
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from flows import run_record
     from flows.runtime import device_from_env
-    from icm_core.base_model import resolve_device
     from icm_core.config import load_run_config
-    from icm_core.selection import check_category_sources, select_categories
+    from icm_core.data.selection import check_category_sources, select_categories
+    from icm_core.models.base_model import resolve_device
 
     cfg = load_run_config(args.config, args.set + ([f"seeds={args.seeds}"] if args.seeds else []))
     worker_cfg = device_from_env(cfg)  # the config as the flow will see it
@@ -111,7 +111,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict[str, Any], results_dir: str | None) -> None:
-    from icm_core.runner import format_table
+    from icm_core.local_pipeline import format_table
 
     print()
     print(format_table(summary["rows"]))
@@ -129,7 +129,8 @@ def _print_summary(summary: dict[str, Any], results_dir: str | None) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from flows.generate import generate_adapter, latest_generator
-    from icm_core.config import ModelConfig, SampleConfig
+    from icm_core.generator.config import SampleConfig
+    from icm_core.models.config import ModelConfig
 
     if args.task_vector_file and not Path(args.task_vector_file).is_file():
         raise FileNotFoundError(f"--task-vector {args.task_vector_file}: no such file")
@@ -147,7 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sample = SampleConfig(seed=args.seed)
     text = args.text_dir or args.text_file
     if text:
-        from icm_core.new_category import plan_text_vector, read_text_source
+        from icm_core.zeroshot.from_text import plan_text_vector, read_text_source
 
         # The generator's vector kind and the text are checked here: bad input is exit status 2, no flow run.
         generator = args.generator or str(latest_generator(args.root))
@@ -181,7 +182,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     import shutil
 
     from flows.detection import detection_pipeline, load_detection_config
-    from icm_core.vision.report import table_markdown
+    from icm_core.report.detection import table_markdown
 
     cfg = load_detection_config(args.config, args.set)
     summary = _run(detection_pipeline, config=cfg, root=args.root)
@@ -233,7 +234,8 @@ def cmd_ablations(args: argparse.Namespace) -> int:
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
     from flows.zeroshot import select, zeroshot_protocol
-    from icm_core.config import ZeroShotRunConfig, load_run_config
+    from icm_core.config import load_run_config
+    from icm_core.zeroshot.config import ZeroShotRunConfig
 
     cfg = load_run_config(args.config, args.set, config_cls=ZeroShotRunConfig)
     only = _names(args.only)
@@ -252,7 +254,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
 def cmd_registry_scan(args: argparse.Namespace) -> int:
     from flows.registry import scan_categories
-    from icm_core.registry import load_registry
+    from icm_core.data.registry import load_registry
 
     load_registry(args.registry)  # a missing or invalid registry fails here, before a flow run
     result = _run(scan_categories, registry=args.registry, root=args.root, baseline=args.baseline)
@@ -264,10 +266,10 @@ def cmd_registry_scan(args: argparse.Namespace) -> int:
 def cmd_registry_retrain(args: argparse.Namespace) -> int:
     from flows.registry import retrain_categories
     from flows.runtime import device_from_env
-    from icm_core.base_model import resolve_device
     from icm_core.config import load_run_config
-    from icm_core.registry import load_registry
-    from icm_core.selection import check_category_sources
+    from icm_core.data.registry import load_registry
+    from icm_core.data.selection import check_category_sources
+    from icm_core.models.base_model import resolve_device
 
     cfg = load_run_config(args.config, args.set)
     resolve_device(device_from_env(cfg).model.device)

@@ -22,7 +22,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.pipeline import baseline_adapters, gather
 from flows.runtime import thread_task_runner
-from icm_core.config import config_fingerprint, load_run_config
+from icm_core.config import load_run_config
+from icm_core.infra.config import config_fingerprint
 from icm_core.vision.config import DetectionRunConfig, task_slug
 from icm_core.vision.stages import source_fingerprint
 from tasks.artifacts import ArtifactRef

@@ -10,7 +10,7 @@ that already exists is refused unless ``overwrite=True`` (``--overwrite``).
 
 A **new category** (one the generator never saw, nobody fine-tuned) gets its adapter from its text alone
 (``text=``, ``icm-lora generate --text-dir FOLDER`` or ``--text FILE``): the task vector the generator was trained
-on is computed from that text (paper Eq. 1 on the base model over k samples, ``icm_core/new_category.py``). A
+on is computed from that text (paper Eq. 1 on the base model over k samples, ``icm_core/zeroshot/from_text.py``). A
 generator trained on fine-tuned-model vectors (the demo's default) is refused with a message saying how to train
 one that works (``task_vector.hidden_from=base``); a description-vector generator takes ``description=``."""
 
@@ -26,12 +26,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.runtime import thread_task_runner
-from icm_core.adapters import adapter_sha256
-from icm_core.config import ModelConfig, SampleConfig, TaskVectorConfig
-from icm_core.io import read_json, sha256_file, sidecar_path
-from icm_core.new_category import plan_text_vector, read_text_source, text_adapter, text_condition_label
-from icm_core.stages import load_task_vector_with_kind, sample_adapter
-from icm_core.task_vectors import TextEncoder, text_task_vector
+from icm_core.generator.config import SampleConfig, TaskVectorConfig
+from icm_core.generator.stages import sample_adapter
+from icm_core.generator.task_vectors import TextEncoder, load_task_vector_with_kind, text_task_vector
+from icm_core.infra.io import read_json, sha256_file, sidecar_path
+from icm_core.lora.adapters import adapter_sha256
+from icm_core.models.config import ModelConfig
+from icm_core.zeroshot.from_text import plan_text_vector, read_text_source, text_adapter, text_condition_label
 from tasks.store import fetch, is_remote, local_root, read_root_json
 
 

@@ -27,10 +27,11 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.futures import PrefectFuture, wait
 
 from flows.runtime import device_from_env, thread_task_runner, use_hub_token
-from icm_core.base_model import resolve_device
 from icm_core.config import METHOD_NAMES, RunConfig
-from icm_core.data import Category, source_fingerprint
-from icm_core.selection import select_categories
+from icm_core.data.categories import Category
+from icm_core.data.documents import source_fingerprint
+from icm_core.data.selection import select_categories
+from icm_core.models.base_model import resolve_device
 from tasks.artifacts import ArtifactRef
 from tasks.manifest import VERIFY_ENV
 from tasks.progress import track

@@ -1,7 +1,7 @@
 """Retraining when the category registry changes: a scan flow that emits events, a retrain flow they trigger.
 
 ``scan_categories`` (a scheduled deployment) reads the registry (a category file or a folder of them, see
-``icm_core/registry.py``), compares each category's fingerprint with the state the previous scan saved
+``icm_core/data/registry.py``), compares each category's fingerprint with the state the previous scan saved
 under the artifacts root, and emits one Prefect event per difference:
 
     icm.category.added / icm.category.changed / icm.category.removed
@@ -44,13 +44,14 @@ from prefect.events import emit_event
 from flows.generate import file_sha256, latest_generator
 from flows.pipeline import icm_pipeline
 from flows.runtime import device_from_env, thread_task_runner
-from icm_core.adapters import adapter_sha256
 from icm_core.config import RunConfig
-from icm_core.data import Category, source_fingerprint
-from icm_core.io import read_json, sidecar_path
-from icm_core.new_category import generator_vector_settings, plan_text_vector
-from icm_core.registry import diff_registry, load_registry, registry_fingerprints
-from icm_core.task_vectors import TaskVectorKindError, text_computable
+from icm_core.data.categories import Category
+from icm_core.data.documents import source_fingerprint
+from icm_core.data.registry import diff_registry, load_registry, registry_fingerprints
+from icm_core.generator.task_vectors import TaskVectorKindError, text_computable
+from icm_core.infra.io import read_json, sidecar_path
+from icm_core.lora.adapters import adapter_sha256
+from icm_core.zeroshot.from_text import generator_vector_settings, plan_text_vector
 from tasks.records import on_root
 from tasks.registry import STATE_FILE, generator_ref, now, publish_adapter, published, unpublish, update_state
 from tasks.stages import prepare_data_task, task_vector_task

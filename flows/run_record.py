@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from icm_core.config import RunConfig
-from icm_core.data import Category, source_fingerprint
-from icm_core.io import ArtifactError, read_json, write_json
-from icm_core.model_identity import ModelLoadError, library_versions
+from icm_core.data.categories import Category
+from icm_core.data.documents import source_fingerprint
+from icm_core.infra.io import ArtifactError, read_json, write_json
+from icm_core.models.identity import ModelLoadError, library_versions
 from tasks.identity import code_fingerprint, hash_sources, model_identities
 from tasks.manifest import valid_output
 from tasks.store import is_remote, local_root

@@ -23,12 +23,12 @@ from prefect import flow, get_run_logger, unmapped
 
 from flows.pipeline import finetune_categories, gather
 from flows.runtime import device_from_env, thread_task_runner
-from icm_core.categories import category_family, library_categories
-from icm_core.config import ZeroShotRunConfig
-from icm_core.data import Category, source_fingerprint
-from icm_core.registry import load_registry
-from icm_core.zeroshot import SCALING_PREFIX, assert_no_leakage, make_folds, scaling_subsets, shuffled_partner
-from icm_core.zeroshot_report import interim_dir
+from icm_core.data.categories import Category, category_family, library_categories
+from icm_core.data.documents import source_fingerprint
+from icm_core.data.registry import load_registry
+from icm_core.report.zeroshot import interim_dir
+from icm_core.zeroshot.config import ZeroShotRunConfig
+from icm_core.zeroshot.protocol import SCALING_PREFIX, assert_no_leakage, make_folds, scaling_subsets, shuffled_partner
 from tasks.artifacts import ArtifactRef
 from tasks.records import on_root
 from tasks.stages import finetune_task, prepare_data_task, task_vector_task, train_generator_task

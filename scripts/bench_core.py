@@ -1,6 +1,6 @@
 """Benchmark of the core library (no Prefect) on the demo categories.
 
-Runs every stage in one process (``icm_core.runner.run_all``) and prints, per category, PPL and BPC
+Runs every stage in one process (``icm_core.local_pipeline``) and prints, per category, PPL and BPC
 of the base model, the original LoRA and the generated (ICM-LoRA) adapter, and the share of the
 fine-tuning gain the generated adapter recovers, (PPL_base - PPL_gen) / (PPL_base - PPL_lora).
 Then it times generating one adapter (median over repeats: z ~ N(0, I), decode, de-normalise,
@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from icm_core.adapters import write_adapter
-from icm_core.config import SampleConfig, load_run_config
-from icm_core.data import builtin_categories, load_category_file
-from icm_core.generator import load_generator
-from icm_core.runner import format_table, run_all
+from icm_core.config import load_run_config
+from icm_core.data.categories import builtin_categories, load_category_file
+from icm_core.generator.config import SampleConfig
+from icm_core.generator.generator import load_generator
+from icm_core.local_pipeline import format_table, run_all
+from icm_core.lora.adapters import write_adapter
 
 
 def checkpoint_store_bytes(root: Path) -> tuple[int, int]:

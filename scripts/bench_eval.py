@@ -19,13 +19,13 @@ import argparse
 import time
 from pathlib import Path
 
-from icm_core.adapters import merge_adapter, merged_into
-from icm_core.base_model import load_base_model, load_tokenizer, shared_base_model
 from icm_core.config import RunConfig
-from icm_core.data import read_splits
-from icm_core.evaluate import eval_blocks, evaluate_lm, score_blocks, spread_indices
-from icm_core.lora_train import read_trajectory
-from icm_core.stats import paired_bootstrap, relative_difference
+from icm_core.data.splits import read_splits
+from icm_core.evaluation.perplexity import eval_blocks, evaluate_lm, score_blocks, spread_indices
+from icm_core.evaluation.stats import paired_bootstrap, relative_difference
+from icm_core.lora.adapters import merge_adapter, merged_into
+from icm_core.lora.trajectory import read_trajectory
+from icm_core.models.base_model import load_base_model, load_tokenizer, shared_base_model
 
 
 def latest(root: Path, stage: str, category: str, name: str) -> Path:

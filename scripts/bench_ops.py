@@ -29,7 +29,8 @@ from flows.pipeline import gather, icm_pipeline
 from flows.registry import retrain_categories, scan_categories
 from flows.runtime import make_task_runner
 from icm_core.config import RunConfig, load_run_config
-from icm_core.data import builtin_categories, source_fingerprint
+from icm_core.data.categories import builtin_categories
+from icm_core.data.documents import source_fingerprint
 from tasks.stages import finetune_task, prepare_data_task
 
 

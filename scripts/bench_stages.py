@@ -31,14 +31,18 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from icm_core.adapters import lora_config_for, lora_state_dict
-from icm_core.base_model import adapter_base_reference, load_base_model, load_tokenizer, shared_base_model
 from icm_core.config import RunConfig, load_run_config
-from icm_core.cvae import ConditionalVAE, cvae_loss, train_cvae
-from icm_core.data import builtin_categories, read_splits, token_blocks
-from icm_core.evaluate import eval_blocks
-from icm_core.lora_train import train_lora
-from icm_core.stages import evaluate_adapter, prepare_data
+from icm_core.data.categories import builtin_categories
+from icm_core.data.splits import read_splits
+from icm_core.data.stages import prepare_data
+from icm_core.data.tokens import token_blocks
+from icm_core.evaluation.perplexity import eval_blocks
+from icm_core.evaluation.stages import evaluate_adapter
+from icm_core.generator.cvae import ConditionalVAE, cvae_loss
+from icm_core.generator.train import train_cvae
+from icm_core.lora.adapters import lora_config_for, lora_state_dict
+from icm_core.lora.train import train_lora
+from icm_core.models.base_model import adapter_base_reference, load_base_model, load_tokenizer, shared_base_model
 
 
 def timed(fn, repeats: int = 1) -> float:

@@ -2,7 +2,7 @@
 submitted task) against this package's bounded pool (``flows.runtime.thread_task_runner``).
 
 Each task is one forward pass of the real base model (SmolLM2-135M by default) on a batch of token blocks,
-under the same shared-model lock as an evaluation (``icm_core.base_model.shared_base_model``): what the
+under the same shared-model lock as an evaluation (``icm_core.models.base_model``): what the
 leave-out flow's evaluations do, minus the data. Each runner runs in its own process, which prints its wall
 time, peak RSS and peak OS thread count:
 
@@ -37,8 +37,8 @@ def child(runner_name: str, tasks: int, batch: int, tokens: int) -> dict:
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.runtime import thread_task_runner
-    from icm_core.base_model import shared_base_model
-    from icm_core.config import ModelConfig
+    from icm_core.models.base_model import shared_base_model
+    from icm_core.models.config import ModelConfig
 
     cfg = ModelConfig()
     ids = torch.randint(0, 1000, (batch, tokens), generator=torch.Generator().manual_seed(0))

@@ -8,10 +8,10 @@ cache hit, and what it hashes is what the cache bookkeeping costs.
 
     .venv/bin/python scripts/bench_warm.py [--root /tmp/icm-bench-warm] [--warm 2] [--verify] [--only news,wikipedia]
 
-Counting: every call of ``icm_core.io.sha256_file`` (the only hashing function the project uses on files) is
+Counting: every call of ``icm_core.infra.io`` (the only hashing function the project uses on files) is
 wrapped, in every loaded module, and its file sizes are summed. The script runs the same way against older
 commits (the issue-14 "before" numbers come from 029683b: ``PYTHONPATH=<checkout> python scripts/bench_warm.py``
-from that checkout), since it only uses the pipeline flow and ``icm_core.io``. ``--tiny`` needs the repository
+from that checkout), since it only uses the pipeline flow and ``icm_core.infra.io``. ``--tiny`` needs the repository
 root on ``PYTHONPATH`` (it imports ``tests.helpers``).
 """
 
@@ -73,12 +73,12 @@ def main() -> None:
     }.items():
         os.environ.setdefault(key, value)
 
-    import icm_core.io
+    import icm_core.infra.io
     from flows.pipeline import icm_pipeline
     from icm_core.config import load_run_config
 
     counter = {"files": 0, "bytes": 0}
-    original = icm_core.io.sha256_file
+    original = icm_core.infra.io
 
     def counting_sha256(path, *a, **k):
         counter["files"] += 1

@@ -4,7 +4,7 @@ minute of the event" that scales with the model (the Prefect trigger and worker 
     .venv/bin/python scripts/bench_zero_shot.py [--text README.md] [--samples 16] [--generator FILE] [--repeat 3]
 
 Times, in this process: reading the text; loading the base model (the built-in SmolLM2-135M by default) and its
-tokenizer; Eq. 1 on the base model over k samples of ``--sample-tokens`` tokens (``icm_core.new_category``); and,
+tokenizer; Eq. 1 on the base model over k samples of ``--sample-tokens`` tokens (``icm_core.zeroshot.from_text``); and,
 with ``--generator`` (one trained with ``task_vector.hidden_from=base``), decoding and writing the adapter. Prints
 one JSON object. Nothing is cached between repeats except the model files on disk.
 """
@@ -36,10 +36,11 @@ def main() -> int:
 
     import torch
 
-    from icm_core.base_model import load_base_model, load_tokenizer
-    from icm_core.config import ModelConfig, SampleConfig, TaskVectorConfig
-    from icm_core.new_category import TextVectorPlan, plan_text_vector, read_text_source, text_adapter
-    from icm_core.task_vectors import text_hidden_state_vector
+    from icm_core.generator.config import SampleConfig, TaskVectorConfig
+    from icm_core.generator.task_vectors import text_hidden_state_vector
+    from icm_core.models.base_model import load_base_model, load_tokenizer
+    from icm_core.models.config import ModelConfig
+    from icm_core.zeroshot.from_text import TextVectorPlan, plan_text_vector, read_text_source, text_adapter
 
     model_cfg = ModelConfig(name_or_path=args.model, device="cpu")
     tv = TaskVectorConfig(hidden_from="base", num_samples=args.samples, sample_tokens=args.sample_tokens)

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from icm_core.config import load_run_config
-from icm_core.cvae import EarlyStopping
-from icm_core.generator import train_generator
-from icm_core.lora_train import load_trajectory_checkpoints, read_trajectory
-from icm_core.stages import final_lora_state, finetune_lora, generator_training_data, validation_scorer
+from icm_core.generator.dataset import generator_training_data
+from icm_core.generator.train import EarlyStopping, train_generator
+from icm_core.generator.validation import validation_scorer
+from icm_core.lora.stages import finetune_lora
+from icm_core.lora.trajectory import final_lora_state, load_trajectory_checkpoints, read_trajectory
 
 
 def newest(folder: Path) -> Path:

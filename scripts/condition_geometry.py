@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/condition_geometry.py --root artifacts [--results results/zeroshot] [--out DIR]
 
-The leave-out flow writes this analysis into its own report (``icm_core.condition_geometry``). This script runs the
+The leave-out flow writes this analysis into its own report (``icm_core.zeroshot.geometry``). This script runs the
 same analysis straight from an artifacts root: the final LoRA of every category under ``<root>/lora/`` and its task
 vector under ``<root>/task_vectors/``, so it can run before the benchmark's generators exist, or over a run made
 by an older commit. With ``--results`` holding a leave-out run's ``results.json`` that has the cross-category
@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from icm_core.config import ZeroShotConfig  # noqa: E402 - after the path insert
+from icm_core.zeroshot.config import ZeroShotConfig  # noqa: E402 - after the path insert
 
 
 DEFAULTS = ZeroShotConfig()
@@ -79,13 +79,13 @@ def main() -> int:
     if out is None:
         parser.error("give --out or --results")
 
-    from icm_core.adapters import read_adapter
-    from icm_core.categories import category_family, library_categories
-    from icm_core.condition_geometry import condition_geometry, lora_factors
-    from icm_core.io import read_json, write_text
-    from icm_core.lora_train import read_trajectory
-    from icm_core.stages import load_task_vector
-    from icm_core.zeroshot_report import geometry_lines, write_geometry
+    from icm_core.data.categories import category_family, library_categories
+    from icm_core.generator.task_vectors import load_task_vector
+    from icm_core.infra.io import read_json, write_text
+    from icm_core.lora.adapters import read_adapter
+    from icm_core.lora.trajectory import read_trajectory
+    from icm_core.report.zeroshot import geometry_lines, write_geometry
+    from icm_core.zeroshot.geometry import condition_geometry, lora_factors
 
     root = Path(args.root)
     loras = finished(root / "lora", args.lora_key)

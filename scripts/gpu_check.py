@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from icm_core.config import load_run_config  # noqa: E402
-from icm_core.data import Category  # noqa: E402
-from icm_core.runner import format_table, run_all  # noqa: E402
+from icm_core.data.categories import Category  # noqa: E402
+from icm_core.local_pipeline import format_table, run_all  # noqa: E402
 from tests.helpers import save_tiny_base  # noqa: E402
 
 

@@ -13,12 +13,15 @@ import argparse
 import time
 from pathlib import Path
 
-from icm_core.base_model import load_tokenizer
-from icm_core.config import DataConfig, ModelConfig
-from icm_core.corpora import FAMILIES
-from icm_core.data import library_categories, read_splits, source_fingerprint
-from icm_core.io import write_json, write_text
-from icm_core.stages import prepare_data
+from icm_core.data.categories import library_categories
+from icm_core.data.config import DataConfig
+from icm_core.data.corpora.base import FAMILIES
+from icm_core.data.documents import source_fingerprint
+from icm_core.data.splits import read_splits
+from icm_core.data.stages import prepare_data
+from icm_core.infra.io import write_json, write_text
+from icm_core.models.base_model import load_tokenizer
+from icm_core.models.config import ModelConfig
 
 
 def count_tokens(texts: list[str], tokenizer) -> int:

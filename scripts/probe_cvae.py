@@ -34,8 +34,9 @@ import time
 
 import torch
 
-from icm_core.config import OFFICIAL_CHANNELS, CVAEConfig
-from icm_core.cvae import ConditionalVAE, cvae_loss, reconstruction_error, train_cvae
+from icm_core.generator.config import OFFICIAL_CHANNELS, CVAEConfig
+from icm_core.generator.cvae import ConditionalVAE, cvae_loss
+from icm_core.generator.train import reconstruction_error, train_cvae
 
 
 HALF_CHANNELS: tuple[int, ...] = tuple(c // 2 for c in OFFICIAL_CHANNELS)

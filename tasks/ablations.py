@@ -13,9 +13,10 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
-from icm_core.io import csv_text, write_json, write_text
-from icm_core.plots import pyplot, save_figure
-from icm_core.reporting import GENERATED, METHOD_TITLES, human_bytes, markdown_table, methods_in
+from icm_core.config import METHOD_TITLES
+from icm_core.infra.io import csv_text, write_json, write_text
+from icm_core.report.plots import pyplot, save_figure
+from icm_core.report.tables import GENERATED, human_bytes, markdown_table, methods_in
 from tasks.artifacts import ArtifactCachePolicy, ArtifactRef
 from tasks.report import png_data_url
 from tasks.stages import TASK_DEFAULTS, run_stage

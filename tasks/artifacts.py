@@ -8,7 +8,7 @@ metadata) to each other, never tensors.
 :class:`ArtifactCachePolicy` computes the cache key from what determines a stage's output: the stage
 name, its config, the hashes of its input artifacts, the artifacts root, the icm_core code, the versions
 of torch / transformers / peft, and the *content identity* of every model the stage reads
-(``icm_core.model_identity``: a local folder's file fingerprint, a hub id's commit sha, the built-in
+(``icm_core.models.identity``: a local folder's file fingerprint, a hub id's commit sha, the built-in
 model's GGUF sha256 and conversion code). Before Prefect looks the key up, it checks the output's
 manifest (stat-only unless ``ICM_VERIFY=full``): if a file is missing or changed, the stale cache record
 is dropped through Prefect's own ``ResultStore`` (works for local and remote result storage) so the task
@@ -29,11 +29,11 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel, ConfigDict
 
-from icm_core import model_identity
-from icm_core.config import config_fingerprint
-from icm_core.io import ArtifactError
-from icm_core.layout import stage_dir
-from icm_core.model_identity import ModelLoadError
+from icm_core.infra.config import config_fingerprint
+from icm_core.infra.io import ArtifactError
+from icm_core.infra.layout import stage_dir
+from icm_core.models import identity as model_identity
+from icm_core.models.identity import ModelLoadError
 from tasks.identity import (  # noqa: F401 - re-exported: callers import them from here
     FINGERPRINTS,
     PRESENTATION_MODULES,

@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from icm_core.config import ResumeConfig
+from icm_core.infra.config import ResumeConfig
 from icm_core.vision import stages as vstages
 from icm_core.vision.config import DetectionDataConfig, DetectionLoraConfig, DetectionTaskVectorConfig, DetectorConfig
 from tasks.artifacts import ArtifactCachePolicy, ArtifactRef, localize

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import icm_core
-from icm_core import model_identity
-from icm_core.config import ModelConfig, TaskVectorConfig
+from icm_core.generator.config import TaskVectorConfig
+from icm_core.models import identity as model_identity
+from icm_core.models.config import ModelConfig
 from tasks.manifest import full_verify_requested
 from tasks.store import local_root
 
@@ -27,15 +28,15 @@ FINGERPRINTS = ".fingerprints"
 
 PRESENTATION_MODULES = frozenset(
     {
-        "icm_core/reporting.py",
-        "icm_core/stats.py",
-        "icm_core/plots.py",
-        "icm_core/vision/report.py",
+        "icm_core/report/tables.py",
+        "icm_core/evaluation/stats.py",
+        "icm_core/report/plots.py",
+        "icm_core/report/detection.py",
         "tasks/report.py",
         "tasks/ablations.py",
         "tasks/detection_report.py",
-        "icm_core/zeroshot_report.py",
-        "icm_core/condition_geometry.py",
+        "icm_core/report/zeroshot.py",
+        "icm_core/zeroshot/geometry.py",
         "tasks/zeroshot_report.py",
     }
 )
@@ -90,13 +91,13 @@ def model_sources(value: Any) -> list[tuple[str, str]]:
 
 
 def source_identity(kind: str, name_or_path: str, value: Any, record_dir: Path, full: bool) -> dict[str, Any]:
-    """Content identity of one model a stage reads (see ``icm_core.model_identity``)."""
+    """Content identity of one model a stage reads (see ``icm_core.models.identity``)."""
     if kind == "base_model":
-        from icm_core.base_model import model_content_identity
+        from icm_core.models.base_model import model_content_identity
 
         return model_content_identity(value, record_dir, full)
     if kind == "text_encoder":
-        from icm_core.task_vectors import BUILTIN_TEXT_ENCODERS, resolve_text_encoder
+        from icm_core.generator.task_vectors import BUILTIN_TEXT_ENCODERS, resolve_text_encoder
 
         if name_or_path in BUILTIN_TEXT_ENCODERS:
             name_or_path = resolve_text_encoder(name_or_path)

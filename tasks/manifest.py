@@ -33,7 +33,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from icm_core.io import ArtifactError, read_json, sha256_file, write_json
+from icm_core.infra.io import ArtifactError, read_json, sha256_file, write_json
 
 
 logger = logging.getLogger("icm_lora.artifacts")

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from icm_core.io import ArtifactError
+from icm_core.infra.io import ArtifactError
 from tasks.artifacts import ArtifactRef, ref_for, valid_output
 from tasks.store import local_root, read_root_json, write_root_json
 

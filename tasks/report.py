@@ -18,12 +18,13 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
-from icm_core.config import CVAEConfig
-from icm_core.io import csv_text, read_json, sidecar_path, write_json, write_text
-from icm_core.lora_train import read_trajectory
-from icm_core.plots import plot_main_bars, plot_task_vectors, plot_training_curves
-from icm_core.reporting import (
-    METHOD_TITLES,
+from icm_core.config import METHOD_TITLES
+from icm_core.generator.config import CVAEConfig
+from icm_core.generator.task_vectors import load_task_vector
+from icm_core.infra.io import csv_text, read_json, sidecar_path, write_json, write_text
+from icm_core.lora.trajectory import read_trajectory
+from icm_core.report.plots import plot_main_bars, plot_task_vectors, plot_training_curves
+from icm_core.report.tables import (
     _fmt,
     add_intervals,
     diagnostics_table,
@@ -40,7 +41,6 @@ from icm_core.reporting import (
     storage_rows,
     storage_table,
 )
-from icm_core.stages import load_task_vector
 from tasks.artifacts import ArtifactCachePolicy, ArtifactRef, localize
 from tasks.stages import TASK_DEFAULTS, run_stage
 from tasks.store import is_remote, local_root

@@ -27,24 +27,24 @@ from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import MissingContextError
 
-from icm_core import stages
-from icm_core.base_model import ModelLoadError, parse_device, resolve_device
-from icm_core.config import (
-    CVAEConfig,
-    DataConfig,
-    EvalConfig,
-    LoraTrainConfig,
-    ModelConfig,
-    PDiffConfig,
-    ResumeConfig,
-    SampleConfig,
-    SoupConfig,
-    TaskVectorConfig,
-)
-from icm_core.data import Category
-from icm_core.faults import fault_point
-from icm_core.io import ArtifactError
-from icm_core.resume import Resumer
+from icm_core.baselines.config import PDiffConfig, SoupConfig
+from icm_core.baselines.stages import sample_pdiff_states, soup_adapter, train_pdiff_stage, write_sampled_adapter
+from icm_core.data.categories import Category
+from icm_core.data.config import DataConfig
+from icm_core.data.stages import prepare_data
+from icm_core.evaluation.config import EvalConfig
+from icm_core.evaluation.stages import evaluate_adapter, generator_diagnostics
+from icm_core.generator.config import CVAEConfig, SampleConfig, TaskVectorConfig
+from icm_core.generator.stages import compute_task_vector, sample_adapter, train_generator_stage
+from icm_core.infra.config import ResumeConfig
+from icm_core.infra.faults import fault_point
+from icm_core.infra.io import ArtifactError
+from icm_core.infra.resume import Resumer
+from icm_core.lora.config import LoraTrainConfig
+from icm_core.lora.stages import finetune_lora, trajectory_mean_adapter
+from icm_core.models.base_model import parse_device, resolve_device
+from icm_core.models.config import ModelConfig
+from icm_core.models.identity import ModelLoadError
 from tasks.artifacts import (
     ArtifactCachePolicy,
     ArtifactRef,
@@ -198,7 +198,7 @@ def prepare_data_task(category: Category, source_sha256: str, data_cfg: DataConf
     """Split a category's text into train / val / test."""
     inputs = {"category": category, "source_sha256": source_sha256, "data_cfg": data_cfg, "root": root}
     return run_stage(
-        "data", category.name, inputs, lambda out: stages.prepare_data(category, data_cfg, out / "splits")
+        "data", category.name, inputs, lambda out: prepare_data(category, data_cfg, out / "splits")
     )
 
 
@@ -243,7 +243,7 @@ def finetune_task(
     def build(out: Path) -> dict[str, Any]:
         with device_slot(model_cfg.device):
             splits = localize(data, root).file("splits")
-            result = stages.finetune_lora(
+            result = finetune_lora(
                 splits,
                 model_cfg,
                 data_cfg,
@@ -288,7 +288,7 @@ def task_vector_task(
     def build(out: Path) -> dict[str, Any]:
         splits, lora_dir = localize(data, root).file("splits"), lora and localize(lora, root).folder
         with device_slot(model_cfg.device):
-            result = stages.compute_task_vector(
+            result = compute_task_vector(
                 category,
                 splits,
                 lora_dir,
@@ -370,7 +370,7 @@ def train_generator_task(
                 "data_cfg": data_cfg,
             }
         with device_slot(device):
-            result = stages.train_generator_stage(
+            result = train_generator_stage(
                 lora_dirs,
                 vector_files,
                 cvae_cfg,
@@ -398,7 +398,7 @@ def sample_adapter_task(category: str, generator: ArtifactRef, sample_cfg: Sampl
 
     def build(out: Path) -> dict[str, Any]:
         generator_file = localize(generator, root).file("generator.safetensors")
-        result = stages.sample_adapter(generator_file, out / "adapter", sample_cfg, category)
+        result = sample_adapter(generator_file, out / "adapter", sample_cfg, category)
         return {"seconds": result["seconds"], "adapter_sha256": result["adapter_sha256"]}
 
     return run_stage("adapters", category, inputs, build)
@@ -420,7 +420,7 @@ def soup_task(label: str, loras: dict[str, ArtifactRef], soup_cfg: SoupConfig, r
 
     def build(out: Path) -> dict[str, Any]:
         lora_dirs = {name: localize(ref, root).folder for name, ref in loras.items()}
-        result = stages.soup_adapter(lora_dirs, soup_cfg, out / "adapter")
+        result = soup_adapter(lora_dirs, soup_cfg, out / "adapter")
         return {k: result[k] for k in ("adapter_sha256", "rank", "sources")}
 
     return run_stage("soup", label, inputs, build)
@@ -466,7 +466,7 @@ def train_pdiff_task(
         lora_dirs = {name: localize(ref, root).folder for name, ref in loras.items()}
         vector_files = {n: localize(ref, root).file("task_vector.safetensors") for n, ref in task_vectors.items()}
         with device_slot(device):
-            result = stages.train_pdiff_stage(
+            result = train_pdiff_stage(
                 lora_dirs,
                 vector_files,
                 pdiff_cfg,
@@ -501,9 +501,9 @@ def sample_pdiff_task(
         def build(out: Path) -> dict[str, Any]:
             if not sampled:
                 pdiff_file = localize(pdiff, root).file("pdiff.safetensors")
-                states, adapter_config, seconds = stages.sample_pdiff_states(pdiff_file, sample_cfg, categories)
+                states, adapter_config, seconds = sample_pdiff_states(pdiff_file, sample_cfg, categories)
                 sampled.update(states=states, config=adapter_config, seconds=seconds)
-            digest = stages.write_sampled_adapter(out / "adapter", sampled["states"][name], sampled["config"])
+            digest = write_sampled_adapter(out / "adapter", sampled["states"][name], sampled["config"])
             return {"seconds": sampled["seconds"], "batch_categories": len(categories), "adapter_sha256": digest}
 
         return build
@@ -559,7 +559,7 @@ def evaluate_task(
     def build(out: Path) -> dict[str, Any]:
         splits, adapter_dir, like = evaluation_inputs(data, adapter, prefix_like, root)
         with device_slot(model_cfg.device):
-            score = stages.evaluate_adapter(
+            score = evaluate_adapter(
                 splits, adapter_dir, model_cfg, data_cfg, eval_cfg, out / "metrics.json", prefix_like=like
             )
         keys = ("ppl", "bpc", "tokens", "chars", "nll_nats", "block_nll", "block_tokens", "block_chars")
@@ -579,7 +579,7 @@ def trajectory_mean_task(category: str, lora: ArtifactRef, root: str) -> Artifac
     inputs = {"category": category, "lora": lora, "root": root}
 
     def build(out: Path) -> dict[str, Any]:
-        result = stages.trajectory_mean_adapter(localize(lora, root).folder, out / "adapter")
+        result = trajectory_mean_adapter(localize(lora, root).folder, out / "adapter")
         return {k: result[k] for k in ("adapter_sha256", "sources")}
 
     return run_stage("trajectory_mean", category, inputs, build)
@@ -618,6 +618,6 @@ def diagnostics_task(
             if task_vectors
             else None
         )
-        return stages.generator_diagnostics(draw_dirs, lora_dirs, out / "diagnostics.json", gen_file, vector_files)
+        return generator_diagnostics(draw_dirs, lora_dirs, out / "diagnostics.json", gen_file, vector_files)
 
     return run_stage("diagnostics", label, inputs, build)

@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from icm_core.io import ArtifactError, write_json
+from icm_core.infra.io import ArtifactError, write_json
 from tasks.manifest import MANIFEST, restat_manifest, verify_manifest
 
 

@@ -1,4 +1,4 @@
-"""Prefect tasks of the leave-out protocol: thin, cached wrappers around ``icm_core.zeroshot_stages``.
+"""Prefect tasks of the leave-out protocol: thin, cached wrappers around ``icm_core.zeroshot.stages``.
 
 Each task keys its output folder by its inputs (``tasks.stages.run_stage``), so a rerun reuses every
 finished fold, adapter and evaluation, and a killed run resumes.
@@ -11,8 +11,17 @@ from typing import Any
 
 from prefect import task
 
-from icm_core import zeroshot_stages
-from icm_core.config import DataConfig, EvalConfig, ModelConfig, SampleConfig
+from icm_core.data.config import DataConfig
+from icm_core.evaluation.config import EvalConfig
+from icm_core.generator.config import SampleConfig
+from icm_core.models.config import ModelConfig
+from icm_core.zeroshot.stages import (
+    evaluate_blocks,
+    functional_generator,
+    library_adapter,
+    pool_splits,
+    vector_adapter,
+)
 from tasks.artifacts import ArtifactCachePolicy, ArtifactRef, localize
 from tasks.stages import TASK_DEFAULTS, device_slot, evaluation_inputs, retry_unless_bad_input, run_stage
 
@@ -29,7 +38,7 @@ def pool_data_task(label: str, data: dict[str, ArtifactRef], root: str) -> Artif
 
     def build(out: Path) -> dict[str, Any]:
         dirs = {name: localize(ref, root).file("splits") for name, ref in data.items()}
-        result = zeroshot_stages.pool_splits(dirs, out / "splits")
+        result = pool_splits(dirs, out / "splits")
         return {"sources": result["sources"]}
 
     return run_stage("zs_pooled", label, inputs, build)
@@ -64,7 +73,7 @@ def library_adapter_task(
     }
 
     def build(out: Path) -> dict[str, Any]:
-        result = zeroshot_stages.library_adapter(
+        result = library_adapter(
             method,
             {n: localize(r, root).folder for n, r in loras.items()},
             {n: localize(r, root).file("task_vector.safetensors") for n, r in vectors.items()},
@@ -98,7 +107,7 @@ def vector_adapter_task(
     }
 
     def build(out: Path) -> dict[str, Any]:
-        result = zeroshot_stages.vector_adapter(
+        result = vector_adapter(
             localize(generator, root).file("generator.safetensors"),
             [localize(v, root).file("task_vector.safetensors") for v in vectors],
             out / "adapter",
@@ -146,7 +155,7 @@ def block_eval_task(
     def build(out: Path) -> dict[str, Any]:
         splits, adapter_dir, like = evaluation_inputs(data, adapter, prefix_like, root)
         with device_slot(model_cfg.device):
-            result = zeroshot_stages.evaluate_blocks(
+            result = evaluate_blocks(
                 splits, adapter_dir, model_cfg, data_cfg, eval_cfg, out / "nll.json", prefix_like=like
             )
         return {"method": method, "blocks": result["blocks"], "mean_nll": result["mean_nll"]}
@@ -177,7 +186,7 @@ def functional_generator_task(
     root: str,
 ) -> ArtifactRef:
     """A fold's generator with its decoder fine-tuned on the functional loss over the fold's training text."""
-    from icm_core.functional_loss import FunctionalConfig
+    from icm_core.zeroshot.functional import FunctionalConfig
 
     inputs = {
         "label": label,
@@ -197,7 +206,7 @@ def functional_generator_task(
 
     def build(out: Path) -> dict[str, Any]:
         with device_slot(model_cfg.device):
-            result = zeroshot_stages.functional_generator(
+            result = functional_generator(
                 localize(generator, root).file("generator.safetensors"),
                 {n: localize(r, root).folder for n, r in loras.items()},
                 {n: localize(r, root).file("task_vector.safetensors") for n, r in vectors.items()},

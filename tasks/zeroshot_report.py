@@ -11,14 +11,14 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from icm_core.adapters import read_adapter
-from icm_core.condition_geometry import condition_geometry, lora_factors
-from icm_core.config import ZeroShotConfig
-from icm_core.io import read_json
-from icm_core.lora_train import read_trajectory
-from icm_core.stages import load_task_vector
-from icm_core.zeroshot import cross_category_matrix, is_interim, summarize
-from icm_core.zeroshot_report import geometry_lines, write_results
+from icm_core.generator.task_vectors import load_task_vector
+from icm_core.infra.io import read_json
+from icm_core.lora.adapters import read_adapter
+from icm_core.lora.trajectory import read_trajectory
+from icm_core.report.zeroshot import geometry_lines, write_results
+from icm_core.zeroshot.config import ZeroShotConfig
+from icm_core.zeroshot.geometry import condition_geometry, lora_factors
+from icm_core.zeroshot.protocol import cross_category_matrix, is_interim, summarize
 from tasks.artifacts import ArtifactRef, localize
 
 
@@ -39,7 +39,7 @@ def report_task(
 ) -> dict[str, Any]:
     """Read every per-block NLL file, compute the metric and write the results folder (with the cross-category
     matrix when ``cross`` holds its evaluations, see ``flows.zeroshot.cross_category_evals``; with every
-    category's own LoRA in ``loras``: what the task vectors say about the adapters, icm_core.condition_geometry)."""
+    category's own LoRA in ``loras``: what the task vectors say about the adapters, icm_core.zeroshot.geometry)."""
 
     def mean_nll_of(ref: ArtifactRef) -> float:
         return read_json(localize(ref, root).file("nll.json"))["mean_nll"]

@@ -20,7 +20,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from icm_core.config import ModelConfig  # noqa: E402
+from icm_core.models.config import ModelConfig  # noqa: E402
 from tests import helpers  # noqa: E402
 
 
@@ -66,6 +66,6 @@ def tiny_model_cfg(tiny_base_dir: Path) -> ModelConfig:
 @pytest.fixture
 def fresh_base(tiny_model_cfg: ModelConfig) -> Callable[[], torch.nn.Module]:
     """Factory of freshly loaded base models (peft wraps models in place, so each use needs its own)."""
-    from icm_core.base_model import load_base_model
+    from icm_core.models.base_model import load_base_model
 
     return lambda: load_base_model(tiny_model_cfg)

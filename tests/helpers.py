@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from icm_core.config import LoraTrainConfig, ModelConfig
+from icm_core.lora.config import LoraTrainConfig
+from icm_core.models.config import ModelConfig
 
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
@@ -144,7 +145,7 @@ def random_lora_state(model: torch.nn.Module, cfg: LoraTrainConfig | None = None
     """
     from peft import get_peft_model
 
-    from icm_core.adapters import lora_config_for, lora_state_dict
+    from icm_core.lora.adapters import lora_config_for, lora_state_dict
 
     cfg = cfg or lora_config()
     peft_model = get_peft_model(model, lora_config_for(model, cfg, "tiny"))

@@ -7,7 +7,7 @@ configs that open_clip does not know can be registered with :func:`register_mode
 open_clip's config format). Tests use a tiny registered config with random weights.
 
 open_clip imports torchvision at module level; ``icm_core`` has already made that import safe (see
-``icm_core/_torchvision_compat.py``), and CLIP needs none of torchvision's C++ ops.
+``icm_core/models/torchvision_compat.py``), and CLIP needs none of torchvision's C++ ops.
 """
 
 from __future__ import annotations

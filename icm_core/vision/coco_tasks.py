@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from icm_core.io import write_json
+from icm_core.infra.io import write_json
 from icm_core.vision.coco import CocoError, check_coco
 from icm_core.vision.config import DetectionDataConfig, task_slug
 

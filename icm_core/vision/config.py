@@ -10,16 +10,11 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from icm_core.config import (
-    METHOD_NAMES,
-    CVAEConfig,
-    PDiffConfig,
-    ResumeConfig,
-    SampleConfig,
-    SoupConfig,
-    StageConfig,
-    validate_category_name,
-)
+from icm_core.baselines.config import PDiffConfig, SoupConfig
+from icm_core.config import METHOD_NAMES
+from icm_core.data.names import validate_category_name
+from icm_core.generator.config import CVAEConfig, SampleConfig
+from icm_core.infra.config import ResumeConfig, StageConfig
 
 
 DEFAULT_FACE_TASKS: tuple[str, ...] = ("blur", "dark", "noise", "occluded")

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from icm_core.lora_train import Trajectory, fit_lora_trajectory
-from icm_core.resume import Resumer
+from icm_core.infra.resume import Resumer
+from icm_core.lora.train import fit_lora_trajectory
+from icm_core.lora.trajectory import Trajectory
 from icm_core.vision.config import DetectionLoraConfig
 from icm_core.vision.mtcnn import onet_crops, regression_targets
 

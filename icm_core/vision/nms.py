@@ -1,7 +1,7 @@
 """Non-maximum suppression that works with or without torchvision's compiled ops.
 
 torchvision's ``nms`` is a C++ op. Under the CPU-torch + CUDA-torchvision install this project copes with
-(see ``icm_core/_torchvision_compat.py``) the op has a schema but no kernel, so MTCNN's cascade, which calls
+(see ``icm_core/models/torchvision_compat.py``) the op has a schema but no kernel, so MTCNN's cascade, which calls
 ``torchvision.ops.boxes.batched_nms``, would fail. :func:`batched_nms` uses torchvision when its ops run
 and an exact pure-torch greedy NMS otherwise; both keep the same boxes (tests compare them with a
 brute-force reference).
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from icm_core._torchvision_compat import torchvision_ops_available
+from icm_core.models.torchvision_compat import torchvision_ops_available
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """The detection pipeline's stages as functions over artifact folders (no Prefect here).
 
     prepare_detection_task -> finetune_detector -> detector_task_vector   (per task)
-    icm_core.stages.train_generator_stage / soup_adapter / train_pdiff_stage  (all tasks; unchanged)
-    icm_core.stages.sample_adapter (per task) / sample_pdiff_states (all tasks, one batch)  (unchanged)
+    icm_core.generator.stages / soup_adapter / train_pdiff_stage  (all tasks; unchanged)
+    icm_core.generator.stages (per task) / sample_pdiff_states (all tasks, one batch)  (unchanged)
     evaluate_detector                                                      (per task and method)
 
 A task folder holds ``task.json`` (name, description, where the images are), ``train.json`` and
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from icm_core.adapters import adapter_sha256, load_adapter, merge_adapter
-from icm_core.io import atomic_path, read_json, save_tensors, write_json
-from icm_core.lora_train import read_trajectory
+from icm_core.infra.io import atomic_path, read_json, save_tensors, write_json
+from icm_core.lora.adapters import adapter_sha256, load_adapter, merge_adapter
+from icm_core.lora.trajectory import read_trajectory
 from icm_core.vision.coco import coco_from_dict, detections_to_coco, evaluate_coco, load_coco
 from icm_core.vision.config import (
     DetectionDataConfig,
@@ -146,7 +146,7 @@ def load_detector(det_cfg: DetectorConfig, task_info: dict[str, Any] | None = No
 
 
 def _device(det_cfg: DetectorConfig) -> torch.device:
-    from icm_core.base_model import resolve_device
+    from icm_core.models.base_model import resolve_device
 
     return resolve_device(det_cfg.device)
 
@@ -177,7 +177,7 @@ def finetune_detector(
     resume=None,
 ) -> dict[str, Any]:
     """Fine-tune LoRA on the detector with a task's train split; save its trajectory and final adapter
-    (``resume``: an ``icm_core.resume.Resumer`` to save state to and continue from)."""
+    (``resume``: an ``icm_core.infra.resume`` to save state to and continue from)."""
     from icm_core.vision.detector_lora import train_detector_lora
 
     info = read_task(task_dir)
@@ -327,7 +327,7 @@ def source_fingerprint(data_cfg: DetectionDataConfig) -> str:
     """sha256 of the files a task is built from (built-in face sources, or the COCO annotation file)."""
     import hashlib
 
-    from icm_core.io import sha256_file
+    from icm_core.infra.io import sha256_file
 
     if data_cfg.source == "coco":
         return sha256_file(data_cfg.coco_annotations)

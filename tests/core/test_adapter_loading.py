@@ -14,17 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from icm_core.adapters import ADAPTER_CONFIG, check_adapter_base, merge_adapter
-from icm_core.base_model import (
+from icm_core.data.categories import Category
+from icm_core.data.config import DataConfig
+from icm_core.data.stages import prepare_data
+from icm_core.generator.config import CVAEConfig, SampleConfig, TaskVectorConfig
+from icm_core.generator.stages import compute_task_vector, sample_adapter, train_generator_stage
+from icm_core.lora.adapters import ADAPTER_CONFIG, check_adapter_base, merge_adapter
+from icm_core.lora.stages import finetune_lora
+from icm_core.models.base_model import (
     BUILTIN_MODELS,
     adapter_base_reference,
     base_model_names,
     converted_dir,
     load_base_model,
 )
-from icm_core.config import CVAEConfig, DataConfig, ModelConfig, SampleConfig, TaskVectorConfig
-from icm_core.data import Category
-from icm_core.stages import compute_task_vector, finetune_lora, prepare_data, sample_adapter, train_generator_stage
+from icm_core.models.config import ModelConfig
 from tests import helpers
 
 
@@ -130,7 +134,7 @@ def test_plain_peft_and_transformers_imports_work_without_the_project(tmp_path):
     result = fresh_python(code, tmp_path)
     assert result.returncode == 0, (
         "plain `from peft import PeftModel` fails in this environment; `make install` writes the torchvision "
-        "hook (icm_core._torchvision_compat.install_pth()):\n" + result.stderr[-2000:]
+        "hook (icm_core.models.torchvision_compat.install_pth()):\n" + result.stderr[-2000:]
     )
     assert result.stdout.split()[-2:] == ["OK", "False"]
 

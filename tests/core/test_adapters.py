@@ -8,16 +8,16 @@ import json
 import pytest
 import torch
 
-from icm_core.adapters import merge_adapter, merged_into, read_adapter, write_adapter
-from icm_core.base_model import shared_base_model
-from icm_core.io import ArtifactError
+from icm_core.infra.io import ArtifactError
+from icm_core.lora.adapters import merge_adapter, merged_into, read_adapter, write_adapter
+from icm_core.models.base_model import shared_base_model
 from tests import helpers
 
 
 def _adapter(tmp_path, fresh_base, seed: int, name: str):
     from peft import get_peft_model
 
-    from icm_core.adapters import adapter_config_dict, lora_config_for
+    from icm_core.lora.adapters import adapter_config_dict, lora_config_for
 
     model = fresh_base()
     cfg = helpers.lora_config()

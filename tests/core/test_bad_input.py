@@ -20,8 +20,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from icm_core.__main__ import main
-from icm_core.io import sha256_file, sidecar_path
+from icm_core.cli import main
+from icm_core.infra.io import sha256_file, sidecar_path
 
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icm_core.base_model import DeviceError, ModelLoadError, load_base_model
+from icm_core.models.base_model import DeviceError, load_base_model
+from icm_core.models.identity import ModelLoadError
 from tests import helpers
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icm_core.adapters import adapter_config_dict, load_adapter, merge_adapter, write_adapter
-from icm_core.baselines import factorise, lora_modules, lora_scaling, merged_delta, model_soup
+from icm_core.baselines.soup import model_soup
+from icm_core.lora.adapters import adapter_config_dict, load_adapter, merge_adapter, write_adapter
+from icm_core.lora.arithmetic import factorise, lora_modules, lora_scaling, merged_delta
 from tests import helpers
 
 
@@ -86,7 +87,7 @@ def test_soup_adapter_loads_and_merges_into_the_model(tmp_path, tiny_model_cfg, 
     """Merging the written soup adapter adds exactly the mean delta to each adapted weight."""
     from peft import get_peft_model
 
-    from icm_core.adapters import lora_config_for
+    from icm_core.lora.adapters import lora_config_for
 
     cfg = helpers.lora_config(rank=2)
     adapters = []

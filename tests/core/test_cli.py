@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from icm_core.__main__ import build_parser, main
+from icm_core.cli import build_parser, main
 
 
 REPO = Path(__file__).resolve().parents[2]

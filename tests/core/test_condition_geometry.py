@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icm_core.baselines import delta_weights, lora_scaling
-from icm_core.condition_geometry import (
+from icm_core.lora.arithmetic import delta_weights, lora_scaling
+from icm_core.zeroshot.geometry import (
     adapter_gram,
     combination_cosine,
     condition_geometry,

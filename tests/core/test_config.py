@@ -1,4 +1,4 @@
-"""Tests of icm_core.config (and the category-name check that icm_core.layout relies on)."""
+"""Tests of icm_core.config (and the category-name check that icm_core.infra.layout relies on)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from icm_core.config import (
-    CVAEConfig,
-    DataConfig,
-    LoraTrainConfig,
-    ModelConfig,
-    RunConfig,
-    config_fingerprint,
-    load_run_config,
-    validate_category_name,
-)
-from icm_core.layout import stage_dir
+from icm_core.config import RunConfig, load_run_config
+from icm_core.data.config import DataConfig
+from icm_core.data.names import validate_category_name
+from icm_core.generator.config import CVAEConfig
+from icm_core.infra.config import config_fingerprint
+from icm_core.infra.layout import stage_dir
+from icm_core.lora.config import LoraTrainConfig
+from icm_core.models.config import ModelConfig
 
 
 def test_defaults_are_valid():

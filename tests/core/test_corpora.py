@@ -1,4 +1,4 @@
-"""Tests of the category library: its sources (icm_core.corpora), families and the Debian readers."""
+"""Tests of the category library: its sources (icm_core.data.corpora), families and the Debian readers."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from icm_core.categories import Category, builtin_categories, library_categories
-from icm_core.config import DataConfig
-from icm_core.corpora import BUILTIN_SOURCES, DEMO_SOURCES, FAMILIES
-from icm_core.corpora import debian as deb
-from icm_core.corpora.markup import html_to_text
-from icm_core.data import DataError, read_documents, source_fingerprint
+from icm_core.data.categories import Category, builtin_categories, library_categories
+from icm_core.data.config import DataConfig
+from icm_core.data.corpora import BUILTIN_SOURCES, DEMO_SOURCES
+from icm_core.data.corpora import debian as deb
+from icm_core.data.corpora.base import FAMILIES
+from icm_core.data.corpora.markup import html_to_text
+from icm_core.data.documents import read_documents, source_fingerprint
+from icm_core.data.text import DataError
 
 
 def test_library_has_32_categories_in_5_families_with_one_line_descriptions() -> None:

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from icm_core.config import OFFICIAL_CHANNELS, CVAEConfig
-from icm_core.cvae import ConditionalVAE, EarlyStopping, cvae_loss, padded_length, reconstruction_error, train_cvae
+from icm_core.generator.config import OFFICIAL_CHANNELS, CVAEConfig
+from icm_core.generator.cvae import ConditionalVAE, cvae_loss, padded_length
+from icm_core.generator.train import EarlyStopping, reconstruction_error, train_cvae
 
 
 # Small channel plans keep the whole file fast on 2 CPU cores.
@@ -284,7 +285,7 @@ def test_reconstruction_error_restores_mode() -> None:
 
 
 def test_bounded_logvar_is_smooth_and_bounded():
-    from icm_core.cvae import LOGVAR_BOUND, bounded_logvar
+    from icm_core.generator.cvae import LOGVAR_BOUND, bounded_logvar
 
     raw = torch.tensor([-1e4, -50.0, -1.0, 0.0, 0.5, 50.0, 1e4], requires_grad=True)
     out = bounded_logvar(raw)
@@ -297,7 +298,8 @@ def test_bounded_logvar_is_smooth_and_bounded():
 def test_shallow_wide_cvae_trains_without_overflow():
     """The depth-4-rank-8 ablation case: 4 conv layers over 122,880 weights leave 61,440 features for to_latent;
     its log-variance used to jump past exp's range in the first epoch (loss inf). It must stay finite now."""
-    from icm_core.cvae import LOGVAR_BOUND, train_cvae
+    from icm_core.generator.cvae import LOGVAR_BOUND
+    from icm_core.generator.train import train_cvae
 
     g = torch.Generator().manual_seed(0)
     length = 8 * 2 * (8 * 576 + 576 * 8) - 8 * (576 - 192) * 8  # 8 layers x (q_proj + v_proj) at rank 8
@@ -376,7 +378,7 @@ def test_validation_does_not_change_training() -> None:
 
 def test_early_stopping_state_survives_a_resume(tmp_path) -> None:
     """A run killed after the best check resumes to the same stop epoch and the same kept weights."""
-    from icm_core.resume import Resumer
+    from icm_core.infra.resume import Resumer
 
     x = _unit(torch.randn(4, 300))
     cond = torch.randn(4, 3)

@@ -1,4 +1,4 @@
-"""Tests of icm_core.data: built-in corpora, user sources, category files, splits and token blocks."""
+"""Tests of icm_core.data.documents: built-in corpora, user sources, category files, splits and token blocks."""
 
 from __future__ import annotations
 
@@ -8,25 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from icm_core.config import DataConfig
-from icm_core.data import (
-    BUILTIN_SOURCES,
-    DEMO_SOURCES,
-    Category,
-    CategorySplits,
-    DataError,
-    builtin_categories,
-    load_category_file,
-    normalise_text,
-    read_documents,
-    read_splits,
-    sample_blocks,
-    split_documents,
-    strip_wiki_markup,
-    token_blocks,
-    write_splits,
-)
-from icm_core.io import ArtifactError
+from icm_core.data.categories import Category, builtin_categories, load_category_file
+from icm_core.data.config import DataConfig
+from icm_core.data.corpora import BUILTIN_SOURCES, DEMO_SOURCES
+from icm_core.data.corpora.mediawiki import strip_wiki_markup
+from icm_core.data.documents import read_documents
+from icm_core.data.splits import CategorySplits, read_splits, split_documents, write_splits
+from icm_core.data.text import DataError, normalise_text
+from icm_core.data.tokens import sample_blocks, token_blocks
+from icm_core.infra.io import ArtifactError
 
 
 CFG = DataConfig()

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icm_core.config import CVAEConfig
-from icm_core.diagnostics import (
+from icm_core.evaluation.diagnostics import (
     adapter_report,
     draw_spread,
     latent_usage,
@@ -14,7 +13,9 @@ from icm_core.diagnostics import (
     relative_distance,
     trajectory_spread,
 )
-from icm_core.generator import build_dataset, train_generator
+from icm_core.generator.config import CVAEConfig
+from icm_core.generator.dataset import build_dataset
+from icm_core.generator.train import train_generator
 
 
 def state(seed: int, shift: float = 0.0, scale: float = 1.0) -> dict[str, torch.Tensor]:

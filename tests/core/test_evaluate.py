@@ -1,4 +1,4 @@
-"""Tests of icm_core.evaluate: PPL / BPC against a hand computation on the tiny model."""
+"""Tests of icm_core.evaluation.perplexity: PPL / BPC against a hand computation on the tiny model."""
 
 from __future__ import annotations
 
@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 
-from icm_core.config import EvalConfig
-from icm_core.evaluate import LMScore, eval_blocks, evaluate_lm, gain_recovered, score_blocks, spread_indices
+from icm_core.evaluation.config import EvalConfig
+from icm_core.evaluation.perplexity import (
+    LMScore,
+    eval_blocks,
+    evaluate_lm,
+    gain_recovered,
+    score_blocks,
+    spread_indices,
+)
 from tests import helpers
 
 
@@ -18,14 +25,14 @@ SEQ_LEN = 16
 
 @pytest.fixture(scope="module")
 def model(tiny_model_cfg):
-    from icm_core.base_model import load_base_model
+    from icm_core.models.base_model import load_base_model
 
     return load_base_model(tiny_model_cfg)
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_cfg):
-    from icm_core.base_model import load_tokenizer
+    from icm_core.models.base_model import load_tokenizer
 
     return load_tokenizer(tiny_model_cfg)
 
@@ -176,7 +183,7 @@ def test_gain_recovered():
 def test_scoring_from_an_adapted_layer_equals_the_whole_forward(model, tokenizer):
     """With a change confined to decoder layer 1 (as a merged adapter of the last layers), scoring only layers
     1.. on the cached states entering layer 1 gives the whole forward's NLL; the prefix runs once per block set."""
-    from icm_core.evaluate import decoder_stack, layers_from
+    from icm_core.evaluation.perplexity import decoder_stack, layers_from
 
     blocks = eval_blocks(TEXTS, tokenizer, SEQ_LEN, 96)
     layer1 = decoder_stack(model).layers[1].self_attn.q_proj.weight
@@ -207,7 +214,7 @@ def test_scoring_from_an_adapted_layer_equals_the_whole_forward(model, tokenizer
 
 
 def test_first_adapted_layer_reads_peft_keys():
-    from icm_core.adapters import first_adapted_layer
+    from icm_core.lora.adapters import first_adapted_layer
 
     keys = [
         "base_model.model.model.layers.22.self_attn.q_proj.lora_A.weight",

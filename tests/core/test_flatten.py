@@ -1,4 +1,4 @@
-"""Tests of icm_core.flatten: LoRA state dict <-> flat vector, layouts, and normalisation statistics."""
+"""Tests of icm_core.lora.flatten: LoRA state dict <-> flat vector, layouts, and normalisation statistics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from icm_core.flatten import (
+from icm_core.lora.flatten import (
     LoraLayout,
     check_layout,
     denormalize,

@@ -1,4 +1,4 @@
-"""Tests of icm_core.functional_loss: the LM loss through the frozen base model reaches the generator."""
+"""Tests of icm_core.zeroshot.functional: the LM loss through the frozen base model reaches the generator."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from icm_core.baselines import lora_modules, merged_delta
-from icm_core.config import CVAEConfig
-from icm_core.functional_loss import (
+from icm_core.generator.config import CVAEConfig
+from icm_core.generator.dataset import build_dataset
+from icm_core.generator.train import train_generator
+from icm_core.lora.arithmetic import lora_modules, merged_delta
+from icm_core.zeroshot.functional import (
     DECODER_PREFIXES,
     FunctionalConfig,
     _decode_lora,
@@ -18,7 +20,6 @@ from icm_core.functional_loss import (
     functional_finetune,
     functional_lm_loss,
 )
-from icm_core.generator import build_dataset, train_generator
 from tests import helpers
 
 

@@ -1,4 +1,4 @@
-"""End-to-end tests of icm_core.generator on the tiny model: two categories' LoRA trajectories and task
+"""End-to-end tests of icm_core.generator.generator on the tiny model: two categories' LoRA trajectories and task
 vectors -> one CVAE -> saved generator -> generated PEFT adapters that load and merge."""
 
 from __future__ import annotations
@@ -8,19 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from icm_core.adapters import ADAPTER_WEIGHTS, load_adapter, merge_adapter, write_adapter
-from icm_core.config import CVAEConfig, SampleConfig
-from icm_core.flatten import flatten_lora, lora_layout
-from icm_core.generator import (
-    Generator,
-    build_dataset,
-    load_generator,
-    save_generator,
-    train_generator,
-)
-from icm_core.io import ArtifactError, save_tensors, sha256_file
-from icm_core.lora_train import load_trajectory_checkpoints, train_lora
-from icm_core.task_vectors import hidden_state_task_vector
+from icm_core.generator.config import CVAEConfig, SampleConfig
+from icm_core.generator.dataset import build_dataset
+from icm_core.generator.generator import Generator, load_generator, save_generator
+from icm_core.generator.task_vectors import hidden_state_task_vector
+from icm_core.generator.train import train_generator
+from icm_core.infra.io import ArtifactError, save_tensors, sha256_file
+from icm_core.lora.adapters import ADAPTER_WEIGHTS, load_adapter, merge_adapter, write_adapter
+from icm_core.lora.flatten import flatten_lora, lora_layout
+from icm_core.lora.train import train_lora
+from icm_core.lora.trajectory import load_trajectory_checkpoints
 from tests import helpers
 
 
@@ -32,7 +29,7 @@ TEXTS = {"prose": helpers.SAMPLE_TEXT, "symbols": helpers.OTHER_TEXT}
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_cfg):
     """Two categories fine-tuned on different text, their task vectors (saved too), and their checkpoints."""
-    from icm_core.base_model import load_base_model
+    from icm_core.models.base_model import load_base_model
 
     root = tmp_path_factory.mktemp("generator")
     base_id = tiny_model_cfg.name_or_path
@@ -224,7 +221,8 @@ def test_generate_rejects_wrong_dimension(generator):
 
 def test_stage_functions_end_to_end(trained, generator, tmp_path, tiny_model_cfg):
     """The file-based stages give the same generator as the in-memory path (training is deterministic)."""
-    from icm_core.stages import load_task_vector, sample_adapter, train_generator_stage
+    from icm_core.generator.stages import sample_adapter, train_generator_stage
+    from icm_core.generator.task_vectors import load_task_vector
 
     out = tmp_path / "gen" / "generator.safetensors"
     ref = train_generator_stage(
@@ -288,7 +286,7 @@ def test_generated_weights_are_close_to_their_own_category(normalization):
 
 def test_generator_refuses_a_vector_of_another_kind(generator, trained, tmp_path):
     """The kind recorded in the sidecar is enforced: a description vector cannot condition an Eq. 1 generator."""
-    from icm_core.task_vectors import TaskVectorKindError
+    from icm_core.generator.task_vectors import TaskVectorKindError
 
     path = tmp_path / "generator.safetensors"
     save_generator(path, generator, {"task_vector_kind": "hidden_state:base:tiny"})
@@ -304,8 +302,8 @@ def test_generator_refuses_a_vector_of_another_kind(generator, trained, tmp_path
 
 
 def test_generator_stage_records_the_vectors_kind_and_rejects_mixed_kinds(trained, tmp_path):
-    from icm_core.stages import sample_adapter, train_generator_stage
-    from icm_core.task_vectors import TaskVectorKindError
+    from icm_core.generator.stages import sample_adapter, train_generator_stage
+    from icm_core.generator.task_vectors import TaskVectorKindError
 
     folders = {name: t.folder for name, t in trained["trajectories"].items()}
     files = {}

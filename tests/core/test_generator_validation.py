@@ -1,4 +1,4 @@
-"""The generator's early stopping on the categories' validation split (icm_core.stages.validation_scorer)."""
+"""The generator's early stopping on the categories' validation split (icm_core.generator.validation)."""
 
 from __future__ import annotations
 
@@ -7,22 +7,20 @@ import math
 import pytest
 import torch
 
-from icm_core.adapters import write_adapter
-from icm_core.config import CVAEConfig, DataConfig, EvalConfig, TaskVectorConfig
-from icm_core.data import Category
-from icm_core.generator import load_generator
-from icm_core.io import read_json, sidecar_path
-from icm_core.lora_train import load_trajectory_checkpoints, read_trajectory
-from icm_core.splits import CategorySplits, read_splits, write_splits
-from icm_core.stages import (
-    compute_task_vector,
-    evaluate_adapter,
-    final_lora_state,
-    finetune_lora,
-    prepare_data,
-    train_generator_stage,
-    validation_scorer,
-)
+from icm_core.data.categories import Category
+from icm_core.data.config import DataConfig
+from icm_core.data.splits import CategorySplits, read_splits, write_splits
+from icm_core.data.stages import prepare_data
+from icm_core.evaluation.config import EvalConfig
+from icm_core.evaluation.stages import evaluate_adapter
+from icm_core.generator.config import CVAEConfig, TaskVectorConfig
+from icm_core.generator.generator import load_generator
+from icm_core.generator.stages import compute_task_vector, train_generator_stage
+from icm_core.generator.validation import validation_scorer
+from icm_core.infra.io import read_json, sidecar_path
+from icm_core.lora.adapters import write_adapter
+from icm_core.lora.stages import finetune_lora
+from icm_core.lora.trajectory import final_lora_state, load_trajectory_checkpoints, read_trajectory
 from tests import helpers
 
 

@@ -1,4 +1,4 @@
-"""Tests of icm_core.io: safetensors + sidecar artifacts, sha256 verification, atomic writes."""
+"""Tests of icm_core.infra.io: safetensors + sidecar artifacts, sha256 verification, atomic writes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from icm_core.io import (
+from icm_core.infra.io import (
     ArtifactError,
     atomic_write,
     check_safetensors_file,

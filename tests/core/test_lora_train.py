@@ -1,4 +1,4 @@
-"""Tests of icm_core.lora_train on the tiny model: trajectories, PEFT adapter folders, determinism."""
+"""Tests of icm_core.lora.train on the tiny model: trajectories, PEFT adapter folders, determinism."""
 
 from __future__ import annotations
 
@@ -8,16 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from icm_core.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_sha256, read_adapter
-from icm_core.io import ArtifactError, load_tensors, sha256_file, sidecar_path
-from icm_core.lora_train import (
-    TRAJECTORY_INDEX,
-    checkpoint_steps,
-    load_trajectory_checkpoints,
-    lr_at,
-    read_trajectory,
-    train_lora,
-)
+from icm_core.infra.io import ArtifactError, load_tensors, sha256_file, sidecar_path
+from icm_core.lora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_sha256, read_adapter
+from icm_core.lora.train import checkpoint_steps, lr_at, train_lora
+from icm_core.lora.trajectory import TRAJECTORY_INDEX, load_trajectory_checkpoints, read_trajectory
 from tests import helpers
 
 
@@ -38,7 +32,7 @@ def tiny_base_id(tiny_base_dir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_cfg, blocks):
     """The same seeded training twice, each on a freshly loaded base model."""
-    from icm_core.base_model import load_base_model
+    from icm_core.models.base_model import load_base_model
 
     out = []
     for i in range(2):
@@ -168,7 +162,7 @@ def test_adapter_folder_loads_with_peft_and_equals_last_checkpoint(runs, fresh_b
 
 
 def test_adapter_changes_the_model(runs, fresh_base, blocks):
-    from icm_core.adapters import load_adapter, merge_adapter
+    from icm_core.lora.adapters import load_adapter, merge_adapter
 
     trajectory = runs[0][0]
     base = fresh_base()
@@ -181,7 +175,7 @@ def test_adapter_changes_the_model(runs, fresh_base, blocks):
 
 
 def test_adapter_for_another_base_is_refused(runs, fresh_base):
-    from icm_core.adapters import load_adapter
+    from icm_core.lora.adapters import load_adapter
 
     with pytest.raises(ValueError, match="made for base model"):
         load_adapter(fresh_base(), runs[0][0].adapter_dir, base_model_id="some/other-model")

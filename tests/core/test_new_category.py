@@ -1,4 +1,4 @@
-"""icm_core.new_category: an adapter for a category nobody fine-tuned, from its text alone, on the tiny model.
+"""icm_core.zeroshot.from_text: an adapter for a category nobody fine-tuned, from its text alone, on the tiny model.
 
 Two generators are trained on the same two tiny categories: one on base-model task vectors (what a new
 category's text gives), one on fine-tuned-model vectors (the paper's default; it must be refused)."""
@@ -11,22 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from icm_core.adapters import read_adapter
-from icm_core.base_model import load_base_model, load_tokenizer
-from icm_core.config import CVAEConfig, SampleConfig, TaskVectorConfig
-from icm_core.generator import load_generator
-from icm_core.io import read_json, save_tensors, sidecar_path, write_json
-from icm_core.lora_train import train_lora
-from icm_core.new_category import (
+from icm_core.data.text import DataError
+from icm_core.generator.config import CVAEConfig, SampleConfig, TaskVectorConfig
+from icm_core.generator.generator import load_generator
+from icm_core.generator.stages import train_generator_stage
+from icm_core.generator.task_vectors import TaskVectorKindError, task_vector_kind, text_hidden_state_vector
+from icm_core.infra.io import read_json, save_tensors, sidecar_path, write_json
+from icm_core.lora.adapters import read_adapter
+from icm_core.lora.train import train_lora
+from icm_core.models.base_model import load_base_model, load_tokenizer
+from icm_core.zeroshot.from_text import (
     generator_vector_settings,
     plan_text_vector,
     read_text_source,
     text_adapter,
     text_condition_label,
 )
-from icm_core.stages import train_generator_stage
-from icm_core.task_vectors import TaskVectorKindError, task_vector_kind, text_hidden_state_vector
-from icm_core.text import DataError
 from tests import helpers
 
 

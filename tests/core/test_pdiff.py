@@ -8,21 +8,13 @@ import math
 import pytest
 import torch
 
-from icm_core.config import PDiffConfig, SampleConfig
-from icm_core.flatten import flatten_lora, lora_layout
-from icm_core.generator import build_dataset
-from icm_core.io import ArtifactError, save_tensors
-from icm_core.pdiff import (
-    ConditionalUNet1d,
-    FoldingAutoencoder,
-    NoiseSchedule,
-    SharedNorm,
-    TaskNorm,
-    ae_padded_length,
-    load_pdiff,
-    save_pdiff,
-    train_pdiff,
-)
+from icm_core.baselines.config import PDiffConfig
+from icm_core.baselines.pdiff import SharedNorm, TaskNorm, load_pdiff, save_pdiff, train_pdiff
+from icm_core.baselines.pdiff_networks import ConditionalUNet1d, FoldingAutoencoder, NoiseSchedule, ae_padded_length
+from icm_core.generator.config import SampleConfig
+from icm_core.generator.dataset import build_dataset
+from icm_core.infra.io import ArtifactError, save_tensors
+from icm_core.lora.flatten import flatten_lora, lora_layout
 
 
 TINY = PDiffConfig(

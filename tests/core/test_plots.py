@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from icm_core import plots
-from icm_core.reporting import result_rows
+from icm_core.report import plots
+from icm_core.report.tables import result_rows
 from tests.core.test_reporting import SCORES
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from icm_core.data import DataError
-from icm_core.registry import diff_registry, load_registry, registry_fingerprints
+from icm_core.data.registry import diff_registry, load_registry, registry_fingerprints
+from icm_core.data.text import DataError
 
 
 def write(folder: Path, name: str, entries: list[dict]) -> Path:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icm_core.io import csv_text
-from icm_core.plots import pca_2d, plot_main_bars, plot_task_vectors, plot_training_curves
-from icm_core.reporting import (
+from icm_core.infra.io import csv_text
+from icm_core.report.plots import pca_2d, plot_main_bars, plot_task_vectors, plot_training_curves
+from icm_core.report.tables import (
     add_intervals,
     gain_table,
     interval_table,

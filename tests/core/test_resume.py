@@ -1,4 +1,4 @@
-"""Resumable state inside the long training loops (icm_core/resume.py): a run interrupted after a saved state
+"""Resumable state inside the long training loops (icm_core/infra/resume.py): a run interrupted after a saved state
 and continued from it ends bit-identical to an uninterrupted run, for LoRA, the CVAE and COND P-DIFF.
 
 The interruption here is an exception raised from the loop's progress callback (an in-process stand-in for a
@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from icm_core.config import CVAEConfig
-from icm_core.cvae import train_cvae
-from icm_core.generator import build_dataset
-from icm_core.io import save_tensors, sidecar_path
-from icm_core.lora_train import train_lora
-from icm_core.pdiff import train_pdiff
-from icm_core.resume import Resumer
+from icm_core.baselines.pdiff import train_pdiff
+from icm_core.generator.config import CVAEConfig
+from icm_core.generator.dataset import build_dataset
+from icm_core.generator.train import train_cvae
+from icm_core.infra.io import save_tensors, sidecar_path
+from icm_core.infra.resume import Resumer
+from icm_core.lora.train import train_lora
 from tests import helpers
 from tests.flows.support import TINY_PDIFF
 
@@ -50,7 +50,7 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def test_lora_resumes_bit_identical(tmp_path, tiny_model_cfg):
-    from icm_core.base_model import load_base_model
+    from icm_core.models.base_model import load_base_model
 
     cfg = helpers.lora_config(steps=12, checkpoint_every=2, trajectory_size=3, dropout=0.1, warmup_steps=2)
     blocks = helpers.char_blocks(helpers.SAMPLE_TEXT, 24)
@@ -71,7 +71,7 @@ def test_lora_resumes_bit_identical(tmp_path, tiny_model_cfg):
 
 
 def test_lora_saving_state_does_not_change_the_result(tmp_path, tiny_model_cfg):
-    from icm_core.base_model import load_base_model
+    from icm_core.models.base_model import load_base_model
 
     cfg = helpers.lora_config(steps=6, checkpoint_every=1, trajectory_size=2)
     blocks = helpers.char_blocks(helpers.SAMPLE_TEXT, 24)

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from icm_core.base_model import ModelLoadError, load_base_model
-from icm_core.config import ModelConfig, TaskVectorConfig
-from icm_core.io import ArtifactError, load_tensors
+from icm_core.generator.config import TaskVectorConfig
+from icm_core.infra.io import ArtifactError, load_tensors
+from icm_core.models.base_model import load_base_model
+from icm_core.models.config import ModelConfig
+from icm_core.models.identity import ModelLoadError
 
 
 REPO = Path(__file__).resolve().parents[2]

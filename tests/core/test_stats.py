@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from icm_core.stats import (
+from icm_core.evaluation.stats import (
     bootstrap_interval,
     mean_blocks,
     paired_bootstrap,

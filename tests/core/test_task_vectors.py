@@ -1,18 +1,18 @@
-"""Tests of icm_core.task_vectors: paper Eq. 1 hidden-state vectors and description embeddings."""
+"""Tests of icm_core.generator.task_vectors: paper Eq. 1 hidden-state vectors and description embeddings."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from icm_core.base_model import ModelLoadError
-from icm_core.task_vectors import (
+from icm_core.generator.task_vectors import (
     TextEncoder,
     check_task_vector,
     hidden_state_task_vector,
     last_token_hidden_states,
     text_task_vector,
 )
+from icm_core.models.identity import ModelLoadError
 from tests import helpers
 
 
@@ -119,8 +119,8 @@ def test_unknown_text_encoder_path(tmp_path):
 
 
 def test_text_hidden_state_vector_is_eq1_on_k_sampled_blocks_of_the_text(model):
-    from icm_core.task_vectors import text_hidden_state_vector
-    from icm_core.tokens import sample_blocks, token_blocks
+    from icm_core.data.tokens import sample_blocks, token_blocks
+    from icm_core.generator.task_vectors import text_hidden_state_vector
 
     tokenizer = helpers.tiny_tokenizer()
     texts = [helpers.SAMPLE_TEXT, helpers.OTHER_TEXT]
@@ -132,8 +132,8 @@ def test_text_hidden_state_vector_is_eq1_on_k_sampled_blocks_of_the_text(model):
 
 
 def test_task_vector_kind_names_source_model_and_encoder():
-    from icm_core.config import TaskVectorConfig
-    from icm_core.task_vectors import check_task_vector_kind, task_vector_kind
+    from icm_core.generator.config import TaskVectorConfig
+    from icm_core.generator.task_vectors import check_task_vector_kind, task_vector_kind
 
     base = task_vector_kind(TaskVectorConfig(hidden_from="base", num_samples=4), "smollm2-135m")
     assert base == "hidden_state:base:smollm2-135m"

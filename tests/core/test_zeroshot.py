@@ -1,12 +1,12 @@
-"""Tests of icm_core.zeroshot: folds, leakage check, mean / k-NN adapters and the gap metric."""
+"""Tests of icm_core.zeroshot.protocol: folds, leakage check, mean / k-NN adapters and the gap metric."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from icm_core.baselines import merged_delta
-from icm_core.zeroshot import (
+from icm_core.lora.arithmetic import merged_delta, weighted_delta_adapter
+from icm_core.zeroshot.protocol import (
     assert_no_leakage,
     bootstrap_gap,
     cross_category_matrix,
@@ -17,7 +17,6 @@ from icm_core.zeroshot import (
     scaling_subsets,
     shuffled_partner,
     summarize,
-    weighted_delta_adapter,
 )
 from tests import helpers
 
@@ -175,7 +174,8 @@ def test_interim_summary_counts_the_scored_folds_only():
 
 
 def test_zeroshot_config_refuses_vectors_a_held_out_category_cannot_have():
-    from icm_core.config import TaskVectorConfig, ZeroShotRunConfig
+    from icm_core.generator.config import TaskVectorConfig
+    from icm_core.zeroshot.config import ZeroShotRunConfig
 
     with pytest.raises(ValueError, match="hidden_from"):
         ZeroShotRunConfig(task_vector=TaskVectorConfig(hidden_from="finetuned"))
@@ -191,12 +191,13 @@ def test_block_evaluation_is_each_test_blocks_mean_nll(tmp_path, tiny_base_dir, 
     import torch.nn.functional as F
     from peft import get_peft_model
 
-    from icm_core.adapters import adapter_config_dict, lora_config_for, merge_adapter, write_adapter
-    from icm_core.base_model import load_tokenizer
-    from icm_core.config import DataConfig, EvalConfig
-    from icm_core.evaluate import eval_blocks
-    from icm_core.splits import CategorySplits, write_splits
-    from icm_core.zeroshot_stages import evaluate_blocks
+    from icm_core.data.config import DataConfig
+    from icm_core.data.splits import CategorySplits, write_splits
+    from icm_core.evaluation.config import EvalConfig
+    from icm_core.evaluation.perplexity import eval_blocks
+    from icm_core.lora.adapters import adapter_config_dict, lora_config_for, merge_adapter, write_adapter
+    from icm_core.models.base_model import load_tokenizer
+    from icm_core.zeroshot.stages import evaluate_blocks
 
     model_cfg, data_cfg, eval_cfg = helpers.model_config(tiny_base_dir), DataConfig(seq_len=24), EvalConfig()
     splits = tmp_path / "splits"

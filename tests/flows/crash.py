@@ -19,8 +19,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from icm_core.io import check_safetensors_file, sidecar_path, verify_file
-from icm_core.layout import STAGES
+from icm_core.infra.io import check_safetensors_file, sidecar_path, verify_file
+from icm_core.infra.layout import STAGES
 from tasks.artifacts import MANIFEST, verify_manifest
 
 

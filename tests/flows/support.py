@@ -11,17 +11,12 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from icm_core.config import (
-    DEFAULT_METHODS,
-    CVAEConfig,
-    DataConfig,
-    DiagnosticsConfig,
-    EvalConfig,
-    ModelConfig,
-    PDiffConfig,
-    RunConfig,
-    TaskVectorConfig,
-)
+from icm_core.baselines.config import PDiffConfig
+from icm_core.config import DEFAULT_METHODS, RunConfig
+from icm_core.data.config import DataConfig
+from icm_core.evaluation.config import DiagnosticsConfig, EvalConfig
+from icm_core.generator.config import CVAEConfig, TaskVectorConfig
+from icm_core.models.config import ModelConfig
 from tests import helpers
 
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from flows.ablations import ablation_variants, channel_plan, icm_ablations
-from icm_core.config import OFFICIAL_CHANNELS, RunConfig
+from icm_core.config import RunConfig
+from icm_core.generator.config import OFFICIAL_CHANNELS
 from tests.flows.support import CATEGORIES, settled_task_runs, states_by_name, task_runs_of
 
 

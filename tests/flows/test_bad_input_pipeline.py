@@ -109,9 +109,9 @@ def test_bad_input_is_not_retried():
     """Stages retry transient failures once; bad input fails at once (a retry would only repeat the error)."""
     from prefect.states import Failed
 
-    from icm_core.base_model import ModelLoadError
-    from icm_core.data import DataError
-    from icm_core.io import ArtifactError
+    from icm_core.data.text import DataError
+    from icm_core.infra.io import ArtifactError
+    from icm_core.models.identity import ModelLoadError
     from tasks.stages import retry_unless_bad_input
 
     for error in (ModelLoadError("m"), DataError("d"), ArtifactError("a"), ValueError("v"), FloatingPointError("f")):

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from icm_core import model_identity
-from icm_core.config import ModelConfig, TaskVectorConfig
-from icm_core.io import HASHED, ArtifactError
+from icm_core.generator.config import TaskVectorConfig
+from icm_core.infra.io import HASHED, ArtifactError
+from icm_core.models import identity as model_identity
+from icm_core.models.config import ModelConfig
 from tasks.artifacts import stage_key
 from tasks.manifest import VERIFY_ENV, valid_output, verify_manifest, write_manifest
 from tests import helpers
@@ -92,7 +93,7 @@ def test_hub_id_is_keyed_by_its_cached_revision(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text("b" * 40)  # the hub's main moved and the cache fetched it
     assert stage_key("lora", {"model_cfg": cfg(), "root": str(tmp_path / "root")}) != key_a
 
-    from icm_core.base_model import ModelLoadError  # re-exported from icm_core.model_identity
+    from icm_core.models.identity import ModelLoadError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="'org/absent'.*cannot load.*hub revision"):
@@ -160,7 +161,7 @@ def test_two_description_generations_keep_both_adapters(workspace, tmp_path):
     a, b = Path(first["adapter_dir"]), Path(second["adapter_dir"])
     assert a != b and a.is_dir() and b.is_dir()
     assert first["adapter_sha256"] != second["adapter_sha256"]
-    from icm_core.adapters import adapter_sha256
+    from icm_core.lora.adapters import adapter_sha256
 
     assert adapter_sha256(a) == first["adapter_sha256"]  # the first was not overwritten by the second
 
@@ -232,7 +233,7 @@ def test_no_two_modules_import_each_other():
             graph[name] = deps
     graph = {name: {d for d in deps if d in graph and d != name} for name, deps in graph.items()}
     assert "tasks.artifacts" not in graph["tasks.store"] and "tasks.store" in graph["tasks.artifacts"]
-    assert "icm_core.base_model" not in graph["icm_core.model_identity"]
+    assert "icm_core.models.base_model" not in graph["icm_core.models.identity"]
 
     done: set[str] = set()
 

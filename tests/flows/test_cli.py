@@ -15,7 +15,7 @@ import pytest
 
 import icm_core
 from flows.cli import FLOW_COMMANDS, build_parser, main
-from icm_core.__main__ import STAGE_COMMANDS
+from icm_core.cli import STAGE_COMMANDS
 
 
 REPO = Path(__file__).resolve().parents[2]

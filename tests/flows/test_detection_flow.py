@@ -7,8 +7,9 @@ from pathlib import Path
 
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
-from icm_core.config import CVAEConfig, PDiffConfig
-from icm_core.io import read_json
+from icm_core.baselines.config import PDiffConfig
+from icm_core.generator.config import CVAEConfig
+from icm_core.infra.io import read_json
 from icm_core.vision.config import DetectionDataConfig, DetectionLoraConfig, DetectionRunConfig
 from tests.flows.support import states_by_name
 

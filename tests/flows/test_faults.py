@@ -1,7 +1,7 @@
 """Fault injection: SIGKILL the pipeline at many points, restart it, and get exactly the uninterrupted results.
 
 Each case runs the pipeline CLI in its own process with ``ICM_FAULT_KILL_AT`` naming a crash point
-(icm_core/faults.py), checks that the process died by SIGKILL at that point, that no truncated or
+(icm_core/infra/faults.py), checks that the process died by SIGKILL at that point, that no truncated or
 half-written file sits under a final name, then restarts the pipeline on the same artifacts root and
 compares every metric and every weight file with one uninterrupted seeded run.
 """
@@ -19,7 +19,7 @@ import pytest
 import yaml
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
-from icm_core.faults import KILL_ENV, MARKER_ENV, parse_spec
+from icm_core.infra.faults import KILL_ENV, MARKER_ENV, parse_spec
 from tasks.artifacts import MANIFEST, valid_output
 from tests.flows.crash import (
     check_visible_files,

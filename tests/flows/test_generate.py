@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from flows.generate import generate_adapter
-from icm_core.adapters import adapter_sha256
-from icm_core.io import sidecar_path
+from icm_core.infra.io import sidecar_path
+from icm_core.lora.adapters import adapter_sha256
 
 
 def sampled_adapter_sha(root: Path, category: str) -> str:
@@ -95,12 +95,12 @@ def test_generate_adapter_from_a_new_categorys_text_folder(workspace, tmp_path, 
     folder of its text alone; the same request gives the same folder and bytes, another k another folder."""
     from peft import PeftModel
 
-    from icm_core.adapters import read_adapter
-    from icm_core.base_model import load_base_model, load_tokenizer
-    from icm_core.config import SampleConfig
-    from icm_core.generator import load_generator
-    from icm_core.new_category import read_text_source
-    from icm_core.task_vectors import text_hidden_state_vector
+    from icm_core.generator.config import SampleConfig
+    from icm_core.generator.generator import load_generator
+    from icm_core.generator.task_vectors import text_hidden_state_vector
+    from icm_core.lora.adapters import read_adapter
+    from icm_core.models.base_model import load_base_model, load_tokenizer
+    from icm_core.zeroshot.from_text import read_text_source
 
     cfg = base_vector_config(workspace)
     assert workspace.run(config=cfg).is_completed()
@@ -134,7 +134,7 @@ def test_generate_adapter_from_a_new_categorys_text_folder(workspace, tmp_path, 
 
 def test_generate_from_text_refuses_a_generator_trained_on_finetuned_vectors(workspace, tmp_path):
     """The default pipeline's generator is conditioned on fine-tuned-model vectors: a new category has none."""
-    from icm_core.task_vectors import TaskVectorKindError
+    from icm_core.generator.task_vectors import TaskVectorKindError
 
     assert workspace.config.task_vector.hidden_from == "finetuned"
     assert workspace.run().is_completed()
@@ -146,7 +146,7 @@ def test_generate_from_text_refuses_a_generator_trained_on_finetuned_vectors(wor
 
 
 def test_generate_from_bad_text_names_the_path_and_writes_nothing(workspace, tmp_path):
-    from icm_core.text import DataError
+    from icm_core.data.text import DataError
 
     assert workspace.run(config=base_vector_config(workspace)).is_completed()
     (tmp_path / "empty").mkdir()

@@ -15,7 +15,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from flows.registry import publish_new_category, retrain_categories, scan_categories
-from icm_core.adapters import read_adapter
+from icm_core.lora.adapters import read_adapter
 from tasks.registry import STATE_FILE
 from tests.flows.support import forecast_text, recipe_text
 from tests.ops.support import add_category, inventory_text
@@ -153,7 +153,7 @@ def test_the_zero_shot_deployment_publishes_once_and_never_undoes_a_retrain(work
 def test_a_failing_zero_shot_step_does_not_stop_the_retrain(workspace, tmp_path):
     """Serving early is best effort: a current generator that cannot be read (its sidecar lost) costs the zero-shot
     adapter, not the retrain."""
-    from icm_core.io import sidecar_path
+    from icm_core.infra.io import sidecar_path
 
     tv = workspace.config.task_vector.model_copy(update={"hidden_from": "base"})
     cfg = workspace.config.model_copy(update={"task_vector": tv})

@@ -10,7 +10,7 @@ import pytest
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
 from flows.generate import latest_generator
-from icm_core.io import ArtifactError, read_json
+from icm_core.infra.io import ArtifactError, read_json
 from tasks.artifacts import ArtifactRef, localize
 from tasks.store import CACHE_ENV, local_root, normalize_root
 from tests.flows.support import expected_output_folders, expected_task_runs, states_by_name

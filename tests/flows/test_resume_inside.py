@@ -11,8 +11,8 @@ import pytest
 import yaml
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
-from icm_core.config import ResumeConfig
-from icm_core.faults import KILL_ENV, MARKER_ENV, TRACE_ENV
+from icm_core.infra.config import ResumeConfig
+from icm_core.infra.faults import KILL_ENV, MARKER_ENV, TRACE_ENV
 from tests.flows.crash import log_tail, run_pipeline_process
 from tests.flows.support import Workspace, forecast_text, recipe_text, tiny_run_config, write_categories
 from tests.flows.test_faults import eval_scores, weight_hashes

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from flows import run_record
-from icm_core.registry import load_registry
+from icm_core.data.registry import load_registry
 
 
 def _flow_runs() -> int:

@@ -10,8 +10,9 @@ import torch
 from prefect.blocks.system import Secret
 
 from flows.runtime import HUB_TOKEN_BLOCK_ENV, device_from_env, use_hub_token
-from icm_core.base_model import DeviceError, resolve_device
-from icm_core.config import ModelConfig, RunConfig
+from icm_core.config import RunConfig
+from icm_core.models.base_model import DeviceError, resolve_device
+from icm_core.models.config import ModelConfig
 
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from icm_core.config import TaskVectorConfig, ZeroShotConfig, ZeroShotRunConfig
-from icm_core.io import load_tensors, read_json
-from icm_core.zeroshot import METHODS, make_folds
+from icm_core.generator.config import TaskVectorConfig
+from icm_core.infra.io import load_tensors, read_json
+from icm_core.zeroshot.config import ZeroShotConfig, ZeroShotRunConfig
+from icm_core.zeroshot.protocol import METHODS, make_folds
 from tests.flows.support import forecast_text, recipe_text, tiny_run_config, write_categories
 
 

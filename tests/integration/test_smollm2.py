@@ -8,11 +8,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from icm_core.base_model import load_base_model
 from icm_core.config import load_run_config
-from icm_core.data import builtin_categories
-from icm_core.generator import load_generator
-from icm_core.runner import run_all
+from icm_core.data.categories import builtin_categories
+from icm_core.generator.generator import load_generator
+from icm_core.local_pipeline import run_all
+from icm_core.models.base_model import load_base_model
 
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from icm_core.stages import load_task_vector
+from icm_core.generator.task_vectors import load_task_vector
 from icm_core.vision.clip import ClipEncoder, ClipError, register_model_config
 from icm_core.vision.config import DetectionTaskVectorConfig, DetectorConfig
 from icm_core.vision.stages import detector_task_vector

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from icm_core.report.detection import ap50, detection_intervals, image_matches
 from icm_core.vision.coco import coco_from_dict, evaluate_coco
-from icm_core.vision.report import ap50, detection_intervals, image_matches
 
 
 def scene(seed: int, images: int = 30):

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from icm_core.adapters import load_adapter, merge_adapter, read_adapter
-from icm_core.baselines import model_soup
-from icm_core.generator import build_dataset
-from icm_core.lora_train import load_trajectory_checkpoints, read_trajectory
+from icm_core.baselines.soup import model_soup
+from icm_core.generator.dataset import build_dataset
+from icm_core.lora.adapters import load_adapter, merge_adapter, read_adapter
+from icm_core.lora.trajectory import load_trajectory_checkpoints, read_trajectory
 from icm_core.vision.config import DetectionLoraConfig, DetectionTaskVectorConfig, DetectorConfig
 from icm_core.vision.mtcnn import load_mtcnn
 from icm_core.vision.stages import detector_identity, detector_task_vector, finetune_detector

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from icm_core.adapters import merge_adapter
-from icm_core.io import load_tensors
-from icm_core.lora_train import read_trajectory
+from icm_core.infra.io import load_tensors
+from icm_core.lora.adapters import merge_adapter
+from icm_core.lora.trajectory import read_trajectory
 from icm_core.vision.coco import coco_from_dict, detections_to_coco, evaluate_coco
 from icm_core.vision.config import DetectionLoraConfig, DetectionTaskVectorConfig, DetectorConfig
 from icm_core.vision.florence import (

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from icm_core.adapters import merge_adapter
-from icm_core.lora_train import read_trajectory
+from icm_core.lora.adapters import merge_adapter
+from icm_core.lora.trajectory import read_trajectory
 from icm_core.vision.coco import CocoError
 from icm_core.vision.config import DetectionDataConfig, DetectionLoraConfig, DetectionTaskVectorConfig, DetectorConfig
 from icm_core.vision.stages import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icm_core._torchvision_compat import torchvision_ops_available
+from icm_core.models.torchvision_compat import torchvision_ops_available
 from icm_core.vision.nms import batched_nms, batched_nms_torch, box_iou, nms_torch
 
 

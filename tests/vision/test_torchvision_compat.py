@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from icm_core._torchvision_compat import ensure_torchvision_importable, torchvision_ops_available
+from icm_core.models.torchvision_compat import ensure_torchvision_importable, torchvision_ops_available
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,7 +20,7 @@ def test_imports_in_a_fresh_process():
         "import icm_core, torchvision, open_clip, peft\n"
         "from transformers import DetrConfig, LlamaConfig\n"
         "from facenet_pytorch.models.mtcnn import ONet\n"
-        "from icm_core._torchvision_compat import torchvision_ops_available\n"
+        "from icm_core.models.torchvision_compat import torchvision_ops_available\n"
         "print(torchvision.__version__, torchvision_ops_available())\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
@@ -46,7 +46,7 @@ def test_when_the_library_loads_nothing_is_redefined():
         "lib = torch.library.Library('torchvision', 'DEF')\n"
         "lib.define('nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')\n"
         "lib.impl('nms', lambda d, s, t: torch.arange(d.shape[0]), 'CPU')\n"
-        "import icm_core._torchvision_compat as c\n"
+        "import icm_core.models.torchvision_compat as c\n"
         "print(c.ensure_torchvision_importable(), c.torchvision_ops_available())\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)

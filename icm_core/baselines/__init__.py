@@ -1,0 +1,1 @@
+"""The baselines the generator is compared with: Model Soup and COND P-DIFF."""

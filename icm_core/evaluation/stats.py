@@ -1,0 +1,122 @@
+"""Uncertainty of the reported comparisons: paired bootstrap intervals over test blocks, and spread across seeds.
+
+Paired bootstrap. Every method is scored on the same test blocks (``icm_core.evaluation.perplexity`` keeps the NLL sum
+and token count of each block). The comparison of method ``a`` with reference ``b`` is the relative PPL
+difference
+
+    d = PPL_a / PPL_b - 1 = exp((sum_i NLL_a,i - sum_i NLL_b,i) / sum_i tokens_i) - 1
+
+(negative: ``a`` is better). Its 95% interval resamples the *blocks* with replacement, the same blocks for
+both methods (that is the pairing: the block-to-block variation both share cancels), recomputes ``d`` each
+time, and takes the 2.5% and 97.5% percentiles. A difference is called better or worse only when the
+interval excludes zero. With several seeds, each block's NLL is first averaged over the seeds (the seeds
+are scored on the same blocks), so the interval is that of the seed-averaged comparison; the spread across
+seeds is reported next to it.
+
+For detection the resampled unit is the image; the statistic (a COCO mAP difference) is recomputed by the
+caller's function on each resample (:func:`bootstrap_interval`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+
+BOOTSTRAP_SAMPLES: int = 2000
+"""Resamples per interval."""
+LEVEL: float = 0.95
+"""Coverage of the reported intervals."""
+SEED: int = 0
+"""Seed of the resampling (intervals are reproducible)."""
+
+
+def relative_difference(nll_a: Sequence[float], nll_b: Sequence[float], tokens: Sequence[int]) -> float:
+    """``PPL_a / PPL_b - 1`` from per-block NLL sums (nats) and token counts of the same blocks."""
+    a, b, t = _arrays(nll_a, nll_b, tokens)
+    return math.expm1((a.sum() - b.sum()) / t.sum())
+
+
+def _arrays(nll_a, nll_b, tokens) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    a, b, t = (np.asarray(x, dtype=np.float64) for x in (nll_a, nll_b, tokens))
+    if not (a.shape == b.shape == t.shape) or a.ndim != 1:
+        raise ValueError(f"paired blocks must match: {a.shape}, {b.shape}, {t.shape}")
+    if a.size == 0:
+        raise ValueError("no blocks to compare")
+    if (t <= 0).any():
+        raise ValueError("every block must have at least one token")
+    return a, b, t
+
+
+def resample_indices(n: int, samples: int = BOOTSTRAP_SAMPLES, seed: int = SEED) -> np.ndarray:
+    """``[samples, n]`` indices drawn with replacement (the same draws for every comparison of one size)."""
+    return np.random.default_rng(seed).integers(0, n, size=(samples, n))
+
+
+def percentile_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(values, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def paired_bootstrap(
+    nll_a: Sequence[float],
+    nll_b: Sequence[float],
+    tokens: Sequence[int],
+    samples: int = BOOTSTRAP_SAMPLES,
+    level: float = LEVEL,
+    seed: int = SEED,
+) -> tuple[float, float]:
+    """Percentile interval of ``PPL_a / PPL_b - 1`` over blocks resampled with replacement (paired)."""
+    a, b, t = _arrays(nll_a, nll_b, tokens)
+    idx = resample_indices(a.size, samples, seed)
+    diffs = np.expm1((a[idx].sum(1) - b[idx].sum(1)) / t[idx].sum(1))
+    return percentile_interval(diffs, level)
+
+
+def bootstrap_interval(
+    units: int,
+    statistic: Callable[[np.ndarray], float],
+    samples: int = BOOTSTRAP_SAMPLES,
+    level: float = LEVEL,
+    seed: int = SEED,
+) -> tuple[float, float]:
+    """Percentile interval of ``statistic(indices)`` over ``units`` resampled with replacement (any statistic,
+    e.g. a detection mAP difference recomputed on resampled images)."""
+    if units < 1:
+        raise ValueError("no units to resample")
+    values = np.array([statistic(row) for row in resample_indices(units, samples, seed)], dtype=np.float64)
+    return percentile_interval(values, level)
+
+
+def verdict(interval: Sequence[float] | None, lower_is_better: bool = True) -> str:
+    """'better' / 'worse' only when the interval of (method - reference) excludes zero, else 'no clear difference'."""
+    if interval is None:
+        return "n/a"
+    low, high = interval
+    if low > 0:
+        return "worse" if lower_is_better else "better"
+    if high < 0:
+        return "better" if lower_is_better else "worse"
+    return "no clear difference"
+
+
+def mean_blocks(per_seed: Sequence[Sequence[float]]) -> list[float]:
+    """Block-wise mean over seeds (all seeds scored on the same blocks)."""
+    arrays = [np.asarray(x, dtype=np.float64) for x in per_seed]
+    if not arrays or any(a.shape != arrays[0].shape for a in arrays):
+        raise ValueError("every seed must be scored on the same blocks")
+    return list(np.mean(arrays, axis=0))
+
+
+def seed_summary(values: Sequence[float | None]) -> dict[str, float | int | None]:
+    """Mean, sample standard deviation (n-1; None for one seed), min, max and n over seeds."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return {"n": 0, "mean": None, "sd": None, "min": None, "max": None}
+    n = len(vals)
+    mean = math.fsum(vals) / n
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else None
+    return {"n": n, "mean": mean, "sd": sd, "min": min(vals), "max": max(vals)}

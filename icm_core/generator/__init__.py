@@ -1,0 +1,1 @@
+"""The ICM-LoRA generator: task vectors (its condition), the CVAE, its training and sampling."""

@@ -1,0 +1,43 @@
+"""Where each stage's artifacts live under an artifacts root.
+
+``<root>/<stage>/<category>/<key>/`` where ``key`` is a short fingerprint of everything that
+determines the stage's output (its config, its inputs' hashes, the icm_core version). Changing a
+config writes to a new folder instead of overwriting what other runs may still be reading.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from icm_core.data.names import validate_category_name
+
+
+STAGES = (
+    "data",
+    "lora",
+    "task_vectors",
+    "generator",
+    "adapters",
+    "soup",
+    "trajectory_mean",
+    "pdiff",
+    "pdiff_adapters",
+    "eval",
+    "diagnostics",
+    "report",
+    "ablation_report",
+    "zs_pooled",
+    "zs_library",
+    "zs_generated",
+    "zs_eval",
+)
+
+
+def stage_dir(root: str | Path, stage: str, key: str, category: str | None = None) -> Path:
+    """Folder of one stage output; ``category`` is validated so it can never escape the root."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    parts = [Path(root), stage]
+    if category is not None:
+        parts.append(validate_category_name(category, "category"))
+    return Path(*parts, key[:16])

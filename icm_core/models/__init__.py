@@ -1,0 +1,1 @@
+"""Base models: loading, content identity for cache keys, and the torchvision import shim."""

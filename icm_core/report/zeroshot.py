@@ -1,0 +1,428 @@
+"""Files of a leave-out run: summary.json, per-category CSV, a markdown report and figures (gain per held-out
+category and method with intervals; the multi-task LoRA's training curves; the map of all task vectors; what the
+task vectors say about the adapters, from :mod:`icm_core.zeroshot.geometry`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from icm_core.infra.io import write_json, write_text
+from icm_core.report.plots import pca_2d, pyplot, save_figure
+from icm_core.zeroshot.protocol import METHODS, is_interim, scaling_size
+
+
+TITLES = {
+    "base": "Base model",
+    "oracle": "Oracle LoRA (own fine-tune)",
+    "mean_lora": "Mean LoRA",
+    "multitask_lora": "Multi-task LoRA",
+    "nn1": "1-NN LoRA",
+    "knn_softmax": "Softmax k-NN LoRA",
+    "icm_lora": "ICM-LoRA zero-shot",
+    "icm_functional": "ICM-LoRA zero-shot, decoder fine-tuned on the functional loss",
+    "icm_shuffled": "ICM-LoRA, shuffled vector (control)",
+    "icm_mean_condition": "ICM-LoRA, mean condition (control)",
+}
+
+
+INTERIM = "interim"
+"""Subfolder of a results folder for the report over the folds finished so far (removed by the final report)."""
+
+
+def interim_dir(results_dir: str | Path) -> Path:
+    """Where a leave-out run writes its interim reports: ``<results_dir>/interim``."""
+    return Path(results_dir) / INTERIM
+
+
+def title(method: str) -> str:
+    """A method's display name (scaling-curve methods: the size of their generator's training set)."""
+    size = scaling_size(method)
+    if size is not None:
+        return f"ICM-LoRA zero-shot, generator trained on {size} categories"
+    return TITLES.get(method, method)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
+
+
+def write_results(
+    out: str | Path,
+    result: Mapping[str, Any],
+    folds: Sequence[Sequence[str]],
+    mean_nll: Mapping[str, Mapping[str, float]],
+    multitask_losses: Mapping[str, Sequence[float]],
+    vectors: Mapping[str, torch.Tensor],
+    families: Mapping[str, str | None],
+    meta: Mapping[str, Any],
+    matrix: Mapping[str, Any] | None = None,
+    geometry: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """Write ``summary.json``, ``results.json``, ``per_category.csv``, ``report.md`` and PNG figures to ``out``
+    (with ``matrix``, from :func:`icm_core.zeroshot.protocol`: ``cross_category.csv`` and its
+    figure, and its summary in ``summary.json``; with ``geometry``, from
+    :func:`icm_core.zeroshot.geometry`: ``condition_geometry.json``, its figure and section).
+
+    A result over only some folds (``summary["complete"]`` false) says so at the top of the report; a complete
+    one removes the interim reports under ``out`` (:func:`interim_dir`), which it supersedes."""
+    out = Path(out)
+    methods = list(result["methods"])
+    summary = {**result["summary"], **{k: v for k, v in meta.items() if k not in result["summary"]}}
+    if matrix is not None:
+        summary["cross_category"] = matrix["summary"]
+    if geometry is not None:
+        summary["condition_geometry"] = geometry_summary(geometry)
+    files = {"summary": str(write_json(out / "summary.json", summary))}
+    fold_of = {c: i for i, fold in enumerate(folds) for c in fold}
+    payload = {
+        "summary": summary,
+        "folds": [list(f) for f in folds],
+        "per_category": result["per_category"],
+        "macro": result["macro"],
+        "mean_nll": mean_nll,
+        "multitask_losses": multitask_losses,
+        "cross_category": matrix,
+    }
+    files["results"] = str(write_json(out / "results.json", payload))
+    rows = ["category,family,fold,method,mean_nll,gap_recovered,ci_low,ci_high"]
+    for cat in sorted(mean_nll):
+        for m in methods:
+            cell = result["per_category"].get(cat, {}).get(m, {})
+            rows.append(
+                f"{cat},{families.get(cat) or ''},{fold_of.get(cat, '')},{m},{mean_nll[cat].get(m, float('nan')):.6f},"
+                f"{cell.get('gap', '')},{cell.get('low', '')},{cell.get('high', '')}"
+            )
+    files["csv"] = str(write_text(out / "per_category.csv", "\n".join(rows) + "\n"))
+
+    lines = [
+        "# Zero-shot adapters for held-out categories (leave-out protocol)",
+        "",
+        f"{summary['categories']} categories in {summary['folds']} folds; metric: share of the base-to-oracle NLL "
+        "gap recovered on each held-out category's test blocks, macro-averaged; 95% paired bootstrap intervals "
+        f"over test blocks ({meta.get('bootstrap_samples', '?')} resamples).",
+        "",
+        *_interim_lines(summary),
+        "| method | macro gap recovered | 95% interval |",
+        "|---|---:|---|",
+    ]
+    for m in methods:
+        low, high = summary["macro_gain_ci95"][m]
+        lines.append(f"| {title(m)} (`{m}`) | {_pct(summary['macro_gain'][m])} | {_pct(low)} .. {_pct(high)} |")
+    lines += ["", "| win rate | share of held-out categories |", "|---|---:|"]
+    lines += [f"| `{k}` | {_pct(v)} |" for k, v in summary["win_rate"].items()]
+    if summary.get("excluded_categories"):
+        lines += [
+            "",
+            f"Not scored (the oracle did not beat the base model): {', '.join(summary['excluded_categories'])}.",
+        ]
+    lines += ["", "## Per held-out category", "", "| category | fold | " + " | ".join(methods) + " |"]
+    lines.append("|---|---:|" + "---:|" * len(methods))
+    for cat in sorted(result["per_category"]):
+        cells = [_pct(result["per_category"][cat][m]["gap"]) for m in methods]
+        lines.append(f"| {cat} | {fold_of.get(cat, '')} | " + " | ".join(cells) + " |")
+    if summary.get("scaling"):
+        lines += ["", *_scaling_lines(summary["scaling"])]
+    if matrix is not None:
+        files.update(_cross_category(out, matrix, families))
+        lines += ["", *_cross_category_lines(matrix, meta)]
+    if geometry is not None:
+        files.update(write_geometry(out, geometry, families))
+        lines += ["", *geometry_lines(geometry)]
+    lines += ["", "## Multi-task LoRA training curves", ""]
+    for label, losses in multitask_losses.items():
+        if losses:
+            tail = losses[-max(1, len(losses) // 10) :]
+            lines.append(
+                f"- {label}: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+                f"(mean of the last 10%: {sum(tail) / len(tail):.3f})"
+            )
+    lines += ["", "Run settings:", "", "```json", json.dumps(dict(meta), indent=1, default=str), "```"]
+    files["report"] = str(write_text(out / "report.md", "\n".join(lines) + "\n"))
+    files.update(_figures(out, result, methods, multitask_losses, vectors, families))
+    if not is_interim(summary):
+        shutil.rmtree(interim_dir(out), ignore_errors=True)
+    return files
+
+
+def _interim_lines(summary: Mapping[str, Any]) -> list[str]:
+    """A notice heading a report over only some folds (none for a complete one)."""
+    if not is_interim(summary):
+        return []
+    return [
+        f"**Interim report: {summary['folds_evaluated']} of {summary['folds']} folds scored** "
+        f"({summary['categories']} of {summary['protocol_categories']} held-out categories). The remaining "
+        "folds, the cross-category matrix and the condition geometry come with the final report, which replaces "
+        "this folder.",
+        "",
+    ]
+
+
+def _scaling_lines(points: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines = [
+        "## Scaling: zero-shot gain against the number of training categories",
+        "",
+        "Per fold, generators trained on nested subsets of the fold's training categories, each scored on the "
+        "fold's held-out categories; the last row is the protocol's own generator (all training categories).",
+        "",
+        "| training categories | method | macro gap recovered | 95% interval |",
+        "|---:|---|---:|---|",
+    ]
+    for point in points:
+        low, high = point["ci95"]
+        size = point["training_categories"]
+        shown = f"{size:g}" if "per_fold" not in point else f"{size:g} (per fold {point['per_fold']})"
+        lines.append(f"| {shown} | `{point['method']}` | {_pct(point['macro_gain'])} | {_pct(low)} .. {_pct(high)} |")
+    return lines
+
+
+def _cross_category_lines(matrix: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
+    info = matrix["summary"]
+    tokens = meta.get("config", {}).get("zeroshot", {}).get("cross_matrix_tokens", "?")
+    beaten = info["targets_beaten_by_another_lora"]
+    return [
+        "## Are the categories distinct? The cross-category matrix",
+        "",
+        f"Every category's own LoRA scored on every category's test text ({tokens} tokens each), as the share of "
+        "the target's own base-to-LoRA NLL gap it recovers (1 on the diagonal): `cross_category.csv`, "
+        "`cross_category_matrix.png`.",
+        "",
+        f"- off-diagonal share: mean {_pct(info['mean_off_diagonal'])}, largest {_pct(info['max_off_diagonal'])}",
+        f"- targets where another category's LoRA beats the own one: {len(beaten)} of {info['scored_targets']}"
+        + (": " + ", ".join(f"{t} (by {s})" for t, s in sorted(beaten.items())) if beaten else ""),
+    ]
+
+
+def _cross_category(out: Path, matrix: Mapping[str, Any], families: Mapping[str, str | None]) -> dict[str, str]:
+    """``cross_category.csv`` (target, source, share) and the matrix as a heat map, categories grouped by family."""
+    names = sorted(matrix["categories"], key=lambda n: (str(families.get(n)), n))
+    share = matrix["share"]
+    rows = ["target,source,gap_recovered"]
+    rows += [f"{t},{s},{'' if share[t][s] is None else f'{share[t][s]:.6f}'}" for t in names for s in names]
+    files = {"cross_csv": str(write_text(out / "cross_category.csv", "\n".join(rows) + "\n"))}
+    plt = pyplot()
+    grid = [[math.nan if share[t][s] is None else share[t][s] for s in names] for t in names]
+    size = max(4.0, 0.16 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(grid, cmap="RdBu", vmin=-1, vmax=1)
+    ticks = range(len(names))
+    fontsize = 7 if len(names) <= 16 else 5
+    ax.set_xticks(ticks, names, rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, names, fontsize=fontsize)
+    ax.set_xlabel("LoRA of category (source)")
+    ax.set_ylabel("test text of category (target)")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the target's own LoRA gain (clipped to [-1, 1])")
+    files["cross_figure"] = str(save_figure(fig, out / "cross_category_matrix.png"))
+    return files
+
+
+def _figures(out, result, methods, multitask_losses, vectors, families) -> dict[str, str]:
+    plt = pyplot()
+    files = {}
+    cats = sorted(result["per_category"])
+    shown = [m for m in methods if m not in ("base", "oracle") and scaling_size(m) is None]
+    if cats and shown:
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(cats) * len(shown) / 3), 4))
+        width = 0.8 / len(shown)
+        for j, m in enumerate(shown):
+            xs = [i + (j - (len(shown) - 1) / 2) * width for i in range(len(cats))]
+            cells = [result["per_category"][c][m] for c in cats]
+            ys = [c["gap"] for c in cells]
+            err = [[max(0, c["gap"] - c["low"]) for c in cells], [max(0, c["high"] - c["gap"]) for c in cells]]
+            ax.bar(xs, ys, width, yerr=err, label=m, capsize=1)
+        ax.axhline(1.0, color="black", lw=0.6, ls="--")
+        ax.axhline(0.0, color="black", lw=0.6)
+        ax.set_xticks(range(len(cats)), cats, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("share of base-to-oracle NLL gap")
+        ax.legend(fontsize=6, ncol=2)
+        files["gain_figure"] = str(save_figure(fig, out / "gain_per_category.png"))
+    scaling = result["summary"].get("scaling")
+    if scaling:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        xs = [p["training_categories"] for p in scaling]
+        ys = [p["macro_gain"] for p in scaling]
+        err = [[max(0, p["macro_gain"] - p["ci95"][0]) for p in scaling],
+               [max(0, p["ci95"][1] - p["macro_gain"]) for p in scaling]]  # fmt: skip
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label="ICM-LoRA zero-shot")
+        for baseline, style in (("mean_lora", "--"), ("knn_softmax", ":"), ("multitask_lora", "-.")):
+            if baseline in result["macro"]:
+                ax.axhline(result["macro"][baseline]["gap"], ls=style, lw=0.8, color="gray", label=baseline)
+        ax.set_xlabel("training categories of the generator")
+        ax.set_ylabel("macro share of the gap recovered")
+        ax.legend(fontsize=6)
+        files["scaling_curve"] = str(save_figure(fig, out / "scaling_curve.png"))
+    if multitask_losses:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        for label, losses in multitask_losses.items():
+            ax.plot(range(1, len(losses) + 1), losses, label=label, lw=0.8)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=6)
+        files["multitask_curve"] = str(save_figure(fig, out / "multitask_training_curve.png"))
+    if len(vectors) >= 2:
+        names = sorted(vectors)
+        coords, shares = pca_2d(torch.stack([vectors[n].float() for n in names]))
+        fig, ax = plt.subplots(figsize=(6, 5))
+        fams = sorted({str(families.get(n)) for n in names})
+        for fam in fams:
+            idx = [i for i, n in enumerate(names) if str(families.get(n)) == fam]
+            ax.scatter(coords[idx, 0], coords[idx, 1], label=fam, s=14)
+        for i, n in enumerate(names):
+            ax.annotate(n, (float(coords[i, 0]), float(coords[i, 1])), fontsize=5)
+        ax.set_xlabel(f"PC1 ({100 * shares[0]:.0f}%)")
+        ax.set_ylabel(f"PC2 ({100 * shares[1]:.0f}%)" if len(shares) > 1 else "PC2")
+        ax.legend(fontsize=6)
+        files["vector_map"] = str(save_figure(fig, out / "task_vector_map.png"))
+    return files
+
+
+REACH = {
+    "mean_lora": "the mean LoRA",
+    "nn1": "the 1-NN by task vector",
+    "knn_softmax": "the softmax k-NN by task vector",
+    "best_single_oracle": "the closest other adapter (oracle)",
+    "span_oracle": "the best combination of all the others (projection, oracle)",
+}
+
+
+def geometry_summary(geometry: Mapping[str, Any]) -> dict[str, Any]:
+    """The headline numbers of a condition-geometry analysis (no matrices, no per-category rows)."""
+    keep = ("vector_cosine", "adapter_cosine", "vector_vs_adapter", "vector_vs_transfer", "adapter_vs_transfer")
+    summary: dict[str, Any] = {"categories": len(geometry["categories"])}
+    summary.update({k: geometry[k] for k in keep if k in geometry})
+    summary["library_reach"] = geometry["library_reach"]["mean"]
+    if "retrieval" in geometry:
+        summary["retrieval"] = {
+            by: {k: v for k, v in cell.items() if k != "per_target"} for by, cell in geometry["retrieval"].items()
+        }
+    if "families" in geometry:
+        summary["families"] = geometry["families"]
+    return summary
+
+
+def _rho(cell: Mapping[str, Any] | None) -> str:
+    if not cell or cell.get("spearman") is None:
+        return "n/a"
+    return f"Spearman {cell['spearman']:+.2f} (Mantel p = {cell['p_value']:.3f}, {cell['pairs']} pairs)"
+
+
+def geometry_lines(geometry: Mapping[str, Any]) -> list[str]:
+    """The report section: does the task vector carry what the adapters differ by?"""
+    g = geometry
+    lines = [
+        "## What the task vectors say about the adapters",
+        "",
+        f"Over {len(g['categories'])} categories' final LoRAs and task vectors (nothing trained; "
+        "`condition_geometry.json`, `condition_geometry.png`). Cosines of weight changes `dW = s B A` are exact, "
+        "from the factors.",
+        "",
+        f"- task-vector cosine between categories: mean {g['vector_cosine']['mean']:.3f} "
+        f"(range {g['vector_cosine']['min']:.3f} .. {g['vector_cosine']['max']:.3f})",
+        f"- adapter (dW) cosine between categories: mean {g['adapter_cosine']['mean']:.3f} "
+        f"(range {g['adapter_cosine']['min']:.3f} .. {g['adapter_cosine']['max']:.3f})",
+        f"- task-vector similarity against adapter similarity: {_rho(g['vector_vs_adapter'])}",
+        "- the library's reach in weight space, each category left out with all the others as the library: mean "
+        "cosine of its adapter to " + ", ".join(f"{REACH[m]} {v:.3f}" for m, v in g["library_reach"]["mean"].items()),
+    ]
+    if "vector_vs_transfer" in g:
+        lines += [
+            f"- task-vector similarity against transfer (source LoRA's share of the target's gain): "
+            f"{_rho(g['vector_vs_transfer'])}",
+            f"- adapter similarity against transfer: {_rho(g['adapter_vs_transfer'])}",
+        ]
+    for by, cell in g.get("retrieval", {}).items():
+        if cell.get("targets"):
+            lines.append(
+                f"- nearest category by {by.removeprefix('by_').replace('_', ' ')}: its LoRA recovers "
+                f"{_pct(cell['mean_nearest_share'])} of a target's gain on average, against "
+                f"{_pct(cell['mean_best_share'])} for the best other category and {_pct(cell['mean_median_share'])} "
+                f"for the median one; it is the best in {_pct(cell['nearest_is_best'])} and in the top 3 in "
+                f"{_pct(cell['nearest_in_top3'])} of {cell['targets']} targets"
+            )
+    for kind, contrast in g.get("families", {}).items():
+        if contrast["within"] is not None and contrast["across"] is not None:
+            lines.append(
+                f"- {kind.replace('_', ' ')} within a family {contrast['within']:.3f}, across families "
+                f"{contrast['across']:.3f}"
+            )
+    return lines + ["", *_reach_table(g)]
+
+
+def _reach_table(g: Mapping[str, Any]) -> list[str]:
+    """Per category: the library's reach, and with the transfer matrix what its nearest category by task vector
+    and its best other category recover of its gain."""
+    methods = list(REACH)
+    retrieval = g.get("retrieval", {}).get("by_task_vector", {}).get("per_target", {})
+    head = "| category | " + " | ".join(f"cos to {m}" for m in methods) + " |"
+    rule = "|---|" + "---:|" * len(methods)
+    if retrieval:
+        head += " nearest by vector | its share of the gain | best other (share) |"
+        rule += "---|---:|---|"
+    rows = [head, rule]
+    for name in g["categories"]:
+        cells = [f"{g['library_reach']['per_category'][name][m]:.3f}" for m in methods]
+        row = f"| {name} | " + " | ".join(cells) + " |"
+        if retrieval:
+            t = retrieval.get(name)
+            row += (
+                f" {t['nearest']} | {_pct(t['nearest_share'])} | {t['best']} ({_pct(t['best_share'])}) |"
+                if t
+                else " | | |"
+            )
+        rows.append(row)
+    return rows
+
+
+def write_geometry(out: str | Path, geometry: Mapping[str, Any], families: Mapping[str, str | None]) -> dict[str, str]:
+    """``condition_geometry.json`` (everything, matrices included) and ``condition_geometry.png``: adapter cosine
+    against task-vector cosine over category pairs (same family or not), and, with the transfer matrix, the
+    source LoRA's share of the target's gain against the task-vector cosine."""
+    out = Path(out)
+    files = {"geometry": str(write_json(out / "condition_geometry.json", dict(geometry)))}
+    names = geometry["categories"]
+    vec, ada = geometry["matrices"]["vector_cosine"], geometry["matrices"]["adapter_cosine"]
+    pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+    same = [families.get(names[i]) is not None and families.get(names[i]) == families.get(names[j]) for i, j in pairs]
+    panels = 2 if "retrieval" in geometry else 1
+    plt = pyplot()
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    ax = axes[0][0]
+    for flag, label, colour in ((False, "different families", "tab:gray"), (True, "same family", "tab:red")):
+        idx = [k for k, s in enumerate(same) if s == flag]
+        ax.scatter([vec[i][j] for i, j in (pairs[k] for k in idx)], [ada[i][j] for i, j in (pairs[k] for k in idx)],
+                   s=6, alpha=0.6, label=label, color=colour)  # fmt: skip
+    ax.set_xlabel("task-vector cosine")
+    ax.set_ylabel("adapter (dW) cosine")
+    ax.set_title(_rho(geometry["vector_vs_adapter"]), fontsize=7)
+    ax.legend(fontsize=6)
+    if panels == 2:
+        ax = axes[0][1]
+        transfer = geometry["matrices"]["transfer"]
+        cells = [(vec[t][s], transfer[t][s]) for t in range(len(names)) for s in range(len(names))]
+        xs, ys = [x for x, y in cells if y is not None], [y for _, y in cells if y is not None]
+        ax.scatter(xs, ys, s=6, alpha=0.6, color="tab:blue")
+        ax.axhline(0.0, color="black", lw=0.6)
+        ax.set_xlabel("task-vector cosine (target, source)")
+        ax.set_ylabel("source LoRA's share of the target's gain")
+        ax.set_title(_rho(geometry.get("vector_vs_transfer")), fontsize=7)
+    files["geometry_figure"] = str(save_figure(fig, out / "condition_geometry.png"))
+    return files
+
+
+__all__ = [
+    "INTERIM",
+    "METHODS",
+    "TITLES",
+    "geometry_lines",
+    "geometry_summary",
+    "interim_dir",
+    "title",
+    "write_geometry",
+    "write_results",
+]
