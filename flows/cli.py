@@ -253,7 +253,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_scan(args: argparse.Namespace) -> int:
-    from flows.registry import scan_categories
+    from flows.retrain import scan_categories
     from icm_core.data.registry import load_registry
 
     load_registry(args.registry)  # a missing or invalid registry fails here, before a flow run
@@ -264,7 +264,7 @@ def cmd_registry_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_retrain(args: argparse.Namespace) -> int:
-    from flows.registry import retrain_categories
+    from flows.retrain import retrain_categories
     from flows.runtime import device_from_env
     from icm_core.config import load_run_config
     from icm_core.data.registry import load_registry

@@ -20,8 +20,8 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.pipeline import baseline_adapters, gather
 from flows.runtime import thread_task_runner
+from flows.steps import baseline_adapters, gather
 from icm_core.config import load_run_config
 from icm_core.infra.config import config_fingerprint
 from icm_core.vision.config import DetectionRunConfig, task_slug
@@ -34,9 +34,9 @@ from tasks.detection import (
     detection_task_vector_task,
 )
 from tasks.detection_report import detection_report_task
-from tasks.records import on_root
+from tasks.generator import sample_adapter_task, train_generator_task
 from tasks.report import embed_figures
-from tasks.stages import sample_adapter_task, train_generator_task
+from tasks.result_records import on_root
 from tasks.store import normalize_root, write_root_json
 
 

@@ -22,17 +22,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.runtime import thread_task_runner
 from icm_core.generator.config import SampleConfig, TaskVectorConfig
-from icm_core.generator.stages import sample_adapter
-from icm_core.generator.task_vectors import TextEncoder, load_task_vector_with_kind, text_task_vector
 from icm_core.infra.io import read_json, sha256_file, sidecar_path
 from icm_core.lora.adapters import adapter_sha256
 from icm_core.models.config import ModelConfig
-from icm_core.zeroshot.from_text import plan_text_vector, read_text_source, text_adapter, text_condition_label
+from icm_core.zeroshot.from_text import plan_text_vector, read_text_source, text_condition_label
+from tasks.generator import generate_task
 from tasks.store import fetch, is_remote, local_root, read_root_json
 
 
@@ -53,44 +52,6 @@ def latest_generator(root: str | Path) -> Path:
             raise FileNotFoundError(f"{root}: the latest generator ({path.parent.name}) is not published")
         path = folder / path.name
     return path
-
-
-@task(name="generate-adapter", task_run_name="generate-{label}", cache_policy=None, persist_result=False)
-def generate_task(
-    generator: str,
-    out: str,
-    sample_cfg: SampleConfig,
-    label: str,
-    category: str | None,
-    description: str | None,
-    task_vector_file: str | None,
-    text_encoder: str,
-    base_model: str | None = None,
-    text: str | None = None,
-    model: ModelConfig | None = None,
-    num_samples: int | None = None,
-) -> dict[str, Any]:
-    if text:
-        return text_adapter(
-            generator, out, sample_cfg, text_path=text, model_cfg=model, num_samples=num_samples, base_model=base_model
-        )
-    kind = None
-    if task_vector_file:
-        vector, kind = load_task_vector_with_kind(task_vector_file)
-    elif description:
-        vector, kind = text_task_vector(description, TextEncoder(text_encoder)), f"description:{text_encoder}"
-    else:
-        vector = None
-    return sample_adapter(
-        generator,
-        out,
-        sample_cfg,
-        category=category,
-        task_vector=vector,
-        task_vector_source=task_vector_file or ("description" if description else None),
-        task_vector_kind=kind,
-        base_model=base_model,
-    )
 
 
 def generated_markdown(label: str, out_dir: str, root: str, base: str | None) -> str:

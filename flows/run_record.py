@@ -36,7 +36,7 @@ from icm_core.data.categories import Category
 from icm_core.data.documents import source_fingerprint
 from icm_core.infra.io import ArtifactError, read_json, write_json
 from icm_core.models.identity import ModelLoadError, library_versions
-from tasks.identity import code_fingerprint, hash_sources, model_identities
+from tasks.fingerprints import code_fingerprint, hash_sources, model_identities
 from tasks.manifest import valid_output
 from tasks.store import is_remote, local_root
 

@@ -2,7 +2,7 @@
 
 Every flow uses a bounded thread pool by default (:func:`thread_task_runner`; Prefect's own default starts a
 thread per submitted task): every task runs in the flow's process, heavy stages take turns per device
-(``tasks.stages.device_slot``). To fan fine-tuning out over several processes or
+(``tasks.stage.device_slot``). To fan fine-tuning out over several processes or
 machines, pick another runner::
 
     python -m flows.pipeline --runner dask                         # a local Dask cluster (one worker per core)
@@ -37,7 +37,7 @@ def thread_pool_size(workers: int | None = None) -> int:
     evaluation and was killed at 24 GiB. ``scripts/bench_task_threads.py`` (48 forward passes of SmolLM2-135M
     submitted at once, 2 cores): peak RSS 3,969 MB and 107 OS threads on Prefect's default pool, 2,314 MB and 23
     threads on this one, in the same wall time (153 s and 147 s). Heavy stages take turns per device anyway
-    (``tasks.stages.device_slot``), so a small pool loses no parallelism.
+    (``tasks.stage.device_slot``), so a small pool loses no parallelism.
     """
     if workers is not None:
         if workers < 1:

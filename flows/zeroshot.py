@@ -21,8 +21,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
 
-from flows.pipeline import finetune_categories, gather
 from flows.runtime import device_from_env, thread_task_runner
+from flows.steps import finetune_categories, gather
 from icm_core.data.categories import Category, category_family, library_categories
 from icm_core.data.documents import source_fingerprint
 from icm_core.data.registry import load_registry
@@ -30,8 +30,10 @@ from icm_core.report.zeroshot import interim_dir
 from icm_core.zeroshot.config import ZeroShotRunConfig
 from icm_core.zeroshot.protocol import SCALING_PREFIX, assert_no_leakage, make_folds, scaling_subsets, shuffled_partner
 from tasks.artifacts import ArtifactRef
-from tasks.records import on_root
-from tasks.stages import finetune_task, prepare_data_task, task_vector_task, train_generator_task
+from tasks.data import prepare_data_task
+from tasks.generator import task_vector_task, train_generator_task
+from tasks.lora import finetune_task
+from tasks.result_records import on_root
 from tasks.store import normalize_root
 from tasks.zeroshot import (
     block_eval_task,
@@ -76,7 +78,7 @@ def zeroshot_protocol(
     cfg = device_from_env(config)
     root = normalize_root(root)
     zs = cfg.zeroshot
-    # Every task keeps its result records inside the artifacts root (tasks/records.py).
+    # Every task keeps its result records inside the artifacts root (tasks/result_records.py).
     prepare, finetune, task_vector, train_generator = (
         on_root(t, root) for t in (prepare_data_task, finetune_task, task_vector_task, train_generator_task)
     )

@@ -25,13 +25,15 @@ from typing import Any
 import yaml
 from prefect import flow, unmapped
 
-from flows.pipeline import gather, icm_pipeline
-from flows.registry import retrain_categories, scan_categories
+from flows.pipeline import icm_pipeline
+from flows.retrain import retrain_categories, scan_categories
 from flows.runtime import make_task_runner
+from flows.steps import gather
 from icm_core.config import RunConfig, load_run_config
 from icm_core.data.categories import builtin_categories
 from icm_core.data.documents import source_fingerprint
-from tasks.stages import finetune_task, prepare_data_task
+from tasks.data import prepare_data_task
+from tasks.lora import finetune_task
 
 
 # A budget that keeps every stage real but the whole benchmark to a few minutes on 2 CPU cores.

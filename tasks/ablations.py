@@ -19,7 +19,7 @@ from icm_core.report.plots import pyplot, save_figure
 from icm_core.report.tables import GENERATED, human_bytes, markdown_table, methods_in
 from tasks.artifacts import ArtifactCachePolicy, ArtifactRef
 from tasks.report import png_data_url
-from tasks.stages import TASK_DEFAULTS, run_stage
+from tasks.stage import TASK_DEFAULTS, run_stage
 
 
 def _mean(values: list[float | None]) -> float | None:

@@ -34,14 +34,10 @@ from icm_core.infra.io import ArtifactError
 from icm_core.infra.layout import stage_dir
 from icm_core.models import identity as model_identity
 from icm_core.models.identity import ModelLoadError
-from tasks.identity import (  # noqa: F401 - re-exported: callers import them from here
-    FINGERPRINTS,
-    PRESENTATION_MODULES,
+from tasks.fingerprints import (
     REPORT_STAGES,
     code_fingerprint,
     model_identities,
-    model_sources,
-    source_identity,
 )
 from tasks.manifest import (  # noqa: F401 - re-exported: callers import them from here
     MANIFEST,

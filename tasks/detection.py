@@ -1,6 +1,6 @@
 """Prefect tasks of the detection pipeline: thin wrappers around ``icm_core.vision.stages``.
 
-Same contract as ``tasks/stages.py``: the cache key comes from the inputs (configs, upstream artifact
+Same contract as the language pipeline's tasks (``tasks/stage.py``): the cache key comes from the inputs (configs, upstream artifact
 hashes, code fingerprint, the detector's content identity), a valid output folder is reused, heavy stages
 hold the device slot, inputs are read through :func:`~tasks.artifacts.localize` (so fsspec roots work),
 and no task retries bad input. The
@@ -18,7 +18,7 @@ from icm_core.infra.config import ResumeConfig
 from icm_core.vision import stages as vstages
 from icm_core.vision.config import DetectionDataConfig, DetectionLoraConfig, DetectionTaskVectorConfig, DetectorConfig
 from tasks.artifacts import ArtifactCachePolicy, ArtifactRef, localize
-from tasks.stages import TASK_DEFAULTS, device_slot, resumer, retry_unless_bad_input, run_stage
+from tasks.stage import TASK_DEFAULTS, device_slot, resumer, retry_unless_bad_input, run_stage
 
 
 @task(

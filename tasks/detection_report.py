@@ -16,7 +16,7 @@ from icm_core.infra.io import csv_text, write_json, write_text
 from icm_core.report.detection import add_detection_intervals, markdown_report, result_rows
 from icm_core.report.plots import plot_detection_bars
 from tasks.artifacts import ArtifactCachePolicy, ArtifactRef, localize
-from tasks.stages import TASK_DEFAULTS, run_stage
+from tasks.stage import TASK_DEFAULTS, run_stage
 
 
 FIGURE = "detection_results.png"

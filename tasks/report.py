@@ -42,7 +42,7 @@ from icm_core.report.tables import (
     storage_table,
 )
 from tasks.artifacts import ArtifactCachePolicy, ArtifactRef, localize
-from tasks.stages import TASK_DEFAULTS, run_stage
+from tasks.stage import TASK_DEFAULTS, run_stage
 from tasks.store import is_remote, local_root
 
 

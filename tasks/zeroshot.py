@@ -1,6 +1,6 @@
 """Prefect tasks of the leave-out protocol: thin, cached wrappers around ``icm_core.zeroshot.stages``.
 
-Each task keys its output folder by its inputs (``tasks.stages.run_stage``), so a rerun reuses every
+Each task keys its output folder by its inputs (``tasks.stage.run_stage``), so a rerun reuses every
 finished fold, adapter and evaluation, and a killed run resumes.
 """
 
@@ -23,7 +23,8 @@ from icm_core.zeroshot.stages import (
     vector_adapter,
 )
 from tasks.artifacts import ArtifactCachePolicy, ArtifactRef, localize
-from tasks.stages import TASK_DEFAULTS, device_slot, evaluation_inputs, retry_unless_bad_input, run_stage
+from tasks.evaluation import evaluation_inputs
+from tasks.stage import TASK_DEFAULTS, device_slot, retry_unless_bad_input, run_stage
 
 
 @task(

@@ -61,7 +61,7 @@ def test_importing_stages_and_runner_does_not_load_prefect():
 def test_presentation_modules_are_imported_only_by_reports_and_flows():
     """Compute stages leave the presentation modules out of their cache fingerprint; that is only sound if
     no compute module imports them (a table or figure change must never change a trained artifact)."""
-    from tasks.artifacts import PRESENTATION_MODULES
+    from tasks.fingerprints import PRESENTATION_MODULES
 
     dotted = {name.removesuffix(".py").replace("/", ".") for name in PRESENTATION_MODULES}
     offenders = []
@@ -79,7 +79,7 @@ def test_presentation_modules_are_imported_only_by_reports_and_flows():
 
 
 def test_presentation_change_keeps_compute_fingerprint(tmp_path, monkeypatch):
-    import tasks.identity as artifacts  # where the fingerprint lives (tasks.artifacts re-exports it)
+    import tasks.fingerprints as artifacts
 
     code_root = tmp_path / "code"
     for package in ("icm_core", "tasks"):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from icm_core.infra.io import check_safetensors_file, sidecar_path, verify_file
 from icm_core.infra.layout import STAGES
-from tasks.artifacts import MANIFEST, verify_manifest
+from tasks.manifest import MANIFEST, verify_manifest
 
 
 PRELOAD = [

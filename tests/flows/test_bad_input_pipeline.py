@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from flows.cli import main as cli_main
-from tasks.artifacts import valid_output
+from tasks.manifest import valid_output
 from tests.flows.crash import check_visible_files, hidden_leftovers, output_folders
 from tests.flows.support import recipe_text, write_categories
 
@@ -112,7 +112,7 @@ def test_bad_input_is_not_retried():
     from icm_core.data.text import DataError
     from icm_core.infra.io import ArtifactError
     from icm_core.models.identity import ModelLoadError
-    from tasks.stages import retry_unless_bad_input
+    from tasks.stage import retry_unless_bad_input
 
     for error in (ModelLoadError("m"), DataError("d"), ArtifactError("a"), ValueError("v"), FloatingPointError("f")):
         assert not retry_unless_bad_input(None, None, Failed(data=error)), error

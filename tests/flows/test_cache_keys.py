@@ -174,19 +174,19 @@ def test_two_description_generations_keep_both_adapters(workspace, tmp_path):
 
 
 def test_no_task_retries_bad_input():
-    """Every task that retries has a retry condition that refuses bad input (tasks.stages.retry_unless_bad_input)."""
+    """Every task that retries has a retry condition that refuses bad input (tasks.stage.retry_unless_bad_input)."""
     from prefect import Task
 
     import tasks.ablations
     import tasks.detection
     import tasks.report
-    import tasks.stages
+    import tasks.stage
 
     checked = 0
     for module in (tasks.stages, tasks.detection, tasks.report, tasks.ablations):
         for name, value in vars(module).items():
             if isinstance(value, Task) and value.retries:
-                assert value.retry_condition_fn is tasks.stages.retry_unless_bad_input, f"{module.__name__}.{name}"
+                assert value.retry_condition_fn is tasks.stage.retry_unless_bad_input, f"{module.__name__}.{name}"
                 checked += 1
     assert checked >= 7
 

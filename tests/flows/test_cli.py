@@ -168,7 +168,7 @@ def test_bad_values_are_one_line(tmp_path):
         ("flows.generate", "generate"),
         ("flows.detection", "detect"),
         ("flows.ablations", "ablations"),
-        ("flows.registry", "registry scan"),
+        ("flows.retrain", "registry scan"),
         ("flows.zeroshot", "zeroshot"),
     ],
 )

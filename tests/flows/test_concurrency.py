@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from icm_core.infra.faults import TRACE_ENV
-from tasks.artifacts import valid_output
+from tasks.manifest import valid_output
 from tests.flows.crash import check_visible_files, hidden_leftovers, output_folders
 from tests.flows.support import CATEGORIES, EVALUATED, expected_output_folders, states_by_name
 from tests.flows.test_faults import eval_scores

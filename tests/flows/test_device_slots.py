@@ -8,7 +8,7 @@ import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-from tasks.stages import GPU_LIMIT_ENV, device_slot, gpu_limit_name
+from tasks.stage import GPU_LIMIT_ENV, device_slot, gpu_limit_name
 
 
 def test_limit_names(monkeypatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.pipeline import CategoryFailed
+from flows.steps import CategoryFailed
 from tests.flows.support import recipe_text, write_categories
 
 

@@ -20,7 +20,7 @@ import yaml
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
 from icm_core.infra.faults import KILL_ENV, MARKER_ENV, parse_spec
-from tasks.artifacts import MANIFEST, valid_output
+from tasks.manifest import MANIFEST, valid_output
 from tests.flows.crash import (
     check_visible_files,
     hidden_leftovers,

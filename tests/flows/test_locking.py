@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from tasks.stages import run_stage
+from tasks.stage import run_stage
 
 
 def _slow_build(counter: Path):

@@ -14,9 +14,9 @@ from pathlib import Path
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from flows.registry import publish_new_category, retrain_categories, scan_categories
+from flows.retrain import publish_new_category, retrain_categories, scan_categories
 from icm_core.lora.adapters import read_adapter
-from tasks.registry import STATE_FILE
+from tasks.registry_state import STATE_FILE
 from tests.flows.support import forecast_text, recipe_text
 from tests.ops.support import add_category, inventory_text
 

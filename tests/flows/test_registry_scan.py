@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from flows.registry import STATE_FILE, scan_categories
+from flows.retrain import scan_categories
+from tasks.registry_state import STATE_FILE
 from tests.flows.support import forecast_text, recipe_text
 from tests.ops.support import add_category
 
@@ -34,7 +35,7 @@ def test_scan_reports_added_changed_removed_and_keeps_state(prefect_api, tmp_pat
 def test_retrain_with_baseline_records_the_registry(workspace, tmp_path):
     """The retrain deployment's ``baseline=true`` run trains a new registry and records it as the scan baseline,
     so the first scheduled scan emits nothing (no retrain per existing category)."""
-    from flows.registry import retrain_categories
+    from flows.retrain import retrain_categories
 
     registry = tmp_path / "registry"
     add_category(registry, "recipes", recipe_text())

@@ -36,7 +36,7 @@ def test_fresh_machine_reuses_published_artifacts(workspace, tmp_path, monkeypat
     manifests = sorted(p for p in before if p.endswith("/manifest.json"))
     assert len(manifests) == expected_output_folders()  # every stage output is published, manifest last
     assert any(p.endswith("/latest.json") for p in before)
-    # Prefect's result records live inside the root they describe (tasks/records.py), not on this machine.
+    # Prefect's result records live inside the root they describe (tasks/result_records.py), not on this machine.
     records = [p for p in before if "/.prefect/results/" in p]
     assert len(records) >= len(expected_task_runs()), records
 
@@ -82,7 +82,7 @@ def test_fresh_machine_reuses_published_artifacts(workspace, tmp_path, monkeypat
 
 
 def test_corrupted_remote_output_is_rejected(tmp_path, monkeypatch):
-    from tasks.artifacts import write_manifest
+    from tasks.manifest import write_manifest
     from tasks.store import publish
 
     url = f"memory://icm-{uuid.uuid4().hex[:8]}/root"

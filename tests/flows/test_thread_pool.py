@@ -14,7 +14,8 @@ from prefect.cache_policies import NONE
 from prefect.settings import PREFECT_TASK_RUNNER_THREAD_POOL_MAX_WORKERS, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import ablations, detection, generate, pipeline, registry, zeroshot
+from flows import ablations, detection, generate, pipeline, zeroshot
+from flows import retrain as registry
 from flows.runtime import make_task_runner, thread_pool_size, thread_task_runner
 
 

@@ -14,7 +14,7 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
 from flows.pipeline import icm_pipeline
-from flows.registry import scan_categories
+from flows.retrain import scan_categories
 from tests.flows.support import expected_task_runs, forecast_text, recipe_text, tiny_run_config
 from tests.live_server import PREFECT, REPO, stop
 from tests.ops.support import add_category, inventory_text, subflow_task_states, wait_for_run

@@ -1,6 +1,6 @@
 """The registry's state under the artifacts root, and what the retrain flow publishes per category.
 
-``<root>/registry-state.json`` holds, per registry path (see ``flows/registry.py``)::
+``<root>/registry-state.json`` holds, per registry path (see ``flows/retrain.py``)::
 
     {"categories": {name: fingerprint}, "scanned_at": ...,            # written by the scan
      "published": {name: {"source": "zero-shot" | "retrained", "adapter_dir", "adapter_sha256",
@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from icm_core.infra.io import ArtifactError
-from tasks.artifacts import ArtifactRef, ref_for, valid_output
+from tasks.artifacts import ArtifactRef, ref_for
+from tasks.manifest import valid_output
 from tasks.store import local_root, read_root_json, write_root_json
 
 

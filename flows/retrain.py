@@ -26,7 +26,7 @@ the event, long before its fine-tune finishes. That needs a generator whose task
 (``task_vector.hidden_from=base`` or ``task_vector.source=description``); with the default fine-tuned-model
 vectors the step is skipped and says why. When the pipeline is done, every category's adapter from the retrained
 generator is published, replacing the zero-shot one. ``<root>/registry-state.json`` records, per category, the
-adapter published now, whether it is ``zero-shot`` or ``retrained``, and the earlier ones (``tasks/registry.py``);
+adapter published now, whether it is ``zero-shot`` or ``retrained``, and the earlier ones (``tasks/registry_state.py``);
 each publication is also a Prefect artifact (table ``registry-published``, markdown ``published-<category>``).
 """
 
@@ -52,9 +52,10 @@ from icm_core.generator.task_vectors import TaskVectorKindError, text_computable
 from icm_core.infra.io import read_json, sidecar_path
 from icm_core.lora.adapters import adapter_sha256
 from icm_core.zeroshot.from_text import generator_vector_settings, plan_text_vector
-from tasks.records import on_root
-from tasks.registry import STATE_FILE, generator_ref, now, publish_adapter, published, unpublish, update_state
-from tasks.stages import prepare_data_task, task_vector_task
+from tasks.data import prepare_data_task
+from tasks.generator import task_vector_task
+from tasks.registry_state import STATE_FILE, generator_ref, now, publish_adapter, published, unpublish, update_state
+from tasks.result_records import on_root
 from tasks.store import normalize_root, read_root_json
 from tasks.zeroshot import vector_adapter_task
 
@@ -148,7 +149,7 @@ def published_markdown(category: str, entry: dict[str, Any], previous: dict[str,
 
 def _announce(root: str, registry: str, category: str, entry: dict[str, Any]) -> dict[str, Any] | None:
     """Record a publication in the registry state and as Prefect artifacts; returns the entry it replaced (empty
-    when none), or None when the current publication stays (see ``tasks.registry.supersedes``)."""
+    when none), or None when the current publication stays (see ``tasks.registry_state.supersedes``)."""
     previous, done = publish_adapter(root, registry, category, entry)
     if not done:
         return None
@@ -406,7 +407,7 @@ def retrain_categories(
 
 
 if __name__ == "__main__":
-    # ``python -m flows.registry``: an alias of ``icm-lora registry scan`` (flows/cli.py). Run this way the
+    # ``python -m flows.retrain``: an alias of ``icm-lora registry scan`` (flows/cli.py). Run this way the
     # module is ``__main__``, so importing flows.cli here makes no import cycle.
     from flows.cli import alias
 
