@@ -105,4 +105,4 @@ clean:
 		artifacts/soup artifacts/pdiff artifacts/pdiff_adapters artifacts/ablation_report artifacts/latest-ablations.json \
 		artifacts/eval artifacts/report artifacts/.prefect artifacts/latest.json artifacts/registry-state.json \
 		artifacts/ablations artifacts/generated artifacts/.fingerprints \
-		artifacts/zs_pooled artifacts/zs_library artifacts/zs_generated artifacts/zs_eval
+		artifacts/zeroshot_pooled artifacts/zeroshot_library artifacts/zeroshot_adapters

@@ -31,12 +31,12 @@ from icm_core.zeroshot.config import ZeroShotRunConfig
 from icm_core.zeroshot.protocol import SCALING_PREFIX, assert_no_leakage, make_folds, scaling_subsets, shuffled_partner
 from tasks.artifacts import ArtifactRef
 from tasks.data import prepare_data_task
+from tasks.evaluation import evaluate_task
 from tasks.generator import task_vector_task, train_generator_task
 from tasks.lora import finetune_task
 from tasks.result_records import on_root
 from tasks.store import normalize_root
 from tasks.zeroshot import (
-    block_eval_task,
     functional_generator_task,
     library_adapter_task,
     pool_data_task,
@@ -82,14 +82,14 @@ def zeroshot_protocol(
     prepare, finetune, task_vector, train_generator = (
         on_root(t, root) for t in (prepare_data_task, finetune_task, task_vector_task, train_generator_task)
     )
-    functional_generator, library_adapter, pool_data, vector_adapter, block_eval, report = (
+    functional_generator, library_adapter, pool_data, vector_adapter, evaluate, report = (
         on_root(t, root)
         for t in (
             functional_generator_task,
             library_adapter_task,
             pool_data_task,
             vector_adapter_task,
-            block_eval_task,
+            evaluate_task,
             report_task,
         )
     )
@@ -184,7 +184,7 @@ def zeroshot_protocol(
         if zs.interim_reports:
             # 3) This fold's scores as soon as its adapters exist, and a report over the folds done so far: a
             #    benchmark split across sessions shows numbers before its last fold.
-            nll_refs.update(held_out_evals(block_eval, held_out, adapters, data_by, lora_by, cfg, root))
+            nll_refs.update(held_out_evals(evaluate, held_out, adapters, data_by, lora_by, cfg, root))
             if i < len(folds) - 1:
                 report(
                     nll_refs, folds, multitask, vector_by, families, meta, zs.bootstrap_samples, zs.seed, root,
@@ -194,13 +194,13 @@ def zeroshot_protocol(
     # 3) The categories not scored yet (every one without interim reports: all folds' evaluations then run
     #    side by side): per-block NLL of every method on each held-out category's test split.
     nll_refs.update(
-        held_out_evals(block_eval, [n for n in names if n not in nll_refs], adapters, data_by, lora_by, cfg, root)
+        held_out_evals(evaluate, [n for n in names if n not in nll_refs], adapters, data_by, lora_by, cfg, root)
     )
     nll_refs = {n: nll_refs[n] for n in names}
 
     # 4) The cross-category matrix (every category's own LoRA on every category's test text): are they distinct?
     #    After the protocol's own scores, so a long matrix never delays the headline numbers.
-    cross = cross_category_evals(block_eval, names, data_by, lora_by, cfg, root) if zs.cross_matrix_tokens else None
+    cross = cross_category_evals(evaluate, names, data_by, lora_by, cfg, root) if zs.cross_matrix_tokens else None
 
     out = report(
         nll_refs, folds, multitask, vector_by, families, meta, zs.bootstrap_samples, zs.seed, root, results_dir, cross,
@@ -212,7 +212,7 @@ def zeroshot_protocol(
 
 
 def held_out_evals(
-    block_eval, held_out: list[str], adapters: dict, data_by: dict, lora_by: dict, cfg: ZeroShotRunConfig, root: str
+    evaluate, held_out: list[str], adapters: dict, data_by: dict, lora_by: dict, cfg: ZeroShotRunConfig, root: str
 ) -> dict[str, dict[str, ArtifactRef]]:
     """Per-block NLL of every method's adapter (``adapters[category][method]``; None is the base model) on each
     ``held_out`` category's test split: ``{category: {method: ref}}``."""
@@ -221,7 +221,7 @@ def held_out_evals(
         for method, adapter in adapters[cat].items():
             like = lora_by[cat] if adapter is None else None  # the base pass fills the prefix for the adapters
             futures.append(
-                block_eval.submit(cat, method, data_by[cat], adapter, cfg.model, cfg.data, cfg.eval, root, like)
+                evaluate.submit(cat, method, data_by[cat], adapter, cfg.model, cfg.data, cfg.eval, root, like)
             )
             labels.append(f"{cat} ({method})")
             keys.append((cat, method))
@@ -233,7 +233,7 @@ def held_out_evals(
 
 
 def cross_category_evals(
-    block_eval, names: list[str], data_by: dict, lora_by: dict, cfg: ZeroShotRunConfig, root: str
+    evaluate, names: list[str], data_by: dict, lora_by: dict, cfg: ZeroShotRunConfig, root: str
 ) -> dict[str, dict[str, Any]]:
     """Per-block NLL of the base model and of every category's own LoRA on every category's test text, at
     ``zeroshot.cross_matrix_tokens`` tokens: ``{"base": {target: ref}, "lora": {target: {source: ref}}}``.
@@ -247,7 +247,7 @@ def cross_category_evals(
             adapter = None if source is None else lora_by[source]
             like = lora_by[target] if source is None else None
             futures.append(
-                block_eval.submit(target, method, data_by[target], adapter, cfg.model, cfg.data, eval_cfg, root, like)
+                evaluate.submit(target, method, data_by[target], adapter, cfg.model, cfg.data, eval_cfg, root, like)
             )
             keys.append((target, source))
     refs = gather(futures, [f"{t} <- {s or 'base'}" for t, s in keys], "cross-category")

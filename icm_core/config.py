@@ -137,5 +137,3 @@ def load_run_config(
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ValueError(f"{where}: {problems}") from None
-
-

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 
 from icm_core.baselines.config import PDiffConfig, SoupConfig
 from icm_core.baselines.stages import sample_pdiff_states, soup_adapter, train_pdiff_stage, write_sampled_adapter
@@ -14,43 +14,37 @@ from icm_core.generator.config import SampleConfig
 from icm_core.infra.config import ResumeConfig
 from icm_core.models.base_model import resolve_device
 from tasks.artifacts import (
-    ArtifactCachePolicy,
     ArtifactRef,
     localize,
 )
 from tasks.progress import Progress
-from tasks.stage import TASK_DEFAULTS, device_slot, resumer, retry_unless_bad_input, run_stage
+from tasks.stage import Build, device_slot, resumer, retry_unless_bad_input, stage_task
 
 
-@task(
-    name="model-soup",
-    task_run_name="soup-{label}",
-    cache_policy=ArtifactCachePolicy("soup", category_arg="label"),
-    **TASK_DEFAULTS,
-)
-def soup_task(label: str, loras: dict[str, ArtifactRef], soup_cfg: SoupConfig, root: str) -> ArtifactRef:
+@stage_task("soup", category_arg="label", name="model-soup", task_run_name="soup-{label}")
+def soup_task(label: str, loras: dict[str, ArtifactRef], soup_cfg: SoupConfig, root: str) -> Build:
     """Model Soup baseline: average adapters as weight deltas into one PEFT adapter.
 
     ``label`` names the soup: ``"all"`` for the soup of every category's final adapter, or a category for
     the soup of its own trajectory (``soup.scope='trajectory'``).
     """
-    inputs = {"label": label, "loras": loras, "soup_cfg": soup_cfg, "root": root}
 
     def build(out: Path) -> dict[str, Any]:
         lora_dirs = {name: localize(ref, root).folder for name, ref in loras.items()}
         result = soup_adapter(lora_dirs, soup_cfg, out / "adapter")
         return {k: result[k] for k in ("adapter_sha256", "rank", "sources")}
 
-    return run_stage("soup", label, inputs, build)
+    return build
 
 
-@task(
+@stage_task(
+    "pdiff",
+    category_arg=None,
+    exclude=("resume",),
     name="train-cond-pdiff",
     task_run_name="train-cond-pdiff",
-    cache_policy=ArtifactCachePolicy("pdiff", category_arg=None, exclude=("resume",)),
     retries=1,
     retry_condition_fn=retry_unless_bad_input,
-    **TASK_DEFAULTS,
 )
 def train_pdiff_task(
     loras: dict[str, ArtifactRef],
@@ -59,11 +53,10 @@ def train_pdiff_task(
     device: str,
     root: str,
     resume: ResumeConfig = ResumeConfig(),  # noqa: B008 - frozen config; not part of the cache key
-) -> ArtifactRef:
+) -> Build:
     """COND P-DIFF baseline: autoencoder + conditional latent DDPM on the same trajectories and task vectors
     (resumable mid-way, ``resume``)."""
     logger = get_run_logger()
-    inputs = {"loras": loras, "task_vectors": task_vectors, "pdiff_cfg": pdiff_cfg, "device": device, "root": root}
 
     bars: dict[str, Progress] = {}
     totals = {"autoencoder": pdiff_cfg.ae_epochs, "ddpm": pdiff_cfg.ddpm_steps}
@@ -96,26 +89,26 @@ def train_pdiff_task(
         keys = ("bytes", "num_checkpoints", "flat_length", "final_ae_recon", "final_ddpm_loss", "seconds")
         return {k: result[k] for k in keys}
 
-    return run_stage("pdiff", None, inputs, build)
+    return build
 
 
-@task(
+@stage_task(
+    "pdiff_adapters",
+    category_arg=None,
+    fan_out=("categories", "category"),
     name="sample-cond-pdiff",
     task_run_name="sample-pdiff",
-    cache_policy=ArtifactCachePolicy("pdiff_adapters", category_arg=None, fan_out=("categories", "category")),
-    **TASK_DEFAULTS,
 )
 def sample_pdiff_task(
     categories: list[str], pdiff: ArtifactRef, sample_cfg: SampleConfig, root: str
-) -> list[ArtifactRef]:
+) -> Callable[[str], Build]:
     """Generate the categories' adapters with COND P-DIFF, in order, denoised together in one batch (the 1000
     steps are paid once, not once per category). Each category has its own output folder, keyed by the
     batch's inputs plus its name; a lost folder is rebuilt by sampling the same batch again, so the rebuilt
     adapter is bit-identical to the lost one (batched float rounding depends on the batch)."""
-    inputs = {"categories": categories, "pdiff": pdiff, "sample_cfg": sample_cfg, "root": root}
     sampled: dict[str, Any] = {}
 
-    def build_for(name: str) -> Callable[[Path], dict[str, Any]]:
+    def build_for(name: str) -> Build:
         def build(out: Path) -> dict[str, Any]:
             if not sampled:
                 pdiff_file = localize(pdiff, root).file("pdiff.safetensors")
@@ -126,4 +119,4 @@ def sample_pdiff_task(
 
         return build
 
-    return [run_stage("pdiff_adapters", n, {**inputs, "category": n}, build_for(n)) for n in categories]
+    return build_for

@@ -17,21 +17,19 @@ from icm_core.models.base_model import resolve_device
 from icm_core.models.config import ModelConfig
 from icm_core.zeroshot.from_text import text_adapter
 from tasks.artifacts import (
-    ArtifactCachePolicy,
     ArtifactRef,
     localize,
 )
 from tasks.progress import Progress
-from tasks.stage import TASK_DEFAULTS, device_slot, resumer, retry_unless_bad_input, run_stage
+from tasks.stage import Build, device_slot, resumer, retry_unless_bad_input, stage_task
 
 
-@task(
+@stage_task(
+    "task_vectors",
     name="task-vector",
     task_run_name="task-vector-{category.name}",
-    cache_policy=ArtifactCachePolicy("task_vectors"),
     retries=1,
     retry_condition_fn=retry_unless_bad_input,
-    **TASK_DEFAULTS,
 )
 def task_vector_task(
     category: Category,
@@ -41,17 +39,8 @@ def task_vector_task(
     data_cfg: DataConfig,
     tv_cfg: TaskVectorConfig,
     root: str,
-) -> ArtifactRef:
+) -> Build:
     """Compute the category's task vector (Eq. 1, or its description embedding)."""
-    inputs = {
-        "category": category,
-        "data": data,
-        "lora": lora,
-        "model_cfg": model_cfg,
-        "data_cfg": data_cfg,
-        "tv_cfg": tv_cfg,
-        "root": root,
-    }
 
     def build(out: Path) -> dict[str, Any]:
         splits, lora_dir = localize(data, root).file("splits"), lora and localize(lora, root).folder
@@ -67,16 +56,17 @@ def task_vector_task(
             )
         return {"dim": result["dim"], "kind": result["kind"]}
 
-    return run_stage("task_vectors", category.name, inputs, build)
+    return build
 
 
-@task(
+@stage_task(
+    "generator",
+    category_arg=None,
+    exclude=("resume",),
     name="train-generator",
-    task_run_name="train-cvae",
-    cache_policy=ArtifactCachePolicy("generator", category_arg=None, exclude=("resume",)),
+    task_run_name="train-generator",
     retries=1,
     retry_condition_fn=retry_unless_bad_input,
-    **TASK_DEFAULTS,
 )
 def train_generator_task(
     loras: dict[str, ArtifactRef],
@@ -88,22 +78,11 @@ def train_generator_task(
     data: dict[str, ArtifactRef] | None = None,
     model_cfg: ModelConfig | None = None,
     data_cfg: DataConfig | None = None,
-) -> ArtifactRef:
+) -> Build:
     """Train one CVAE on the trajectories of all categories (resumable mid-way, ``resume``). With ``data`` (the
     categories' splits), ``model_cfg`` and ``data_cfg``, training stops early on the generated adapters'
     validation NLL (``cvae_cfg.val_every``, ``patience``); without them it runs ``cvae_cfg.epochs``."""
     logger = get_run_logger()
-    # Every parameter but ``resume`` is in the key (the cache policy sees the same inputs).
-    inputs = {
-        "loras": loras,
-        "task_vectors": task_vectors,
-        "cvae_cfg": cvae_cfg,
-        "device": device,
-        "root": root,
-        "data": data,
-        "model_cfg": model_cfg,
-        "data_cfg": data_cfg,
-    }
     validated = data is not None and model_cfg is not None and data_cfg is not None and cvae_cfg.val_every > 0
 
     progress: list[Progress] = []
@@ -151,25 +130,19 @@ def train_generator_task(
         keys = ("bytes", "num_checkpoints", "flat_length", "final_recon", "epochs_run", "best_epoch", "seconds")
         return {k: result[k] for k in keys}
 
-    return run_stage("generator", None, inputs, build)
+    return build
 
 
-@task(
-    name="sample-adapter",
-    task_run_name="sample-{category}",
-    cache_policy=ArtifactCachePolicy("adapters"),
-    **TASK_DEFAULTS,
-)
-def sample_adapter_task(category: str, generator: ArtifactRef, sample_cfg: SampleConfig, root: str) -> ArtifactRef:
+@stage_task("adapters", name="sample-adapter", task_run_name="sample-{category}")
+def sample_adapter_task(category: str, generator: ArtifactRef, sample_cfg: SampleConfig, root: str) -> Build:
     """Generate the category's adapter from the generator (no real checkpoint involved)."""
-    inputs = {"category": category, "generator": generator, "sample_cfg": sample_cfg, "root": root}
 
     def build(out: Path) -> dict[str, Any]:
         generator_file = localize(generator, root).file("generator.safetensors")
         result = sample_adapter(generator_file, out / "adapter", sample_cfg, category)
         return {"seconds": result["seconds"], "adapter_sha256": result["adapter_sha256"]}
 
-    return run_stage("adapters", category, inputs, build)
+    return build
 
 
 @task(name="generate-adapter", task_run_name="generate-{label}", cache_policy=None, persist_result=False)

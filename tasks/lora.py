@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 
 from icm_core.data.config import DataConfig
 from icm_core.infra.config import ResumeConfig
@@ -13,22 +13,21 @@ from icm_core.lora.config import LoraTrainConfig
 from icm_core.lora.stages import finetune_lora, trajectory_mean_adapter
 from icm_core.models.config import ModelConfig
 from tasks.artifacts import (
-    ArtifactCachePolicy,
     ArtifactRef,
     localize,
 )
 from tasks.progress import Progress
-from tasks.stage import TASK_DEFAULTS, device_slot, resumer, retry_unless_bad_input, run_stage
+from tasks.stage import Build, device_slot, resumer, retry_unless_bad_input, stage_task
 
 
-@task(
+@stage_task(
+    "lora",
+    exclude=("resume",),
     name="finetune-lora",
     task_run_name="lora-{category}",
-    cache_policy=ArtifactCachePolicy("lora", exclude=("resume",)),
     retries=1,
     retry_condition_fn=retry_unless_bad_input,
     retry_delay_seconds=5,
-    **TASK_DEFAULTS,
 )
 def finetune_task(
     category: str,
@@ -38,17 +37,9 @@ def finetune_task(
     lora_cfg: LoraTrainConfig,
     root: str,
     resume: ResumeConfig = ResumeConfig(),  # noqa: B008 - frozen config; not part of the cache key
-) -> ArtifactRef:
+) -> Build:
     """Fine-tune the category's LoRA adapter and keep its trajectory (resumable mid-way, ``resume``)."""
     logger = get_run_logger()
-    inputs = {
-        "category": category,
-        "data": data,
-        "model_cfg": model_cfg,
-        "data_cfg": data_cfg,
-        "lora_cfg": lora_cfg,
-        "root": root,
-    }
 
     progress: list[Progress] = []
 
@@ -73,21 +64,15 @@ def finetune_task(
             )
         return {k: result[k] for k in ("checkpoints", "final_loss", "train_blocks", "seconds", "adapter_sha256")}
 
-    return run_stage("lora", category, inputs, build)
+    return build
 
 
-@task(
-    name="trajectory-mean",
-    task_run_name="trajectory-mean-{category}",
-    cache_policy=ArtifactCachePolicy("trajectory_mean"),
-    **TASK_DEFAULTS,
-)
-def trajectory_mean_task(category: str, lora: ArtifactRef, root: str) -> ArtifactRef:
+@stage_task("trajectory_mean", name="trajectory-mean", task_run_name="trajectory-mean-{category}")
+def trajectory_mean_task(category: str, lora: ArtifactRef, root: str) -> Build:
     """Reference point: the coordinate-wise mean of the category's own trajectory checkpoints, as an adapter."""
-    inputs = {"category": category, "lora": lora, "root": root}
 
     def build(out: Path) -> dict[str, Any]:
         result = trajectory_mean_adapter(localize(lora, root).folder, out / "adapter")
         return {k: result[k] for k in ("adapter_sha256", "sources")}
 
-    return run_stage("trajectory_mean", category, inputs, build)
+    return build

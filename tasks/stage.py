@@ -1,9 +1,11 @@
-"""Prefect tasks: thin wrappers around ``icm_core.stages`` with cache keys, retries and references.
+"""How every stage task runs: one output folder per stage and inputs, built once, reused after.
 
-Each task (1) derives its key from its inputs exactly as :class:`ArtifactCachePolicy` does, (2) reuses
-the output folder when its manifest is valid (this also resumes work a killed run finished but
-could not record), otherwise (3) runs the ``icm_core`` stage into the folder and writes the manifest
-last. Heavy stages hold a per-device slot so a process never runs two of them on one device at once.
+A stage task is made with :func:`stage_task`. Its function takes the stage's inputs and returns a :data:`Build`
+(what writes the stage's files). The task (1) derives its cache key from its bound arguments, exactly as
+:class:`~tasks.artifacts.ArtifactCachePolicy` does (:func:`stage_inputs`), (2) reuses the output folder when its
+manifest is valid (this also resumes work a killed run finished but could not record), otherwise (3) runs the
+build into the folder and writes the manifest last (:func:`run_stage`). Heavy stages hold a per-device slot so a
+process never runs two of them on one device at once.
 
 The long stages (LoRA fine-tuning, the CVAE, COND P-DIFF) also save resumable state while they train,
 in ``.<key>.resume/`` next to their output folder (:func:`resume_dir`); a killed run's successor continues
@@ -13,6 +15,8 @@ How often is ``RunConfig.resume``, which the tasks take as ``resume`` and leave 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 import socket
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prefect import get_run_logger
+from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import MissingContextError
 
@@ -33,7 +37,9 @@ from icm_core.infra.resume import Resumer
 from icm_core.models.base_model import parse_device
 from icm_core.models.identity import ModelLoadError
 from tasks.artifacts import (
+    ArtifactCachePolicy,
     ArtifactRef,
+    category_name,
     output_dir,
     output_lock,
     ref_for,
@@ -171,3 +177,63 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
     return not isinstance(state.data, BAD_INPUT_ERRORS)
 
 
+Build = Callable[[Path], dict[str, Any]]
+"""What a stage task's function returns: it writes the stage's files into the (empty) output folder it is given
+and returns the small metadata the folder's manifest records (and the task's ``ArtifactRef`` carries)."""
+
+STAGE_TASKS: list[Any] = []
+"""Every task made with :func:`stage_task`, in definition order (``tests/tasks`` checks each one's key)."""
+
+
+def stage_inputs(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], exclude: tuple[str, ...]) -> dict:
+    """The inputs of a stage's cache key: the arguments a call binds to ``fn``'s parameters, defaults applied,
+    minus ``exclude``. Prefect hands :class:`~tasks.artifacts.ArtifactCachePolicy` the same bound parameters and
+    it drops the same ``exclude``, so the key the policy looks up and the folder the task builds always agree, and
+    an argument added to a task reaches its key without anyone listing it."""
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return {name: value for name, value in bound.arguments.items() if name not in exclude}
+
+
+def stage_task(
+    stage: str,
+    *,
+    category_arg: str | None = "category",
+    exclude: tuple[str, ...] = (),
+    fan_out: tuple[str, str] | None = None,
+    **options: Any,
+):
+    """Make a cached Prefect task of ``stage`` from a function that returns the stage's :data:`Build`.
+
+    Args:
+        stage: The stage's name: its folder under the artifacts root and part of its key.
+        category_arg: The parameter naming the category (a name or a ``Category``) whose folder the output is in;
+            None for stages of no single category (the generator, the reports).
+        exclude: Parameters that never change the output (how often state is saved, where a shared pass starts):
+            left out of the key. Everything else is in it.
+        fan_out: ``(list_arg, item_arg)`` for a stage with one output per item of ``list_arg``: the function
+            returns ``build_for(item) -> Build``, the task a list of refs, and each item's key is the inputs plus
+            ``item_arg`` = the item (COND P-DIFF's batched sampling).
+        options: ``prefect.task`` options (name, task_run_name, retries, ...).
+    """
+    policy = ArtifactCachePolicy(stage, category_arg=category_arg, exclude=exclude, fan_out=fan_out)
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            inputs = stage_inputs(fn, args, kwargs, exclude)
+            build = fn(*args, **kwargs)
+            if fan_out is None:
+                category = category_name(inputs.get(category_arg)) if category_arg else None
+                return run_stage(stage, category, inputs, build)
+            list_arg, item_arg = fan_out
+            return [
+                run_stage(stage, category_name(item), {**inputs, item_arg: item}, build(item))
+                for item in inputs[list_arg]
+            ]
+
+        made = task(cache_policy=policy, **{**TASK_DEFAULTS, **options})(run)
+        STAGE_TASKS.append(made)
+        return made
+
+    return decorate

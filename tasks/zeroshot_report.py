@@ -18,7 +18,7 @@ from icm_core.lora.trajectory import read_trajectory
 from icm_core.report.zeroshot import geometry_lines, write_results
 from icm_core.zeroshot.config import ZeroShotConfig
 from icm_core.zeroshot.geometry import condition_geometry, lora_factors
-from icm_core.zeroshot.protocol import cross_category_matrix, is_interim, summarize
+from icm_core.zeroshot.results import cross_category_matrix, is_interim, summarize
 from tasks.artifacts import ArtifactRef, localize
 
 
@@ -37,17 +37,19 @@ def report_task(
     cross: dict[str, Any] | None = None,
     loras: dict[str, ArtifactRef] | None = None,
 ) -> dict[str, Any]:
-    """Read every per-block NLL file, compute the metric and write the results folder (with the cross-category
+    """Read every evaluation's per-block NLL, compute the metric and write the results folder (with the cross-category
     matrix when ``cross`` holds its evaluations, see ``flows.zeroshot.cross_category_evals``; with every
     category's own LoRA in ``loras``: what the task vectors say about the adapters, icm_core.zeroshot.geometry)."""
 
-    def mean_nll_of(ref: ArtifactRef) -> float:
-        return read_json(localize(ref, root).file("nll.json"))["mean_nll"]
+    def block_nll(ref: ArtifactRef) -> list[float]:  # nats per token of each scored test block
+        metrics = read_json(localize(ref, root).file("metrics.json"))
+        return [total / tokens for total, tokens in zip(metrics["block_nll"], metrics["block_tokens"], strict=True)]
 
-    nll = {
-        cat: {m: read_json(localize(ref, root).file("nll.json"))["nll"] for m, ref in refs.items()}
-        for cat, refs in nll_refs.items()
-    }
+    def mean_nll_of(ref: ArtifactRef) -> float:
+        values = block_nll(ref)
+        return sum(values) / len(values)
+
+    nll = {cat: {m: block_nll(ref) for m, ref in refs.items()} for cat, refs in nll_refs.items()}
     matrix = None
     if cross is not None:
         matrix = cross_category_matrix(

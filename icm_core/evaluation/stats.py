@@ -20,7 +20,7 @@ caller's function on each resample (:func:`bootstrap_interval`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -50,15 +50,51 @@ def _arrays(nll_a, nll_b, tokens) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return a, b, t
 
 
-def resample_indices(n: int, samples: int = BOOTSTRAP_SAMPLES, seed: int = SEED) -> np.ndarray:
-    """``[samples, n]`` indices drawn with replacement (the same draws for every comparison of one size)."""
-    return np.random.default_rng(seed).integers(0, n, size=(samples, n))
+def resample_indices(
+    n: int, samples: int = BOOTSTRAP_SAMPLES, seed: int = SEED, stream: int | None = None
+) -> np.ndarray:
+    """``[samples, n]`` indices drawn with replacement (the same draws for every comparison of one size).
+
+    ``stream`` selects an independent set of draws for the same ``seed`` (one per stratum of a stratified
+    bootstrap, so that two categories with as many blocks are not resampled alike); None is the seed's own."""
+    rng = np.random.default_rng(seed if stream is None else [seed, stream])
+    return rng.integers(0, n, size=(samples, n))
 
 
 def percentile_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """The ``level`` percentile interval of bootstrap ``values`` (numpy's linear interpolation between order
+    statistics); non-finite values (a resample where a statistic is undefined) are left out, and an interval of
+    no finite value is (nan, nan)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return math.nan, math.nan
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(values, [tail, 1.0 - tail])
     return float(low), float(high)
+
+
+def stratified_means(
+    strata: Mapping[str, Mapping[str, Sequence[float]]], samples: int = BOOTSTRAP_SAMPLES, seed: int = SEED
+) -> dict[str, dict[str, np.ndarray]]:
+    """Bootstrap means of paired series within independent strata.
+
+    ``strata`` is ``{stratum: {series: per-unit values}}`` (e.g. per category, per method, the NLL of each test
+    block). Within a stratum every series is resampled with the same indices (paired); each stratum gets its own
+    draws (stream = its position in sorted order). Returns ``{stratum: {series: [samples] resampled means}}``.
+
+    Raises:
+        ValueError: The series of a stratum differ in length, or a stratum has no units.
+    """
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for stream, name in enumerate(sorted(strata)):
+        series = {k: np.asarray(v, dtype=np.float64) for k, v in strata[name].items()}
+        sizes = {v.shape for v in series.values()}
+        if len(sizes) != 1 or next(iter(sizes))[0] == 0:
+            raise ValueError(f"stratum {name!r}: its series must be paired and non-empty, got shapes {sorted(sizes)}")
+        idx = resample_indices(next(iter(sizes))[0], samples, seed, stream=stream)
+        out[name] = {k: v[idx].mean(axis=1) for k, v in series.items()}
+    return out
 
 
 def paired_bootstrap(

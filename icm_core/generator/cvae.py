@@ -284,5 +284,3 @@ def cvae_loss(
     recon = (x_hat - x).pow(2).flatten(1).mean(dim=1).mean()
     kld = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)).mean()
     return recon + kld_weight * kld, recon, kld
-
-

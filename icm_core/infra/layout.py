@@ -26,10 +26,9 @@ STAGES = (
     "diagnostics",
     "report",
     "ablation_report",
-    "zs_pooled",
-    "zs_library",
-    "zs_generated",
-    "zs_eval",
+    "zeroshot_pooled",
+    "zeroshot_library",
+    "zeroshot_adapters",
 )
 
 

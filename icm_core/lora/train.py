@@ -187,5 +187,3 @@ def fit_lora_trajectory(
     }
     write_json(out_dir / TRAJECTORY_INDEX, index)
     return Trajectory(out_dir, steps, files, hashes, adapter_config, losses)
-
-

@@ -15,7 +15,8 @@ import torch
 
 from icm_core.infra.io import write_json, write_text
 from icm_core.report.plots import pca_2d, pyplot, save_figure
-from icm_core.zeroshot.protocol import METHODS, is_interim, scaling_size
+from icm_core.zeroshot.protocol import METHODS, scaling_size
+from icm_core.zeroshot.results import is_interim
 
 
 TITLES = {

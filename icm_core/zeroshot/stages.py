@@ -11,12 +11,9 @@ import torch
 
 from icm_core.data.config import DataConfig
 from icm_core.data.splits import CategorySplits, read_splits, write_splits
-from icm_core.evaluation.config import EvalConfig
-from icm_core.evaluation.stages import evaluate_adapter
 from icm_core.generator.config import SampleConfig
 from icm_core.generator.generator import load_generator
 from icm_core.generator.task_vectors import load_task_vector_with_kind
-from icm_core.infra.io import write_json
 from icm_core.lora.adapters import adapter_sha256, read_adapter, write_adapter
 from icm_core.lora.arithmetic import weighted_delta_adapter
 from icm_core.lora.trajectory import read_trajectory
@@ -87,27 +84,6 @@ def vector_adapter(
         "seconds": time.perf_counter() - started,
         "generator_categories": list(generator.meta.get("categories", [])),
     }
-
-
-def evaluate_blocks(
-    data_dir: str | Path,
-    adapter_dir: str | Path | None,
-    model_cfg: ModelConfig,
-    data_cfg: DataConfig,
-    eval_cfg: EvalConfig,
-    out_path: str | Path,
-    prefix_like: str | Path | None = None,
-) -> dict[str, Any]:
-    """Per-block mean NLL (nats per token) on the category's test split, for the paired bootstrap.
-
-    Scored by the demo's evaluation (:func:`icm_core.evaluation.stages`, the same blocks): the base model
-    is loaded once per process, each adapter merged into it for this evaluation only, and the layers below the
-    adapter run once per block set (``prefix_like``: where the base model's own pass starts, see there)."""
-    score = evaluate_adapter(data_dir, adapter_dir, model_cfg, data_cfg, eval_cfg, prefix_like=prefix_like)
-    nll = [total / tokens for total, tokens in zip(score["block_nll"], score["block_tokens"], strict=True)]
-    result = {"blocks": len(nll), "mean_nll": sum(nll) / len(nll), "nll": nll}
-    write_json(out_path, result)
-    return result
 
 
 def functional_generator(

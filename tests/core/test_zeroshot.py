@@ -8,16 +8,13 @@ import torch
 from icm_core.lora.arithmetic import merged_delta, weighted_delta_adapter
 from icm_core.zeroshot.protocol import (
     assert_no_leakage,
-    bootstrap_gap,
-    cross_category_matrix,
-    gap_recovered,
     knn_weights,
     make_folds,
     scaling_size,
     scaling_subsets,
     shuffled_partner,
-    summarize,
 )
+from icm_core.zeroshot.results import bootstrap_gap, cross_category_matrix, gap_recovered, summarize
 from tests import helpers
 
 
@@ -195,9 +192,9 @@ def test_block_evaluation_is_each_test_blocks_mean_nll(tmp_path, tiny_base_dir, 
     from icm_core.data.splits import CategorySplits, write_splits
     from icm_core.evaluation.config import EvalConfig
     from icm_core.evaluation.perplexity import eval_blocks
+    from icm_core.evaluation.stages import evaluate_adapter
     from icm_core.lora.adapters import adapter_config_dict, lora_config_for, merge_adapter, write_adapter
     from icm_core.models.base_model import load_tokenizer
-    from icm_core.zeroshot.stages import evaluate_blocks
 
     model_cfg, data_cfg, eval_cfg = helpers.model_config(tiny_base_dir), DataConfig(seq_len=24), EvalConfig()
     splits = tmp_path / "splits"
@@ -217,15 +214,18 @@ def test_block_evaluation_is_each_test_blocks_mean_nll(tmp_path, tiny_base_dir, 
             nll = F.cross_entropy(logits.transpose(1, 2), blocks.input_ids[:, 1:], reduction="none")
         return nll.mean(dim=1).tolist()
 
-    base = evaluate_blocks(splits, None, model_cfg, data_cfg, eval_cfg, tmp_path / "base.json", prefix_like=adapter)
-    tuned = evaluate_blocks(splits, adapter, model_cfg, data_cfg, eval_cfg, tmp_path / "tuned.json")
-    whole = evaluate_blocks(splits, None, model_cfg, data_cfg, eval_cfg, tmp_path / "whole.json")
-    assert base["blocks"] == tuned["blocks"] == blocks.input_ids.shape[0] > 1
-    assert base["nll"] == pytest.approx(expected(fresh_base()), rel=1e-5)
-    assert tuned["nll"] == pytest.approx(expected(merge_adapter(fresh_base(), adapter)), rel=1e-5)
-    assert whole["nll"] == pytest.approx(base["nll"], rel=1e-6)
-    assert tuned["mean_nll"] == pytest.approx(sum(tuned["nll"]) / len(tuned["nll"]))
-    assert abs(tuned["mean_nll"] - base["mean_nll"]) > 1e-4  # the adapter is scored, not the base model
+    def block_means(adapter_dir, **kwargs) -> list[float]:
+        score = evaluate_adapter(splits, adapter_dir, model_cfg, data_cfg, eval_cfg, **kwargs)
+        return [total / tokens for total, tokens in zip(score["block_nll"], score["block_tokens"], strict=True)]
+
+    base = block_means(None, prefix_like=adapter)
+    tuned = block_means(adapter)
+    whole = block_means(None)
+    assert len(base) == len(tuned) == blocks.input_ids.shape[0] > 1
+    assert base == pytest.approx(expected(fresh_base()), rel=1e-5)
+    assert tuned == pytest.approx(expected(merge_adapter(fresh_base(), adapter)), rel=1e-5)
+    assert whole == pytest.approx(base, rel=1e-6)
+    assert abs(sum(tuned) / len(tuned) - sum(base) / len(base)) > 1e-4  # the adapter is scored, not the base model
 
 
 def test_cross_category_matrix_is_the_share_of_each_targets_own_gain():

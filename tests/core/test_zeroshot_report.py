@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from icm_core.report.zeroshot import interim_dir, write_results
-from icm_core.zeroshot.protocol import summarize
+from icm_core.zeroshot.results import summarize
 
 
 FOLDS = [["a", "b", "c"], ["d", "e"]]

@@ -120,7 +120,7 @@ def test_a_generator_on_finetuned_vectors_gives_no_zero_shot_adapter(workspace, 
     )
 
     assert out["zero_shot"] is None
-    assert not list(root.glob("zs_generated/inventory/*"))
+    assert not list(root.glob("zeroshot_adapters/inventory/*"))
     section = _state(root, registry)
     assert section["published"]["inventory"]["source"] == "retrained"
     assert "inventory" not in section.get("history", {})

@@ -94,10 +94,10 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
     # Leakage: every fold's generator, pooled multi-task text and k-NN weights name training categories only.
     root = workspace.root
     held_out_of = {c: set(f) for f in folds for c in f}
-    generated = [read_json(m)["meta"] for m in root.glob("zs_generated/*/*/manifest.json")]
+    generated = [read_json(m)["meta"] for m in root.glob("zeroshot_adapters/*/*/manifest.json")]
     # icm_lora, icm_functional, shuffled, mean-condition and the 1-category generator's, per held-out category
     assert len(generated) == 4 * 5
-    for manifest in root.glob("zs_generated/*/*/manifest.json"):
+    for manifest in root.glob("zeroshot_adapters/*/*/manifest.json"):
         cat = manifest.parent.parent.name
         meta = read_json(manifest)["meta"]
         assert not set(meta["generator_categories"]) & held_out_of[cat], (cat, meta)
@@ -105,9 +105,9 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
             assert meta["vector_categories"] != [cat] and set(meta["vector_categories"]) <= held_out_of[cat]
         if meta["method"] == "icm_mean_condition":
             assert not set(meta["vector_categories"]) & held_out_of[cat]
-    pooled = [read_json(m)["meta"]["sources"] for m in root.glob("zs_pooled/*/*/manifest.json")]
+    pooled = [read_json(m)["meta"]["sources"] for m in root.glob("zeroshot_pooled/*/*/manifest.json")]
     assert sorted(map(sorted, pooled)) == sorted(sorted(set(texts) - set(f)) for f in folds)
-    for manifest in root.glob("zs_library/*/*/manifest.json"):
+    for manifest in root.glob("zeroshot_library/*/*/manifest.json"):
         meta = read_json(manifest)["meta"]
         label = manifest.parent.parent.name
         held = set(folds[int(label.split("-")[1])]) if label.startswith("fold-") else held_out_of[label]
@@ -122,7 +122,7 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
     )
     assert sum(len(g["categories"]) == 1 for g in generators) == 2
     # The 1-category generator saw one of its fold's training categories, never a held-out one.
-    for manifest in root.glob("zs_generated/*/*/manifest.json"):
+    for manifest in root.glob("zeroshot_adapters/*/*/manifest.json"):
         meta = read_json(manifest)["meta"]
         if meta["method"] == "icm_lora@1":
             assert len(meta["generator_categories"]) == 1
