@@ -29,8 +29,8 @@ from flows.runtime import thread_task_runner
 from icm_core.config import RunConfig
 from icm_core.generator.config import OFFICIAL_CHANNELS
 from icm_core.infra.config import config_fingerprint
-from tasks.ablations import ablation_report_task, publish_ablations
-from tasks.report import root_relative
+from icm_core.report.pipeline import root_relative
+from tasks.report import ablation_report_task, publish_ablations
 from tasks.result_records import on_root
 from tasks.store import normalize_root, write_root_json
 

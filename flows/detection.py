@@ -24,6 +24,7 @@ from flows.runtime import thread_task_runner
 from flows.steps import baseline_adapters, gather
 from icm_core.config import load_run_config
 from icm_core.infra.config import config_fingerprint
+from icm_core.report.plots import embed_figures
 from icm_core.vision.config import DetectionRunConfig, task_slug
 from icm_core.vision.stages import source_fingerprint
 from tasks.artifacts import ArtifactRef
@@ -33,9 +34,8 @@ from tasks.detection import (
     detection_finetune_task,
     detection_task_vector_task,
 )
-from tasks.detection_report import detection_report_task
 from tasks.generator import sample_adapter_task, train_generator_task
-from tasks.report import embed_figures
+from tasks.report import detection_report_task
 from tasks.result_records import on_root
 from tasks.store import normalize_root, write_root_json
 

@@ -31,6 +31,7 @@ from icm_core.data.categories import Category
 from icm_core.data.documents import source_fingerprint
 from icm_core.data.selection import select_categories
 from icm_core.models.base_model import resolve_device
+from icm_core.report.pipeline import FIGURES
 from tasks.artifacts import ArtifactRef
 from tasks.baselines import sample_pdiff_task
 from tasks.data import prepare_data_task
@@ -38,7 +39,7 @@ from tasks.evaluation import diagnostics_task, evaluate_task
 from tasks.generator import sample_adapter_task, task_vector_task, train_generator_task
 from tasks.lora import finetune_task
 from tasks.manifest import VERIFY_ENV
-from tasks.report import FIGURES, publish_report, report_task
+from tasks.report import publish_report, report_task
 from tasks.result_records import on_root
 from tasks.store import normalize_root, write_root_json
 

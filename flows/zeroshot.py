@@ -34,6 +34,7 @@ from tasks.data import prepare_data_task
 from tasks.evaluation import evaluate_task
 from tasks.generator import task_vector_task, train_generator_task
 from tasks.lora import finetune_task
+from tasks.report import zeroshot_report_task
 from tasks.result_records import on_root
 from tasks.store import normalize_root
 from tasks.zeroshot import (
@@ -42,7 +43,6 @@ from tasks.zeroshot import (
     pool_data_task,
     vector_adapter_task,
 )
-from tasks.zeroshot_report import report_task
 
 
 def select(categories_file: str | None, only: list[str] | None) -> list[Category]:
@@ -90,7 +90,7 @@ def zeroshot_protocol(
             pool_data_task,
             vector_adapter_task,
             evaluate_task,
-            report_task,
+            zeroshot_report_task,
         )
     )
     categories = select(categories_file, only)

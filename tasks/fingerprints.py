@@ -7,6 +7,7 @@ Prefect server. ``tasks.artifacts`` builds every stage key from them.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -28,21 +29,22 @@ FINGERPRINTS = ".fingerprints"
 
 PRESENTATION_MODULES = frozenset(
     {
-        "icm_core/report/tables.py",
+        "icm_core/report/",
         "icm_core/evaluation/stats.py",
-        "icm_core/report/plots.py",
-        "icm_core/report/detection.py",
-        "tasks/report.py",
-        "tasks/ablations.py",
-        "tasks/detection_report.py",
-        "icm_core/report/zeroshot.py",
         "icm_core/zeroshot/geometry.py",
-        "tasks/zeroshot_report.py",
+        "icm_core/zeroshot/results.py",
+        "tasks/report.py",
     }
 )
-"""Modules that only format results (tables, figures, UI artifacts). Editing them re-renders reports but
-must not retrain anything, so they are left out of the fingerprint of the compute stages. No other
-module may import them (``tests/test_layering.py`` checks)."""
+"""Modules (a name ending in ``/``: every module of that folder) that only format results: tables, figures,
+intervals, UI artifacts. Editing them re-renders reports but must not retrain anything, so they are left out of
+the fingerprint of the compute stages. No compute module may import them (``tests/test_layering.py`` checks)."""
+
+
+def is_presentation(name: str) -> bool:
+    """Whether the module at ``name`` (``<package>/<relative path>``) is a presentation module."""
+    return any(name == entry or (entry.endswith("/") and name.startswith(entry)) for entry in PRESENTATION_MODULES)
+
 
 REPORT_STAGES = frozenset({"report", "ablation_report"})
 
@@ -56,18 +58,18 @@ def code_fingerprint(include_presentation: bool = True) -> str:
     fingerprint of every compute stage, so a change to a table or a figure reruns only the reports.
     """
     digest = hashlib.sha256(icm_core.__version__.encode())
-    skip = frozenset() if include_presentation else PRESENTATION_MODULES
+    skip = (lambda name: False) if include_presentation else is_presentation
     for package in (Path(icm_core.__file__).parent, TASKS_DIR):
         hash_sources(digest, package, skip)
     return digest.hexdigest()
 
 
-def hash_sources(digest: Any, package: Path, skip: frozenset[str] = frozenset()) -> None:
+def hash_sources(digest: Any, package: Path, skip: Callable[[str], bool] = lambda name: False) -> None:
     """Feed every ``.py`` file of ``package`` to ``digest`` in path order, each as its name
-    (``<package>/<relative path>``) then its bytes; ``skip`` lists names to leave out."""
+    (``<package>/<relative path>``) then its bytes; files whose name ``skip`` accepts are left out."""
     for path in sorted(package.rglob("*.py")):
         name = f"{package.name}/{path.relative_to(package).as_posix()}"
-        if name in skip:
+        if skip(name):
             continue
         digest.update(name.encode())
         digest.update(path.read_bytes())

@@ -1,323 +1,53 @@
-"""The report stage: result tables and figures on disk, and the same results as Prefect UI artifacts.
+"""The report stages of every flow, and the same results as Prefect UI artifacts.
 
-Files (under ``report/<key>/``): ``report.md``, ``results.json``, ``results.csv`` (one row per category,
-every method), ``storage.csv``, and three PNG figures. Paths in them are relative to the artifacts root
-(no machine's absolute paths). UI: a table artifact, the markdown report with its figures embedded (data
-URIs: the UI cannot fetch files from the worker), image artifacts for the figures, and one markdown
-artifact that says where the generated adapters and generators are and how to load them (as paths with a
-note: a ``file://`` link from the UI does not open in a browser).
+The reports themselves (tables, markdown, figures) are written by ``icm_core.report``; these tasks localise their
+inputs (on an fsspec root they may have been built on other machines), key the report folder by them and publish
+the results to the UI. A presentation module: editing it re-renders reports and retrains nothing.
+
+UI artifacts of the pipeline's report: a table artifact, the markdown report with its figures embedded (data URIs:
+the UI cannot fetch files from the worker), image artifacts for the figures, and one markdown artifact that says
+where the generated adapters and generators are and how to load them (as paths: a ``file://`` link from the UI
+does not open in a browser).
 """
 
 from __future__ import annotations
 
-import base64
-import re
+import math
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
-from icm_core.config import METHOD_TITLES
-from icm_core.generator.config import CVAEConfig
-from icm_core.generator.task_vectors import load_task_vector
-from icm_core.infra.io import csv_text, read_json, sidecar_path, write_json, write_text
-from icm_core.lora.trajectory import read_trajectory
-from icm_core.report.plots import plot_main_bars, plot_task_vectors, plot_training_curves
-from icm_core.report.tables import (
-    _fmt,
-    add_intervals,
-    diagnostics_table,
-    gain_table,
-    human_bytes,
-    interval_table,
-    main_table,
-    mean_row,
-    methods_in,
-    ppl_across_draws,
-    result_rows,
-    seed_rows,
-    seed_table,
-    storage_rows,
-    storage_table,
-)
-from tasks.artifacts import ArtifactCachePolicy, ArtifactRef, localize
-from tasks.stage import TASK_DEFAULTS, run_stage
+from icm_core.report.ablations import write_ablation_report
+from icm_core.report.detection import write_detection_report
+from icm_core.report.geometry import geometry_lines
+from icm_core.report.pipeline import FIGURES, outputs_markdown, write_report
+from icm_core.report.plots import embed_figures, png_data_url
+from icm_core.report.zeroshot import write_leave_out_report
+from icm_core.zeroshot.results import is_interim
+from tasks.artifacts import ArtifactRef, localize
+from tasks.stage import Build, stage_task
 from tasks.store import is_remote, local_root
 
 
-FIGURES = {
-    "task_vectors.png": "Task vectors by category (PCA)",
-    "training_curves.png": "Generator training curves",
-    "main_results.png": "PPL relative to the original model",
-}
+def _localized(refs: Any, root: str) -> Any:
+    """``refs`` (a ref, or a dict / list of them, nested) as this machine holds them."""
+    if isinstance(refs, ArtifactRef):
+        return localize(refs, root)
+    if isinstance(refs, dict):
+        return {k: _localized(v, root) for k, v in refs.items()}
+    if isinstance(refs, list):
+        return [_localized(v, root) for v in refs]
+    return refs
 
 
-def storage_inputs(
-    data: dict[str, ArtifactRef],
-    loras: dict[str, ArtifactRef],
-    generator: ArtifactRef,
-    pdiff: ArtifactRef | None,
-    soups: dict[str, ArtifactRef],
-    pdiff_shared: ArtifactRef | None = None,
-) -> tuple[list[Path], list[Path], list[Path], dict[str, list[Path]]]:
-    """The files behind each storage row: train text, checkpoints, final adapters, and each generator's files."""
-    train_text = [data[name].file("splits") / "train.jsonl" for name in sorted(data)]
-    checkpoints, finals = [], []
-    for name in sorted(loras):
-        trajectory = read_trajectory(loras[name].folder)
-        checkpoints += [trajectory.folder / f for f in trajectory.files]
-        finals.append(trajectory.adapter_dir / "adapter_model.safetensors")
-    gen_file = generator.file("generator.safetensors")
-    generators = {
-        "ICM-LoRA generator (CVAE + shared per-tensor stats + task vectors)": [gen_file, sidecar_path(gen_file)]
-    }
-    if pdiff is not None:
-        pdiff_file = pdiff.file("pdiff.safetensors")
-        generators["COND P-DIFF (AE + DDPM + per-task mean/std of every weight)"] = [
-            pdiff_file,
-            sidecar_path(pdiff_file),
-        ]
-    if pdiff_shared is not None:
-        shared_file = pdiff_shared.file("pdiff.safetensors")
-        generators["COND P-DIFF, shared norm (AE + DDPM + per-tensor stats)"] = [
-            shared_file,
-            sidecar_path(shared_file),
-        ]
-    if soups:
-        generators[f"Model Soup adapter(s) ({len(soups)})"] = [
-            ref.file("adapter") / "adapter_model.safetensors" for ref in soups.values()
-        ]
-    return train_text, checkpoints, finals, generators
+# --------------------------------------------------------------------------------------------------
+# The pipeline (seen categories)
+# --------------------------------------------------------------------------------------------------
 
 
-def eval_summary(evals: list[dict[str, dict[str, ArtifactRef]]]) -> dict[str, Any]:
-    """The evaluation budget actually used (blocks scored / available per category) and seconds per evaluation."""
-    blocks, seconds = {}, []
-    for by_method in evals:
-        for name, refs in by_method.items():
-            for ref in refs.values():
-                if ref.meta.get("block_nll") is not None:
-                    blocks[name] = [len(ref.meta["block_nll"]), ref.meta.get("blocks_available")]
-                if ref.meta.get("seconds") is not None:
-                    seconds.append(float(ref.meta["seconds"]))
-    return {
-        "blocks": dict(sorted(blocks.items())),
-        "evaluations": len(seconds),
-        "seconds_mean": sum(seconds) / len(seconds) if seconds else None,
-        "seconds_total": sum(seconds),
-    }
-
-
-def diagnostics_summary(
-    diagnostics: list[dict[str, ArtifactRef]] | None,
-    evals: list[dict[str, dict[str, ArtifactRef]]],
-    z_evals: list[dict[str, list[ArtifactRef]]] | None,
-    gen_history: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """Seed 0's generator diagnostics, the PPL of the ICM-LoRA z draws, and the CVAE's latent usage per seed."""
-    if not diagnostics:
-        return {}
-    first = {label: ref.meta for label, ref in diagnostics[0].items()}
-    ppl = {}
-    if z_evals:
-        for name, refs in z_evals[0].items():
-            draws = [evals[0][name]["icm_lora"].meta["ppl"], *(ref.meta["ppl"] for ref in refs)]
-            ppl[name] = ppl_across_draws(draws)
-    latent = [d["icm_lora"].meta.get("latent") for d in diagnostics if "icm_lora" in d]
-    return {
-        "generators": first,
-        "ppl_across_z": {"icm_lora": ppl},
-        "latent_per_seed": latent,
-        "training_kld_last_epoch": gen_history[-1].get("kld") if gen_history else None,
-    }
-
-
-def root_relative(path: str | Path, root: str) -> str:
-    """``path`` relative to the artifacts root (as this machine holds it), in POSIX form; unchanged if outside."""
-    try:
-        return Path(path).resolve().relative_to(local_root(root)).as_posix()
-    except ValueError:
-        return Path(path).as_posix()
-
-
-def markdown_report(
-    rows: list[dict[str, Any]],
-    storage: list[dict[str, Any]],
-    generator: ArtifactRef,
-    notes: dict,
-    per_seed_rows: list[list[dict[str, Any]]] | None = None,
-    diag: dict[str, Any] | None = None,
-    evaluation: dict[str, Any] | None = None,
-    root: str = "",
-) -> str:
-    """The report as markdown; figure links are file names next to report.md, other paths relative to ``root``."""
-    methods = methods_in(rows)
-    seeds = len(per_seed_rows or [rows])
-    sd = seeds > 1
-    per_category = ["| category | " + " | ".join(f"PPL {METHOD_TITLES[m]}" for m in methods) + " | gain |"]
-    per_category.append("|---|" + "---:|" * (len(methods) + 1))
-    for r in rows:
-        gain = "n/a" if r.get("gain_recovered") is None else f"{r['gain_recovered']:.1%}"
-        cells = [
-            f"{r[f'ppl_{m}']:.3f}" + (f" ± {r[f'ppl_{m}_sd']:.3f}" if sd and r.get(f"ppl_{m}_sd") is not None else "")
-            for m in methods
-        ]
-        per_category.append(f"| {r['category']} | " + " | ".join(cells) + f" | {gain} |")
-    evaluation = evaluation or {}
-    budget = ", ".join(f"{name} {used}/{avail}" for name, (used, avail) in evaluation.get("blocks", {}).items())
-    lines = [
-        "# ICM-LoRA results",
-        "",
-        "PPL and BPC on each category's held-out test split (lower is better); every method is merged into the "
-        "base model and scored by the same code on the same test blocks. *Gain* is the share of the fine-tuning "
-        "gain a method recovers: (PPL base - PPL method) / (PPL base - PPL LoRA).",
-        "",
-        f"Seeds: {seeds}"
-        + (" (values are the mean over seeds, ± the standard deviation across seeds)." if sd else ".")
-        + f" Test blocks scored per category (scored / available in the test split): {budget}.",
-        "",
-        *per_category,
-        "",
-        "## Differences to the original LoRA, with 95% intervals",
-        "",
-        "PPL_method / PPL_LoRA - 1 (negative: lower PPL than the LoRA), with a paired bootstrap 95% interval over "
-        "test blocks" + (" (block NLL averaged over the seeds first)" if sd else "") + ". A method is called "
-        "**better** or **worse** only where the interval excludes zero.",
-        "",
-        interval_table(rows, "lora"),
-        "",
-        "## Differences to the original model, with 95% intervals",
-        "",
-        interval_table(rows, "base"),
-        "",
-        "## Main results (paper Table 2)",
-        "",
-        main_table(rows),
-        "",
-        "## Share of the fine-tuning gain recovered, and PPL vs the original LoRA",
-        "",
-        gain_table(rows),
-        "",
-    ]
-    if sd:
-        lines += ["## Spread across seeds (mean PPL over categories)", "", seed_table(per_seed_rows), ""]
-    if diag:
-        latent = [x for x in diag.get("latent_per_seed", []) if x]
-        lines += ["## What the generators do", ""]
-        if latent:
-            kls = ", ".join(f"{x['kl_total']:.3f}" for x in latent)
-            active = ", ".join(f"{x['active_dims']}/{x['latent_dim']}" for x in latent)
-            lines += [
-                f"ICM-LoRA's CVAE latent: KL(q(z|x,c) || N(0,I)) summed over dimensions, mean over the training "
-                f"checkpoints: {kls} nats (per seed); dimensions carrying more than 0.01 nats: {active}; mean "
-                f"posterior std {latent[0]['posterior_std_mean']:.3f}. KL term of the last training epoch: "
-                f"{_fmt(diag.get('training_kld_last_epoch'), '.4f')}. A latent with (almost) no KL carries "
-                "(almost) no information: the decoder then maps the task vector to nearly the same weights "
-                "whatever z is drawn.",
-                "",
-            ]
-        lines += [
-            "Relative L2 distances between flattened LoRA weights (all A and B matrices). *Nearest own checkpoint*: "
-            "to the closest of the category's own training checkpoints (which one); *nearest other category*: to "
-            "the closest checkpoint of any other category; *own trajectory radius*: the category's own checkpoints' "
-            "mean distance to their mean (the scale to read the first two on); *weights across z draws*: mean "
-            "(max) pairwise distance between adapters drawn with different z for the same category; *PPL across z "
-            "draws*: the same draws scored on the test blocks. Seed 0.",
-            "",
-            diagnostics_table(
-                {label: meta for label, meta in diag["generators"].items()}, diag.get("ppl_across_z", {})
-            ),
-            "",
-        ]
-    lines += [
-        "## Storage (paper Table 3)",
-        "",
-        "Keeping the final adapters themselves (one per category) is the honest alternative to any generator for "
-        "the categories it was trained on; it is listed next to the generators.",
-        "",
-        storage_table(storage),
-        "",
-        "## Methods: what each artifact stores",
-        "",
-        *[f"- {line}" for line in notes["methods"]],
-        "",
-    ]
-    if evaluation.get("seconds_mean") is not None:
-        lines += [
-            f"Evaluation: {evaluation['evaluations']} scored adapters, {evaluation['seconds_mean']:.1f} s each on "
-            f"average ({evaluation['seconds_total']:.0f} s in all; the base model is loaded once per process and "
-            "each adapter merged into it and restored).",
-            "",
-        ]
-    meta = generator.meta
-    lines += [
-        "## Figures",
-        "",
-        *[f"![{title}]({name})" for name, title in FIGURES.items()],
-        "",
-        "Paths below are relative to the artifacts root (`artifacts/` by default).",
-        "",
-        f"Generator: `{root_relative(generator.file('generator.safetensors'), root)}` "
-        f"({human_bytes(meta.get('bytes', 0))}, trained on "
-        f"{meta.get('num_checkpoints')} checkpoints of length {meta.get('flat_length')}).",
-        "",
-        "Generated adapters (standard PEFT folders; README: *Loading a generated adapter in your own code*):",
-        "",
-        *[f"- {r['category']}: `{root_relative(r['adapter_dir'], root)}`" for r in rows],
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def method_notes(
-    soups: dict[str, ArtifactRef], pdiff: ArtifactRef | None, pdiff_shared: ArtifactRef | None = None
-) -> list[str]:
-    notes = [
-        "Original model: the base model, no adapter.",
-        "Original LoRA: each category's final fine-tuned adapter (the artifact the LoRA stage stores next to its "
-        "trajectory; it is also the last of the checkpoints every generator is trained on, so on these seen "
-        "categories a generator can score well by reproducing it).",
-        "Trajectory mean (own checkpoints): the coordinate-wise mean of the category's own trajectory checkpoints "
-        "(A and B averaged separately), i.e. what a lookup table keyed by category would serve; it needs those "
-        "checkpoints (or their mean) stored.",
-        "Model Soup (own trajectory): per category, the uniform average of the weight deltas B@A of its own "
-        "trajectory checkpoints, re-factorised exactly by SVD.",
-    ]
-    for label, ref in sorted(soups.items()):
-        sources = ", ".join(ref.meta.get("sources", []))
-        blind = " The same adapter for every category: it gets no category information." if label == "all" else ""
-        notes.append(
-            f"Model Soup ({'all categories' if label == 'all' else label}): uniform average of weight deltas B@A of "
-            f"[{sources}], re-factorised by SVD to rank {ref.meta.get('rank')} (exact).{blind}"
-        )
-    if pdiff is not None:
-        notes.append(
-            "COND P-DIFF: autoencoder + conditional latent DDPM trained on the same "
-            f"{pdiff.meta.get('num_checkpoints')} checkpoints and task vectors. Its artifact stores, besides the two "
-            "networks, every category's per-coordinate mean and std of its checkpoints (public code's "
-            "normalisation); the stored mean is the category's mean checkpoint, so a decoder output near zero "
-            "de-normalises to the trajectory mean whatever the networks learned."
-        )
-    if pdiff_shared is not None:
-        notes.append(
-            "COND P-DIFF (shared norm): the same networks and training with one per-tensor z-score over all "
-            "categories (as ICM-LoRA), so no per-category statistics are stored: what is category-specific must "
-            "come from the networks and the condition."
-        )
-    notes.append(
-        "ICM-LoRA: one CVAE for all categories; its artifact stores the CVAE, one per-tensor mean/std shared by all "
-        "categories, and each training category's task vector; the adapter is one draw z ~ N(0, I) decoded with "
-        "the category's task vector."
-    )
-    return notes
-
-
-@task(
-    name="report",
-    task_run_name="report",
-    cache_policy=ArtifactCachePolicy("report", category_arg=None),
-    **TASK_DEFAULTS,
-)
+@stage_task("report", category_arg=None, name="report", task_run_name="report")
 def report_task(
     evals: list[dict[str, dict[str, ArtifactRef]]],
     adapters: dict[str, ArtifactRef],
@@ -331,142 +61,17 @@ def report_task(
     diagnostics: list[dict[str, ArtifactRef]] | None = None,
     z_evals: list[dict[str, list[ArtifactRef]]] | None = None,
     pdiff_shared: ArtifactRef | None = None,
-) -> ArtifactRef:
-    """Write results.json / results.csv / storage.csv / report.md and the figures for all categories.
-
-    ``evals`` holds one ``{category: {method: evaluation}}`` per seed (seed 0 first); ``diagnostics`` and
-    ``z_evals`` one entry per seed too. The tables are means over seeds with intervals and spreads."""
-    soups = soups or {}
-    # On an fsspec root the inputs may have been built on other machines: read this machine's copies.
-    generator, pdiff, pdiff_shared = localize(generator, root), localize(pdiff, root), localize(pdiff_shared, root)
-    adapters, data, loras, task_vectors, soups = (
-        {name: localize(ref, root) for name, ref in refs.items()} if refs else refs
-        for refs in (adapters, data, loras, task_vectors, soups)
-    )
-    inputs = {
-        "evals": evals,
-        "adapters": adapters,
-        "generator": generator,
-        "root": root,
-        "data": data,
-        "loras": loras,
-        "task_vectors": task_vectors,
-        "pdiff": pdiff,
-        "soups": soups,
-        "diagnostics": diagnostics,
-        "z_evals": z_evals,
-        "pdiff_shared": pdiff_shared,
-    }
+) -> Build:
+    """The pipeline's report (``icm_core.report.pipeline.write_report``) for all categories and seeds."""
 
     def build(out: Path) -> dict[str, Any]:
-        scores = [
-            {name: {m: ref.meta for m, ref in by_method.items()} for name, by_method in seed.items()} for seed in evals
-        ]
-        per_seed_rows = [result_rows(seed) for seed in scores]
-        rows = seed_rows(per_seed_rows)
-        add_intervals(rows, scores)
-        for row in rows:
-            row["adapter_dir"] = adapters[row["category"]].file("adapter").as_posix()
-        storage = storage_rows(*storage_inputs(data or {}, loras or {}, generator, pdiff, soups, pdiff_shared))
-        notes = {"methods": method_notes(soups, pdiff, pdiff_shared)}
-        gen_meta = read_json(sidecar_path(generator.file("generator.safetensors")))["meta"]
-        pdiff_history = read_json(sidecar_path(pdiff.file("pdiff.safetensors")))["meta"]["history"] if pdiff else None
-        diag = diagnostics_summary(diagnostics, evals, z_evals, gen_meta.get("history", []))
-        evaluation = eval_summary(evals)
-        if task_vectors:
-            vectors = {n: load_task_vector(ref.file("task_vector.safetensors")) for n, ref in task_vectors.items()}
-            plot_task_vectors(vectors, out / "task_vectors.png")
-        kld_weight = gen_meta.get("cvae_config", {}).get("kld_weight", CVAEConfig().kld_weight)
-        plot_training_curves(gen_meta["history"], pdiff_history, out / "training_curves.png", kld_weight)
-        plot_main_bars(rows, out / "main_results.png")
-        # The files name outputs relative to the artifacts root: no absolute paths of this machine in them.
-        file_rows = [{**row, "adapter_dir": root_relative(row["adapter_dir"], root)} for row in rows]
-        write_json(
-            out / "results.json",
-            {
-                "rows": file_rows,
-                "mean": mean_row(rows),
-                "seeds": len(evals),
-                "per_seed": per_seed_rows,
-                "storage": storage,
-                "generator": generator.meta,
-                "diagnostics": diag,
-                "evaluation": evaluation,
-                "notes": notes,
-                "paths_relative_to": "the artifacts root",
-            },
+        inputs = _localized(
+            [adapters, generator, data, loras, task_vectors, pdiff, soups, diagnostics, z_evals, pdiff_shared], root
         )
-        flat = [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows]
-        file_flat = [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in file_rows]
-        write_text(out / "results.csv", csv_text([*file_flat, mean_row(flat)]))
-        write_text(out / "storage.csv", csv_text(storage))
-        write_text(
-            out / "report.md", markdown_report(rows, storage, generator, notes, per_seed_rows, diag, evaluation, root)
-        )
-        return {"rows": flat, "storage": storage, "seeds": len(evals), "root": root}
+        written = write_report(out, evals, inputs[0], inputs[1], local_root(root), *inputs[2:])
+        return {**written, "root": root}
 
-    return run_stage("report", None, inputs, build)
-
-
-def png_data_url(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-
-
-def embed_figures(markdown: str, folder: Path) -> str:
-    """Replace ``![title](name.png)`` links to files in ``folder`` with data URIs (the UI renders them)."""
-
-    def inline(match: re.Match) -> str:
-        figure = folder / match.group(2)
-        if "/" in match.group(2) or not figure.is_file():
-            return match.group(0)
-        return f"![{match.group(1)}]({png_data_url(figure)})"
-
-    return re.sub(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)", inline, markdown)
-
-
-BROWSER_NOTE = (
-    "These are files on the machine that ran the flow, relative to its artifacts root{where}. The Prefect UI "
-    "cannot open a worker's local files (a browser refuses `file://` links from a web page), so they are "
-    "listed as paths, not links."
-)
-
-
-def files_markdown(rows: list[dict[str, Any]], generator: ArtifactRef, pdiff: ArtifactRef | None, root: str) -> str:
-    """Where the outputs are and how to load an adapter, for the UI."""
-    where = f" `{root}`" if is_remote(root) else ""
-    lines = [
-        "# Where the outputs are",
-        "",
-        BROWSER_NOTE.format(where=where),
-        "",
-        "| output | path |",
-        "|---|---|",
-        *[f"| ICM-LoRA adapter: {r['category']} | `{root_relative(r['adapter_dir'], root)}` |" for r in rows],
-        f"| ICM-LoRA generator | `{root_relative(generator.file('generator.safetensors'), root)}` |",
-    ]
-    if pdiff is not None:
-        lines.append(f"| COND P-DIFF baseline | `{root_relative(pdiff.file('pdiff.safetensors'), root)}` |")
-    if rows:
-        example = root_relative(rows[0]["adapter_dir"], root)
-        prefix = "ARTIFACTS_ROOT" if is_remote(root) else local_root(root).name  # (a remote root: its local copy)
-        lines += [
-            "",
-            "Load an adapter (run from the artifacts root's parent folder, or give the full path):",
-            "",
-            "```python",
-            "from peft import AutoPeftModelForCausalLM",
-            "",
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{prefix}/{example}")  # base model + adapter',
-            "```",
-            "",
-            "or write a new one with `icm-lora generate --category NAME` (`artifacts/generated/NAME/adapter`).",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def report_markdown_for_ui(report: ArtifactRef) -> str:
-    """report.md with its figures embedded, so the UI's markdown artifact shows them."""
-    return embed_figures(Path(report.file("report.md")).read_text(), Path(report.folder))
+    return build
 
 
 def publish_report(report: ArtifactRef, generator: ArtifactRef, pdiff: ArtifactRef | None = None) -> None:
@@ -484,7 +89,9 @@ def publish_report(report: ArtifactRef, generator: ArtifactRef, pdiff: ArtifactR
             key="icm-storage", table=report.meta["storage"], description="Bytes stored per method (paper Table 3)."
         )
     create_markdown_artifact(
-        key="icm-report", markdown=report_markdown_for_ui(report), description="ICM-LoRA report (figures embedded)"
+        key="icm-report",
+        markdown=embed_figures(report.file("report.md").read_text(), report.folder),
+        description="ICM-LoRA report (figures embedded)",
     )
     for name, title in FIGURES.items():
         figure = report.file(name)
@@ -493,6 +100,154 @@ def publish_report(report: ArtifactRef, generator: ArtifactRef, pdiff: ArtifactR
             create_image_artifact(image_url=png_data_url(figure), key=key, description=title)
     create_markdown_artifact(
         key="icm-outputs",
-        markdown=files_markdown(rows, generator, pdiff, root),
+        markdown=outputs_markdown(rows, generator, pdiff, local_root(root), root if is_remote(root) else None),
         description="Generated adapters and generators: where they are, how to load them",
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# The ablations (paper Tables 4-6)
+# --------------------------------------------------------------------------------------------------
+
+
+@stage_task("ablation_report", category_arg=None, name="ablation-report", task_run_name="ablation-report")
+def ablation_report_task(variants: list[dict[str, Any]], root: str) -> Build:
+    """Write ablations.md / ablations.json / ablations.csv and the gain-vs-rank figure."""
+    return lambda out: write_ablation_report(out, variants)
+
+
+def publish_ablations(report: ArtifactRef) -> None:
+    """The ablation tables and figure in the Prefect UI."""
+    create_table_artifact(
+        key="icm-ablations-summary", table=report.meta["summary"], description="One row per ablation variant."
+    )
+    create_markdown_artifact(
+        key="icm-ablations", markdown=report.file("ablations.md").read_text(), description="ICM-LoRA ablations"
+    )
+    figure = report.file("gain_vs_rank.png")
+    if figure.is_file():
+        create_image_artifact(
+            image_url=png_data_url(figure), key="icm-figure-gain-vs-rank", description="Gain vs rank"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Detection (paper Table 1)
+# --------------------------------------------------------------------------------------------------
+
+
+@stage_task("report", category_arg=None, name="detection-report", task_run_name="det-report")
+def detection_report_task(
+    evals: dict[str, dict[str, ArtifactRef]],
+    loras: dict[str, ArtifactRef],
+    generator: ArtifactRef,
+    run_info: dict[str, Any],
+    root: str,
+    data: dict[str, ArtifactRef] | None = None,
+) -> Build:
+    """mAP50 / mAP75 per task and method, with bootstrap intervals over test images when the tasks' data
+    (``data``) is given (``icm_core.report.detection.write_detection_report``)."""
+
+    def build(out: Path) -> dict[str, Any]:
+        scores = {name: {method: ref.meta for method, ref in by.items()} for name, by in evals.items()}
+        training = {name: ref.meta for name, ref in loras.items()}
+        folders = task_dirs = None
+        if data is not None:
+            folders = {name: {m: localize(ref, root).folder for m, ref in by.items()} for name, by in evals.items()}
+            task_dirs = {name: localize(ref, root).file("task") for name, ref in data.items()}
+        return write_detection_report(out, scores, training, generator.meta, run_info, folders, task_dirs)
+
+    return build
+
+
+# --------------------------------------------------------------------------------------------------
+# The leave-out protocol (categories the generator never saw)
+# --------------------------------------------------------------------------------------------------
+
+
+@task(name="zeroshot-report", task_run_name="zeroshot-report", persist_result=False)
+def zeroshot_report_task(
+    evals: dict[str, dict[str, ArtifactRef]],
+    folds: list[list[str]],
+    multitask: dict[str, ArtifactRef],
+    vectors: dict[str, ArtifactRef],
+    families: dict[str, str | None],
+    meta: dict[str, Any],
+    samples: int,
+    seed: int,
+    root: str,
+    results_dir: str,
+    cross: dict[str, Any] | None = None,
+    loras: dict[str, ArtifactRef] | None = None,
+) -> dict[str, Any]:
+    """Write the leave-out results folder (``icm_core.report.zeroshot.write_leave_out_report``; not cached: it
+    writes ``results_dir``, outside the artifacts root) and publish it to the UI."""
+    written = write_leave_out_report(
+        results_dir, _localized(evals, root), folds, _localized(multitask, root), _localized(vectors, root),
+        families, meta, samples, seed, _localized(cross, root), _localized(loras, root),
+    )  # fmt: skip
+    result, matrix, geometry = written["result"], written["matrix"], written["geometry"]
+    _publish_zeroshot(result, matrix)
+    if geometry is not None:
+        create_markdown_artifact(
+            "\n".join(geometry_lines(geometry)),
+            key="icm-zeroshot-condition-geometry",
+            description="Zero-shot: does the task vector carry what the categories' adapters differ by?",
+        )
+    return {"summary": result["summary"], "files": written["files"], "cross_category": matrix and matrix["summary"]}
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(value, 4)
+
+
+def _publish_zeroshot(result: dict[str, Any], matrix: dict[str, Any] | None = None) -> None:
+    """Prefect UI artifacts: the macro table, one row per held-out category and method, the win rates, and the
+    cross-category matrix (one row per target category). An interim result's descriptions say how many folds
+    it covers; the final report publishes new versions of the same keys."""
+    summary = result["summary"]
+    coverage = f" (interim: {summary['folds_evaluated']} of {summary['folds']} folds)" if is_interim(summary) else ""
+    macro = [
+        {
+            "method": m,
+            "macro_gap_recovered": _rounded(summary["macro_gain"][m]),
+            "ci95_low": _rounded(summary["macro_gain_ci95"][m][0]),
+            "ci95_high": _rounded(summary["macro_gain_ci95"][m][1]),
+        }
+        for m in result["methods"]
+    ]
+    create_table_artifact(
+        macro, key="icm-zeroshot-macro", description="Zero-shot: macro share of the gap recovered" + coverage
+    )
+    rows = [
+        {"category": cat, "method": m, "gap_recovered": _rounded(cell["gap"]), "ci95_low": _rounded(cell["low"]),
+         "ci95_high": _rounded(cell["high"])}
+        for cat, by in sorted(result["per_category"].items())
+        for m, cell in by.items()
+    ]  # fmt: skip
+    create_table_artifact(
+        rows, key="icm-zeroshot-per-category", description="Zero-shot: gap recovered per category" + coverage
+    )
+    create_table_artifact(
+        [{"comparison": k, "win_rate": _rounded(v)} for k, v in summary["win_rate"].items()],
+        key="icm-zeroshot-win-rates",
+        description="Share of held-out categories where the zero-shot generator beats each baseline / control"
+        + coverage,
+    )
+    if summary.get("scaling"):
+        create_table_artifact(
+            [
+                {"training_categories": p["training_categories"], "method": p["method"],
+                 "macro_gap_recovered": _rounded(p["macro_gain"]), "ci95_low": _rounded(p["ci95"][0]),
+                 "ci95_high": _rounded(p["ci95"][1])}
+                for p in summary["scaling"]
+            ],
+            key="icm-zeroshot-scaling",
+            description="Zero-shot macro gain against the number of categories the generator trained on" + coverage,
+        )  # fmt: skip
+    if matrix is not None:
+        create_table_artifact(
+            [{"target": t, **{s: _rounded(v) for s, v in matrix["share"][t].items()}} for t in matrix["categories"]],
+            key="icm-zeroshot-cross-category",
+            description="Share of each target category's own LoRA gain recovered by every category's LoRA",
+        )

@@ -8,6 +8,7 @@ config writes to a new folder instead of overwriting what other runs may still b
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Protocol
 
 from icm_core.data.names import validate_category_name
 
@@ -40,3 +41,16 @@ def stage_dir(root: str | Path, stage: str, key: str, category: str | None = Non
     if category is not None:
         parts.append(validate_category_name(category, "category"))
     return Path(*parts, key[:16])
+
+
+class StageOutput(Protocol):
+    """One finished stage output as readers see it: its folder on this machine and the metadata its manifest
+    records (``tasks.artifacts.ArtifactRef`` is one). Reports take these, so they need no orchestration types."""
+
+    @property
+    def folder(self) -> Path: ...
+
+    @property
+    def meta(self) -> dict[str, Any]: ...
+
+    def file(self, name: str) -> Path: ...

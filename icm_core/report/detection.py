@@ -18,6 +18,8 @@ import numpy as np
 
 from icm_core.config import METHOD_NAMES, METHOD_TITLES
 from icm_core.evaluation.stats import bootstrap_interval, verdict
+from icm_core.infra.io import csv_text, write_json, write_text
+from icm_core.report.plots import plot_detection_bars
 
 
 def result_rows(scores: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -278,3 +280,29 @@ def interval_markdown(rows: list[dict[str, Any]], reference: str) -> str:
             cells.append(f"{r[f'map50_diff_vs_{reference}']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]{mark}")
         lines.append(f"| {METHOD_TITLES.get(method, method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+FIGURE = "detection_results.png"
+
+
+def write_detection_report(
+    out: Path,
+    scores: dict[str, dict[str, dict[str, Any]]],
+    training: dict[str, dict[str, Any]],
+    generator_meta: dict[str, Any],
+    run_info: dict[str, Any],
+    evaluations: dict[str, dict[str, Path]] | None = None,
+    task_dirs: dict[str, Path] | None = None,
+) -> dict[str, Any]:
+    """Write report.md / results.csv / results.json and the figure into ``out``: mAP50 and mAP75 per task and
+    method (paper Table 1), with bootstrap intervals over test images when each evaluation's folder
+    (``evaluations``, holding its ``detections.json``) and each task's folder (``task_dirs``) are given."""
+    rows = result_rows(scores)
+    if evaluations is not None and task_dirs is not None:
+        add_detection_intervals(rows, evaluations, task_dirs)
+    write_json(out / "results.json", {"rows": rows, "training": training, "generator": generator_meta, "run": run_info})
+    write_text(out / "results.csv", csv_text(rows))
+    plot_detection_bars(rows, out / FIGURE)
+    figure = f"\n## Figure\n\n![mAP50 and mAP75 per task and method]({FIGURE})\n"
+    write_text(out / "report.md", markdown_report(rows, training, generator_meta, run_info) + figure)
+    return {"rows": rows}

@@ -4,6 +4,8 @@ Agg backend. Bar-chart legends sit outside the axes, so they never hide a bar.""
 
 from __future__ import annotations
 
+import base64
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -158,3 +160,19 @@ def plot_detection_bars(rows: Sequence[Mapping[str, Any]], path: str | Path) -> 
     axes[0].set_ylabel("COCO AP")
     outside_legend(axes[1])
     return save_figure(fig, path)
+
+
+def png_data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def embed_figures(markdown: str, folder: Path) -> str:
+    """Replace ``![title](name.png)`` links to files in ``folder`` with data URIs (the UI renders them)."""
+
+    def inline(match: re.Match) -> str:
+        figure = folder / match.group(2)
+        if "/" in match.group(2) or not figure.is_file():
+            return match.group(0)
+        return f"![{match.group(1)}]({png_data_url(figure)})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)", inline, markdown)

@@ -3,6 +3,7 @@ the fine-tuning gain each method recovers, and storage accounting from actual fi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,8 +75,10 @@ def markdown_table(headers: Sequence[str], body: Iterable[Sequence[Any]], align:
     return "\n".join(lines)
 
 
-def _fmt(value: Any, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
+def fmt(value: float | None, spec: str) -> str:
+    """A number for a table cell in format ``spec`` (``".3f"``, ``"+.2%"``, ...); "n/a" when it is missing or not
+    finite. Every report formats its cells with this."""
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
 
 
 def main_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -86,10 +89,10 @@ def main_table(rows: Sequence[Mapping[str, Any]]) -> str:
     for m in methods:
         cells = [METHOD_TITLES[m]]
         for r in rows:
-            cells += [_fmt(r[f"ppl_{m}"], ".3f"), _fmt(r[f"bpc_{m}"], ".4f")]
+            cells += [fmt(r[f"ppl_{m}"], ".3f"), fmt(r[f"bpc_{m}"], ".4f")]
         cells += [
-            _fmt(sum(r[f"ppl_{m}"] for r in rows) / len(rows), ".3f"),
-            _fmt(sum(r[f"bpc_{m}"] for r in rows) / len(rows), ".4f"),
+            fmt(sum(r[f"ppl_{m}"] for r in rows) / len(rows), ".3f"),
+            fmt(sum(r[f"bpc_{m}"] for r in rows) / len(rows), ".4f"),
         ]
         body.append(cells)
     return markdown_table(headers, body)
@@ -104,8 +107,8 @@ def gain_table(rows: Sequence[Mapping[str, Any]]) -> str:
     body = []
     for r in [*rows, mean_row(rows)]:
         cells = [r["category"]]
-        cells += [_fmt(r.get(f"gain_{m}"), ".1%") for m in methods]
-        cells += [_fmt(r.get(f"gap_{m}"), "+.2%") for m in methods]
+        cells += [fmt(r.get(f"gain_{m}"), ".1%") for m in methods]
+        cells += [fmt(r.get(f"gap_{m}"), "+.2%") for m in methods]
         body.append(cells)
     return markdown_table(headers, body)
 
@@ -158,7 +161,7 @@ def human_bytes(size: int) -> str:
 
 def storage_table(rows: Sequence[Mapping[str, Any]]) -> str:
     body = [
-        [r["item"], r["files"], f"{r['bytes']:,}", human_bytes(r["bytes"]), _fmt(r["vs_checkpoints"], ".1%")]
+        [r["item"], r["files"], f"{r['bytes']:,}", human_bytes(r["bytes"]), fmt(r["vs_checkpoints"], ".1%")]
         for r in rows
     ]
     return markdown_table(["what is stored", "files", "bytes", "size", "vs. checkpoints"], body)
@@ -246,10 +249,6 @@ def add_intervals(
             row[f"verdict_vs_{reference}"] = verdicts
 
 
-def _pct(value: float | None, spec: str = "+.2%") -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def interval_table(rows: Sequence[Mapping[str, Any]], reference: str) -> str:
     """Per category and method: relative PPL difference to ``reference``, its 95% interval and the verdict."""
     methods = [
@@ -267,7 +266,7 @@ def interval_table(rows: Sequence[Mapping[str, Any]], reference: str) -> str:
             diff = r[f"diff_vs_{reference}"][m]
             word = r[f"verdict_vs_{reference}"][m]
             mark = {"better": " **better**", "worse": " **worse**"}.get(word, " (no clear difference)")
-            cells.append(f"{_pct(diff)} [{_pct(ci[0])}, {_pct(ci[1])}]{mark}")
+            cells.append(f"{fmt(diff, '+.2%')} [{fmt(ci[0], '+.2%')}, {fmt(ci[1], '+.2%')}]{mark}")
         body.append(cells)
     return markdown_table(headers, body)
 
@@ -281,7 +280,7 @@ def seed_table(per_seed_rows: Sequence[Sequence[Mapping[str, Any]]]) -> str:
         means = [sum(r[f"ppl_{m}"] for r in rows) / len(rows) for rows in per_seed_rows]
         summary = seed_summary(means)
         body.append(
-            [METHOD_TITLES[m], *(f"{v:.3f}" for v in means), f"{summary['mean']:.3f}", _fmt(summary["sd"], ".3f")]
+            [METHOD_TITLES[m], *(f"{v:.3f}" for v in means), f"{summary['mean']:.3f}", fmt(summary["sd"], ".3f")]
         )
     return markdown_table(headers, body)
 
@@ -319,7 +318,7 @@ def diagnostics_table(
                     f"{near['own']:.2%} (#{near['own_index']})",
                     f"{near['other']:.2%} ({near['other_category']})" if near["other"] is not None else "n/a",
                     f"{d['trajectory']['to_mean']:.2%}",
-                    _fmt(d.get("to_final"), ".2%"),
+                    fmt(d.get("to_final"), ".2%"),
                     spread_cell(d.get("z_spread")),
                     "n/a"
                     if not ppl

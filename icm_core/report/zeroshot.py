@@ -4,6 +4,12 @@ task vectors say about the adapters, from :mod:`icm_core.zeroshot.geometry`)."""
 
 from __future__ import annotations
 
+from icm_core.report.geometry import geometry_lines, geometry_summary, write_geometry
+from icm_core.report.tables import fmt
+
+
+__all__ = ["INTERIM", "TITLES", "interim_dir", "title", "write_leave_out_report", "write_results"]
+
 import json
 import math
 import shutil
@@ -13,10 +19,16 @@ from typing import Any
 
 import torch
 
-from icm_core.infra.io import write_json, write_text
+from icm_core.generator.task_vectors import load_task_vector
+from icm_core.infra.io import read_json, write_json, write_text
+from icm_core.infra.layout import StageOutput
+from icm_core.lora.adapters import read_adapter
+from icm_core.lora.trajectory import read_trajectory
 from icm_core.report.plots import pca_2d, pyplot, save_figure
-from icm_core.zeroshot.protocol import METHODS, scaling_size
-from icm_core.zeroshot.results import is_interim
+from icm_core.zeroshot.config import ZeroShotConfig
+from icm_core.zeroshot.geometry import condition_geometry, lora_factors
+from icm_core.zeroshot.protocol import scaling_size
+from icm_core.zeroshot.results import cross_category_matrix, is_interim, summarize
 
 
 TITLES = {
@@ -48,10 +60,6 @@ def title(method: str) -> str:
     if size is not None:
         return f"ICM-LoRA zero-shot, generator trained on {size} categories"
     return TITLES.get(method, method)
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
 
 
 def write_results(
@@ -115,9 +123,11 @@ def write_results(
     ]
     for m in methods:
         low, high = summary["macro_gain_ci95"][m]
-        lines.append(f"| {title(m)} (`{m}`) | {_pct(summary['macro_gain'][m])} | {_pct(low)} .. {_pct(high)} |")
+        lines.append(
+            f"| {title(m)} (`{m}`) | {fmt(summary['macro_gain'][m], '.1%')} | {fmt(low, '.1%')} .. {fmt(high, '.1%')} |"
+        )
     lines += ["", "| win rate | share of held-out categories |", "|---|---:|"]
-    lines += [f"| `{k}` | {_pct(v)} |" for k, v in summary["win_rate"].items()]
+    lines += [f"| `{k}` | {fmt(v, '.1%')} |" for k, v in summary["win_rate"].items()]
     if summary.get("excluded_categories"):
         lines += [
             "",
@@ -126,7 +136,7 @@ def write_results(
     lines += ["", "## Per held-out category", "", "| category | fold | " + " | ".join(methods) + " |"]
     lines.append("|---|---:|" + "---:|" * len(methods))
     for cat in sorted(result["per_category"]):
-        cells = [_pct(result["per_category"][cat][m]["gap"]) for m in methods]
+        cells = [fmt(result["per_category"][cat][m]["gap"], ".1%") for m in methods]
         lines.append(f"| {cat} | {fold_of.get(cat, '')} | " + " | ".join(cells) + " |")
     if summary.get("scaling"):
         lines += ["", *_scaling_lines(summary["scaling"])]
@@ -179,7 +189,9 @@ def _scaling_lines(points: Sequence[Mapping[str, Any]]) -> list[str]:
         low, high = point["ci95"]
         size = point["training_categories"]
         shown = f"{size:g}" if "per_fold" not in point else f"{size:g} (per fold {point['per_fold']})"
-        lines.append(f"| {shown} | `{point['method']}` | {_pct(point['macro_gain'])} | {_pct(low)} .. {_pct(high)} |")
+        lines.append(
+            f"| {shown} | `{point['method']}` | {fmt(point['macro_gain'], '.1%')} | {fmt(low, '.1%')} .. {fmt(high, '.1%')} |"
+        )
     return lines
 
 
@@ -194,7 +206,7 @@ def _cross_category_lines(matrix: Mapping[str, Any], meta: Mapping[str, Any]) ->
         "the target's own base-to-LoRA NLL gap it recovers (1 on the diagonal): `cross_category.csv`, "
         "`cross_category_matrix.png`.",
         "",
-        f"- off-diagonal share: mean {_pct(info['mean_off_diagonal'])}, largest {_pct(info['max_off_diagonal'])}",
+        f"- off-diagonal share: mean {fmt(info['mean_off_diagonal'], '.1%')}, largest {fmt(info['max_off_diagonal'], '.1%')}",
         f"- targets where another category's LoRA beats the own one: {len(beaten)} of {info['scored_targets']}"
         + (": " + ", ".join(f"{t} (by {s})" for t, s in sorted(beaten.items())) if beaten else ""),
     ]
@@ -283,147 +295,69 @@ def _figures(out, result, methods, multitask_losses, vectors, families) -> dict[
     return files
 
 
-REACH = {
-    "mean_lora": "the mean LoRA",
-    "nn1": "the 1-NN by task vector",
-    "knn_softmax": "the softmax k-NN by task vector",
-    "best_single_oracle": "the closest other adapter (oracle)",
-    "span_oracle": "the best combination of all the others (projection, oracle)",
-}
+def write_leave_out_report(
+    results_dir: str | Path,
+    evals: Mapping[str, Mapping[str, StageOutput]],
+    folds: Sequence[Sequence[str]],
+    multitask: Mapping[str, StageOutput],
+    vectors: Mapping[str, StageOutput],
+    families: Mapping[str, str | None],
+    meta: Mapping[str, Any],
+    samples: int,
+    seed: int,
+    cross: Mapping[str, Any] | None = None,
+    loras: Mapping[str, StageOutput] | None = None,
+) -> dict[str, Any]:
+    """Read every evaluation's per-block NLL, compute the metric and write the results folder.
 
+    Args:
+        results_dir: Where summary.json, report.md, per_category.csv and the figures go.
+        evals: ``{category: {method: evaluation}}`` of the held-out categories (``metrics.json`` per block).
+        folds: The fold assignment.
+        multitask: Each fold's multi-task LoRA (its training curve is plotted).
+        vectors: Every category's task vector.
+        families: Each category's family.
+        meta: Run settings recorded in summary.json.
+        samples: Bootstrap resamples.
+        seed: Seed of the bootstrap.
+        cross: The cross-category matrix's evaluations (``{"lora": {target: {source: eval}}, "base": {target:
+            eval}}``), see ``flows.zeroshot.cross_category_evals``.
+        loras: Every category's own LoRA: with three or more, what the task vectors say about the adapters
+            (:mod:`icm_core.zeroshot.geometry`).
 
-def geometry_summary(geometry: Mapping[str, Any]) -> dict[str, Any]:
-    """The headline numbers of a condition-geometry analysis (no matrices, no per-category rows)."""
-    keep = ("vector_cosine", "adapter_cosine", "vector_vs_adapter", "vector_vs_transfer", "adapter_vs_transfer")
-    summary: dict[str, Any] = {"categories": len(geometry["categories"])}
-    summary.update({k: geometry[k] for k in keep if k in geometry})
-    summary["library_reach"] = geometry["library_reach"]["mean"]
-    if "retrieval" in geometry:
-        summary["retrieval"] = {
-            by: {k: v for k, v in cell.items() if k != "per_target"} for by, cell in geometry["retrieval"].items()
-        }
-    if "families" in geometry:
-        summary["families"] = geometry["families"]
-    return summary
+    Returns:
+        ``{"result"`` (:func:`~icm_core.zeroshot.results.summarize`), ``"matrix"``, ``"geometry"``, ``"files"}``.
+    """
 
+    def block_nll(evaluation: StageOutput) -> list[float]:  # nats per token of each scored test block
+        metrics = read_json(evaluation.file("metrics.json"))
+        return [total / tokens for total, tokens in zip(metrics["block_nll"], metrics["block_tokens"], strict=True)]
 
-def _rho(cell: Mapping[str, Any] | None) -> str:
-    if not cell or cell.get("spearman") is None:
-        return "n/a"
-    return f"Spearman {cell['spearman']:+.2f} (Mantel p = {cell['p_value']:.3f}, {cell['pairs']} pairs)"
+    def mean_nll_of(evaluation: StageOutput) -> float:
+        values = block_nll(evaluation)
+        return sum(values) / len(values)
 
-
-def geometry_lines(geometry: Mapping[str, Any]) -> list[str]:
-    """The report section: does the task vector carry what the adapters differ by?"""
-    g = geometry
-    lines = [
-        "## What the task vectors say about the adapters",
-        "",
-        f"Over {len(g['categories'])} categories' final LoRAs and task vectors (nothing trained; "
-        "`condition_geometry.json`, `condition_geometry.png`). Cosines of weight changes `dW = s B A` are exact, "
-        "from the factors.",
-        "",
-        f"- task-vector cosine between categories: mean {g['vector_cosine']['mean']:.3f} "
-        f"(range {g['vector_cosine']['min']:.3f} .. {g['vector_cosine']['max']:.3f})",
-        f"- adapter (dW) cosine between categories: mean {g['adapter_cosine']['mean']:.3f} "
-        f"(range {g['adapter_cosine']['min']:.3f} .. {g['adapter_cosine']['max']:.3f})",
-        f"- task-vector similarity against adapter similarity: {_rho(g['vector_vs_adapter'])}",
-        "- the library's reach in weight space, each category left out with all the others as the library: mean "
-        "cosine of its adapter to " + ", ".join(f"{REACH[m]} {v:.3f}" for m, v in g["library_reach"]["mean"].items()),
-    ]
-    if "vector_vs_transfer" in g:
-        lines += [
-            f"- task-vector similarity against transfer (source LoRA's share of the target's gain): "
-            f"{_rho(g['vector_vs_transfer'])}",
-            f"- adapter similarity against transfer: {_rho(g['adapter_vs_transfer'])}",
-        ]
-    for by, cell in g.get("retrieval", {}).items():
-        if cell.get("targets"):
-            lines.append(
-                f"- nearest category by {by.removeprefix('by_').replace('_', ' ')}: its LoRA recovers "
-                f"{_pct(cell['mean_nearest_share'])} of a target's gain on average, against "
-                f"{_pct(cell['mean_best_share'])} for the best other category and {_pct(cell['mean_median_share'])} "
-                f"for the median one; it is the best in {_pct(cell['nearest_is_best'])} and in the top 3 in "
-                f"{_pct(cell['nearest_in_top3'])} of {cell['targets']} targets"
-            )
-    for kind, contrast in g.get("families", {}).items():
-        if contrast["within"] is not None and contrast["across"] is not None:
-            lines.append(
-                f"- {kind.replace('_', ' ')} within a family {contrast['within']:.3f}, across families "
-                f"{contrast['across']:.3f}"
-            )
-    return lines + ["", *_reach_table(g)]
-
-
-def _reach_table(g: Mapping[str, Any]) -> list[str]:
-    """Per category: the library's reach, and with the transfer matrix what its nearest category by task vector
-    and its best other category recover of its gain."""
-    methods = list(REACH)
-    retrieval = g.get("retrieval", {}).get("by_task_vector", {}).get("per_target", {})
-    head = "| category | " + " | ".join(f"cos to {m}" for m in methods) + " |"
-    rule = "|---|" + "---:|" * len(methods)
-    if retrieval:
-        head += " nearest by vector | its share of the gain | best other (share) |"
-        rule += "---|---:|---|"
-    rows = [head, rule]
-    for name in g["categories"]:
-        cells = [f"{g['library_reach']['per_category'][name][m]:.3f}" for m in methods]
-        row = f"| {name} | " + " | ".join(cells) + " |"
-        if retrieval:
-            t = retrieval.get(name)
-            row += (
-                f" {t['nearest']} | {_pct(t['nearest_share'])} | {t['best']} ({_pct(t['best_share'])}) |"
-                if t
-                else " | | |"
-            )
-        rows.append(row)
-    return rows
-
-
-def write_geometry(out: str | Path, geometry: Mapping[str, Any], families: Mapping[str, str | None]) -> dict[str, str]:
-    """``condition_geometry.json`` (everything, matrices included) and ``condition_geometry.png``: adapter cosine
-    against task-vector cosine over category pairs (same family or not), and, with the transfer matrix, the
-    source LoRA's share of the target's gain against the task-vector cosine."""
-    out = Path(out)
-    files = {"geometry": str(write_json(out / "condition_geometry.json", dict(geometry)))}
-    names = geometry["categories"]
-    vec, ada = geometry["matrices"]["vector_cosine"], geometry["matrices"]["adapter_cosine"]
-    pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
-    same = [families.get(names[i]) is not None and families.get(names[i]) == families.get(names[j]) for i, j in pairs]
-    panels = 2 if "retrieval" in geometry else 1
-    plt = pyplot()
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
-    ax = axes[0][0]
-    for flag, label, colour in ((False, "different families", "tab:gray"), (True, "same family", "tab:red")):
-        idx = [k for k, s in enumerate(same) if s == flag]
-        ax.scatter([vec[i][j] for i, j in (pairs[k] for k in idx)], [ada[i][j] for i, j in (pairs[k] for k in idx)],
-                   s=6, alpha=0.6, label=label, color=colour)  # fmt: skip
-    ax.set_xlabel("task-vector cosine")
-    ax.set_ylabel("adapter (dW) cosine")
-    ax.set_title(_rho(geometry["vector_vs_adapter"]), fontsize=7)
-    ax.legend(fontsize=6)
-    if panels == 2:
-        ax = axes[0][1]
-        transfer = geometry["matrices"]["transfer"]
-        cells = [(vec[t][s], transfer[t][s]) for t in range(len(names)) for s in range(len(names))]
-        xs, ys = [x for x, y in cells if y is not None], [y for _, y in cells if y is not None]
-        ax.scatter(xs, ys, s=6, alpha=0.6, color="tab:blue")
-        ax.axhline(0.0, color="black", lw=0.6)
-        ax.set_xlabel("task-vector cosine (target, source)")
-        ax.set_ylabel("source LoRA's share of the target's gain")
-        ax.set_title(_rho(geometry.get("vector_vs_transfer")), fontsize=7)
-    files["geometry_figure"] = str(save_figure(fig, out / "condition_geometry.png"))
-    return files
-
-
-__all__ = [
-    "INTERIM",
-    "METHODS",
-    "TITLES",
-    "geometry_lines",
-    "geometry_summary",
-    "interim_dir",
-    "title",
-    "write_geometry",
-    "write_results",
-]
+    nll = {cat: {m: block_nll(ev) for m, ev in by.items()} for cat, by in evals.items()}
+    matrix = None
+    if cross is not None:
+        matrix = cross_category_matrix(
+            {t: {s: mean_nll_of(ev) for s, ev in by.items()} for t, by in cross["lora"].items()},
+            {t: mean_nll_of(ev) for t, ev in cross["base"].items()},
+        )
+    result = summarize(nll, folds, samples=samples, seed=seed)
+    mean_nll = {cat: {m: sum(v) / len(v) for m, v in by.items()} for cat, by in nll.items()}
+    losses = {label: read_trajectory(output.folder).losses for label, output in multitask.items()}
+    tensors = {name: load_task_vector(output.file("task_vector.safetensors")) for name, output in vectors.items()}
+    geometry = None
+    if loras and len(loras) >= 3:
+        adapters = {n: lora_factors(*read_adapter(read_trajectory(o.folder).adapter_dir)) for n, o in loras.items()}
+        zs = ZeroShotConfig(**meta.get("config", {}).get("zeroshot", {}))  # the k-NN baselines' settings
+        geometry = condition_geometry(
+            tensors, adapters, matrix and matrix["share"], families, seed=seed, knn_k=zs.knn_k,
+            knn_temperature=zs.knn_temperature,
+        )  # fmt: skip
+    files = write_results(
+        results_dir, result, folds, mean_nll, losses, tensors, families, {**meta, "bootstrap_samples": samples},
+        matrix, geometry,
+    )  # fmt: skip
+    return {"result": result, "matrix": matrix, "geometry": geometry, "files": files}

@@ -10,25 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
-
 from icm_core.config import METHOD_TITLES
-from icm_core.infra.io import csv_text, write_json, write_text
 from icm_core.report.plots import pyplot, save_figure
-from icm_core.report.tables import GENERATED, human_bytes, markdown_table, methods_in
-from tasks.artifacts import ArtifactCachePolicy, ArtifactRef
-from tasks.report import png_data_url
-from tasks.stage import TASK_DEFAULTS, run_stage
+from icm_core.report.tables import GENERATED, fmt, human_bytes, markdown_table, methods_in
 
 
 def _mean(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if len(present) == len(values) and present else None
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
 
 
 def variant_summary(variant: dict[str, Any]) -> dict[str, Any]:
@@ -60,7 +49,7 @@ def rank_table(variants: list[dict[str, Any]]) -> str:
         by_cat = {r["category"]: r for r in v["rows"]}
         cells = [v["params"]["rank"], f"{v['flat_length']:,}"]
         cells += [f"{by_cat[c][f'ppl_{m}']:.3f}" for c in cats for m in methods]
-        cells += [_fmt(_mean([r.get(f"gain_{m}") for r in v["rows"]]), ".1%") for m in methods if m in GENERATED]
+        cells += [fmt(_mean([r.get(f"gain_{m}") for r in v["rows"]]), ".1%") for m in methods if m in GENERATED]
         body.append(cells)
     return markdown_table(headers, body)
 
@@ -89,8 +78,8 @@ def icm_table(variants: list[dict[str, Any]], columns: list[str]) -> str:
         cells = [v["params"][c] for c in columns]
         cells += [f"{by_cat[c]['ppl_icm_lora']:.3f} ({by_cat[c]['ppl_lora']:.3f})" for c in cats]
         cells += [
-            _fmt(_mean([r.get("gain_icm_lora") for r in v["rows"]]), ".1%"),
-            _fmt(_mean([r.get("gap_icm_lora") for r in v["rows"]]), "+.2%"),
+            fmt(_mean([r.get("gain_icm_lora") for r in v["rows"]]), ".1%"),
+            fmt(_mean([r.get("gap_icm_lora") for r in v["rows"]]), "+.2%"),
         ]
         body.append(cells)
     return markdown_table(headers, body)
@@ -143,43 +132,18 @@ def ablation_markdown(groups: dict[str, list[dict[str, Any]]], categories: list[
     return "\n".join(lines)
 
 
-@task(
-    name="ablation-report",
-    task_run_name="ablation-report",
-    cache_policy=ArtifactCachePolicy("ablation_report", category_arg=None),
-    **TASK_DEFAULTS,
-)
-def ablation_report_task(variants: list[dict[str, Any]], root: str) -> ArtifactRef:
-    """Write ablations.md / ablations.json / ablations.csv and the gain-vs-rank figure."""
-    inputs = {"variants": variants, "root": root}
-
-    def build(out: Path) -> dict[str, Any]:
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for v in variants:
-            groups.setdefault(v["group"], []).append(v)
-        if "rank" in groups:
-            groups["rank"].sort(key=lambda v: v["params"]["rank"])
-            plot_gain_vs_rank(groups["rank"], out / "gain_vs_rank.png")
-        categories = [r["category"] for r in variants[0]["rows"]]
-        summaries = [variant_summary(v) for v in variants]
-        write_json(out / "ablations.json", {"categories": categories, "variants": variants, "summary": summaries})
-        write_text(out / "ablations.csv", csv_text(summaries))
-        write_text(out / "ablations.md", ablation_markdown(groups, categories))
-        return {"summary": summaries}
-
-    return run_stage("ablation_report", None, inputs, build)
-
-
-def publish_ablations(report: ArtifactRef) -> None:
-    """The ablation tables and figure in the Prefect UI."""
-    create_table_artifact(
-        key="icm-ablations-summary", table=report.meta["summary"], description="One row per ablation variant."
-    )
-    create_markdown_artifact(
-        key="icm-ablations", markdown=report.file("ablations.md").read_text(), description="ICM-LoRA ablations"
-    )
-    figure = report.file("gain_vs_rank.png")
-    if figure.is_file():
-        create_image_artifact(
-            image_url=png_data_url(figure), key="icm-figure-gain-vs-rank", description="Gain vs rank"
-        )
+def write_ablation_report(out: Path, variants: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write ablations.md / ablations.json / ablations.csv and the gain-vs-rank figure into ``out``; returns the
+    one-row-per-variant summary."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for v in variants:
+        groups.setdefault(v["group"], []).append(v)
+    if "rank" in groups:
+        groups["rank"].sort(key=lambda v: v["params"]["rank"])
+        plot_gain_vs_rank(groups["rank"], out / "gain_vs_rank.png")
+    categories = [r["category"] for r in variants[0]["rows"]]
+    summaries = [variant_summary(v) for v in variants]
+    write_json(out / "ablations.json", {"categories": categories, "variants": variants, "summary": summaries})
+    write_text(out / "ablations.csv", csv_text(summaries))
+    write_text(out / "ablations.md", ablation_markdown(groups, categories))
+    return {"summary": summaries}
