@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from icm_core.config import METHOD_TITLES
+from icm_core.infra.io import csv_text, write_json, write_text
 from icm_core.report.plots import pyplot, save_figure
 from icm_core.report.tables import GENERATED, fmt, human_bytes, markdown_table, methods_in
 
