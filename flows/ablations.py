@@ -1,6 +1,6 @@
 """The ablation flow: the paper's Tables 4-6 reproduced on our categories with one command.
 
-    python -m flows.ablations                      # defaults below, CPU-sized
+    icm-lora ablations                             # defaults below, CPU-sized
     make ablations                                 # the same
 
 Each variant is a run of the pipeline flow (a subflow, cached like every run), so variants share every
@@ -152,11 +152,3 @@ def icm_ablations(
     out = {"report": str(report.file("ablations.md")), "summary": report.meta["summary"]}
     write_root_json(root, "latest-ablations.json", out)
     return out
-
-
-if __name__ == "__main__":
-    # ``python -m flows.ablations``: an alias of ``icm-lora ablations`` (flows/cli.py). Run this way the
-    # module is ``__main__``, so importing flows.cli here makes no import cycle.
-    from flows.cli import alias
-
-    raise SystemExit(alias("ablations"))

@@ -1,4 +1,4 @@
-"""``icm-lora``: the one command line for every job.
+"""``icm-lora``: the one command line for every job, built from one table (:data:`COMMANDS`).
 
     icm-lora pipeline      the full Prefect pipeline (what ``make demo`` runs)
     icm-lora generate      a PEFT adapter from the trained generator (category, description, task vector, or a
@@ -8,41 +8,27 @@
     icm-lora zeroshot      the leave-out protocol: adapters for categories the generator never saw
     icm-lora registry scan | retrain   the category registry: emit change events, retrain after a change
     icm-lora categories | config | prepare-data | finetune | task-vector | train-generator | sample |
-             evaluate | run            single stages without Prefect (also ``python -m icm_core``)
+             evaluate | in-process     without Prefect (``icm_core/cli.py``; also ``python -m icm_core``)
 
 Only the standard library is imported until a command runs: ``--help`` and ``--version`` do not load
 torch or Prefect (``make bench-cli`` measures it). Every command checks its input before anything starts
 (no temporary Prefect server for a bad category file): bad input is one line on stderr and exit status 2;
-a run that starts and fails is one line and exit status 1 (``ICM_LORA_DEBUG=1`` shows the traceback).
-``python -m flows.pipeline|generate|detection|ablations|registry|zeroshot`` are aliases of the matching command.
+a run that starts and fails is one line and exit status 1 (``ICM_LORA_DEBUG=1`` shows the traceback). The
+flows never import this module: it imports them, when a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from icm_core.cli import (
-    STAGE_COMMANDS,
-    STAGE_ERRORS,
-    add_stage_commands,
-    common_parser,
-    config_options,
-    error_line,
-    run_stage_command,
-)
+from icm_core.cli import STAGE_COMMANDS, Command, RunFailed, dispatch, error_line
+from icm_core.cli import build_parser as build_command_parser
 
 
-PROG = "icm-lora"
-FLOW_COMMANDS = ("pipeline", "generate", "detect", "ablations", "zeroshot", "registry")
 RUNNERS = ("threads", "dask", "ray")  # flows.runtime.RUNNERS, repeated so that --help imports no Prefect
-
-
-class RunFailed(Exception):
-    """A flow run started and failed (exit status 1); bad input found before the run is exit status 2."""
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -111,7 +97,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict[str, Any], results_dir: str | None) -> None:
-    from icm_core.local_pipeline import format_table
+    from icm_core.in_process import format_table
 
     print()
     print(format_table(summary["rows"]))
@@ -293,25 +279,11 @@ def cmd_registry_retrain(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Parser
+# Arguments of each command, and the table
 # --------------------------------------------------------------------------------------------------
 
 
-def _flow_commands(sub) -> None:
-    def add(name: str, fn, help_text: str, **kwargs: Any) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text, **kwargs)
-        p.set_defaults(fn=fn, flow_command=True)
-        return p
-
-    p = config_options(
-        add(
-            "pipeline",
-            cmd_pipeline,
-            "Run the full ICM-LoRA pipeline as a Prefect flow: fine-tune every category, one generator, "
-            "generated adapters, baselines, evaluation and the report (a temporary local Prefect server "
-            "unless PREFECT_API_URL is set).",
-        )
-    )
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--categories", help="category file or folder (default: the five built-in demo categories)")
     p.add_argument("--only", help="comma-separated category names")
     p.add_argument("--root", default="artifacts", help="artifacts folder or fsspec URL (default: artifacts)")
@@ -332,13 +304,8 @@ def _flow_commands(sub) -> None:
         "summary without starting Prefect; flows/run_record.py)",
     )
 
-    p = add(
-        "generate",
-        cmd_generate,
-        "Generate a PEFT adapter with the trained generator (the latest pipeline run under --root unless "
-        "--generator is given), for a category, a task description, a task-vector file, or a new category's "
-        "text (--text-dir / --text: no fine-tune needed).",
-    )
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--category", help="a category the generator was trained on")
     group.add_argument("--description", help="a task description (generators trained on description vectors)")
@@ -370,9 +337,8 @@ def _flow_commands(sub) -> None:
         "recorded, a hub id or model folder transformers can load)",
     )
 
-    p = config_options(
-        add("detect", cmd_detect, "Run ICM-LoRA on detection tasks (docs/vision.md; needs the vision extra).")
-    )
+
+def _detect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default="artifacts/detection", help="artifacts root (default: artifacts/detection)")
     p.add_argument(
         "--results-dir",
@@ -380,7 +346,8 @@ def _flow_commands(sub) -> None:
         "(as detection-report.md, detection-results.csv, detection-results.json, detection_results.png)",
     )
 
-    p = config_options(add("ablations", cmd_ablations, "Run the ablations (paper Tables 4-6) as one Prefect flow."))
+
+def _ablations_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--categories", help="category file (default: the built-in demo categories)")
     p.add_argument("--only", default="news,python-docs", help="comma-separated categories ('' = all)")
     p.add_argument("--ranks", default="1,2,4,8", help="LoRA ranks (Table 4)")
@@ -389,41 +356,21 @@ def _flow_commands(sub) -> None:
     p.add_argument("--sources", default="hidden_state,description", help="task-vector sources (Table 6)")
     p.add_argument("--root", default="artifacts", help="artifacts root (default: artifacts)")
 
-    p = config_options(
-        add(
-            "zeroshot",
-            cmd_zeroshot,
-            "Run the leave-out protocol (docs/zeroshot.md): K folds over the category library; each fold's "
-            "generator and baselines see only the other folds; share of the base-to-oracle gap recovered.",
-        )
-    )
+
+def _zeroshot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--categories", help="category file or registry folder (default: the library; make corpora)")
     p.add_argument("--only", help="comma-separated category names")
     p.add_argument("--root", default="artifacts", help="artifacts folder (default: artifacts)")
     p.add_argument("--results", default="results/zeroshot", help="results folder (default: results/zeroshot)")
 
-    registry = sub.add_parser(
-        "registry",
-        help="The category registry: scan it for changes, retrain after one.",
-        description="The category registry (a category file or a folder of them): `scan` compares it with the "
-        "last scan and emits icm.category.* events; `retrain` brings the generator up to date with it.",
-    )
-    reg_sub = registry.add_subparsers(dest="registry_command", required=True, metavar="SUBCOMMAND")
-    p = reg_sub.add_parser("scan", help="Scan once and emit icm.category.* events for the changes.")
-    p.set_defaults(fn=cmd_registry_scan, flow_command=True)
+
+def _registry_scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", default="categories", help="category file or folder (default: categories)")
     p.add_argument("--root", default="artifacts", help="artifacts folder or fsspec URL (default: artifacts)")
     p.add_argument("--baseline", action="store_true", help="record the registry without emitting events")
-    p = config_options(
-        reg_sub.add_parser(
-            "retrain",
-            help="Run the pipeline on the whole registry (only changed categories are recomputed).",
-            description="Run the pipeline on the whole registry; cached stages of unchanged categories are "
-            "reused. --baseline also records the registry as the scan baseline (the first retrain of a "
-            "new registry), so the next scan emits only later changes.",
-        )
-    )
-    p.set_defaults(fn=cmd_registry_retrain, flow_command=True)
+
+
+def _registry_retrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", default="categories", help="category file or folder (default: categories)")
     p.add_argument("--root", default="artifacts", help="artifacts folder or fsspec URL (default: artifacts)")
     p.add_argument("--category", help="the category whose change this retrain follows (for the log)")
@@ -436,51 +383,66 @@ def _flow_commands(sub) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from icm_core import __version__
+FLOW_COMMANDS: dict[str, Command] = {
+    "pipeline": Command(
+        cmd_pipeline,
+        "Run the full ICM-LoRA pipeline as a Prefect flow: fine-tune every category, one generator, generated "
+        "adapters, baselines, evaluation and the report (a temporary local Prefect server unless PREFECT_API_URL "
+        "is set). What `make demo` runs.",
+        _pipeline_args,
+    ),
+    "generate": Command(
+        cmd_generate,
+        "Generate a PEFT adapter with the trained generator (the latest pipeline run under --root unless "
+        "--generator is given), for a category, a task description, a task-vector file, or a new category's "
+        "text (--text-dir / --text: no fine-tune needed); prints the adapter folder. Runs as a Prefect flow; "
+        "`sample` is the stage alone.",
+        _generate_args,
+        config=False,
+    ),
+    "detect": Command(
+        cmd_detect, "Run ICM-LoRA on detection tasks (docs/vision.md; needs the vision extra).", _detect_args
+    ),
+    "ablations": Command(cmd_ablations, "Run the ablations (paper Tables 4-6) as one Prefect flow.", _ablations_args),
+    "zeroshot": Command(
+        cmd_zeroshot,
+        "Run the leave-out protocol (docs/zeroshot.md): K folds over the category library; each fold's generator "
+        "and baselines see only the other folds; share of the base-to-oracle gap recovered.",
+        _zeroshot_args,
+    ),
+    "registry scan": Command(
+        cmd_registry_scan,
+        "Scan the registry once and emit icm.category.* events for the changes.",
+        _registry_scan_args,
+        config=False,
+    ),
+    "registry retrain": Command(
+        cmd_registry_retrain,
+        "Run the pipeline on the whole registry; cached stages of unchanged categories are reused. --baseline "
+        "also records the registry as the scan baseline (the first retrain of a new registry), so the next scan "
+        "emits only later changes.",
+        _registry_retrain_args,
+    ),
+}
+"""The Prefect jobs (each runs a flow)."""
 
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="ICM-LoRA: one conditional VAE that generates LoRA adapters for many tasks. Prefect jobs "
-        "(pipeline, generate, detect, ablations, zeroshot, registry) and single stages without Prefect.",
-        epilog="Bad input: one line on stderr, exit status 2. A run that fails: one line, exit status 1 "
-        "(ICM_LORA_DEBUG=1 shows the traceback). `icm-lora COMMAND --help` describes each command.",
-    )
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _flow_commands(sub)
-    add_stage_commands(sub, common_parser())
-    return parser
+COMMANDS: dict[str, Command] = {**FLOW_COMMANDS, **STAGE_COMMANDS}
+"""Every command of ``icm-lora``: the one table the parser is built from."""
+
+GROUPS = {
+    "registry": "The category registry (a category file or a folder of them): `scan` compares it with the last "
+    "scan and emits icm.category.* events; `retrain` brings the generator up to date with it."
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return build_command_parser(COMMANDS, GROUPS)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if not getattr(args, "flow_command", False):
-        return run_stage_command(args, PROG)
-    command = args.command + (f" {args.registry_command}" if args.command == "registry" else "")
-    debug = os.environ.get("ICM_LORA_DEBUG", "") not in ("", "0")
     # The project's warnings reach the run logs in the UI from any folder (prefect.toml covers the repo root).
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "icm_lora")
-    try:
-        return args.fn(args)
-    except RunFailed as exc:
-        if debug:
-            raise
-        print(f"{PROG} {command}: error: run failed: {exc}", file=sys.stderr)
-        return 1
-    except (*STAGE_ERRORS, ImportError, OSError) as exc:
-        if debug:
-            raise
-        print(f"{PROG} {command}: error: {error_line(exc)}", file=sys.stderr)
-        return 2
-
-
-def alias(command: str, argv: list[str] | None = None) -> int:
-    """``python -m flows.<module>``: the same as ``icm-lora <command>``."""
-    return main([*command.split(), *(sys.argv[1:] if argv is None else argv)])
-
-
-__all__ = ["FLOW_COMMANDS", "STAGE_COMMANDS", "alias", "build_parser", "main"]
+    return dispatch(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
 Default: MTCNN with its pretrained weights on four built-in face tasks (CPU). Any transformers detector
 and a COCO file work through ``--set detector.kind=transformers`` and ``data.source=coco``; Florence-2 (the
 paper's detector) through ``--set detector.kind=florence2`` (see docs/vision.md). Run with
-``python -m flows.detection`` or the ``icm-detection/faces`` deployment.
+``icm-lora detect`` or the ``icm-detection/faces`` deployment.
 """
 
 from __future__ import annotations
@@ -151,11 +151,3 @@ def detection_pipeline(
     }
     write_root_json(root, "latest.json", summary)
     return summary
-
-
-if __name__ == "__main__":
-    # ``python -m flows.detection``: an alias of ``icm-lora detect`` (flows/cli.py). Run this way the
-    # module is ``__main__``, so importing flows.cli here makes no import cycle.
-    from flows.cli import alias
-
-    raise SystemExit(alias("detect"))

@@ -194,11 +194,3 @@ def generate_adapter(
     )
     get_run_logger().info("adapter written to %s in %.1f ms", out_dir, 1000 * result["seconds"])
     return {**result, "adapter_sha256": adapter_sha256(out_dir)}
-
-
-if __name__ == "__main__":
-    # ``python -m flows.generate``: an alias of ``icm-lora generate`` (flows/cli.py). Run this way the
-    # module is ``__main__``, so importing flows.cli here makes no import cycle.
-    from flows.cli import alias
-
-    raise SystemExit(alias("generate"))

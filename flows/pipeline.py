@@ -9,7 +9,7 @@
 Every task is cached by its inputs' content (see ``tasks/artifacts.py``), so a second run is all cache
 hits, a killed run resumes where it stopped (inside the long stages too: ``RunConfig.resume``), and
 changing one stage's config reruns that stage and what follows it. Prefect's result records are kept
-inside the artifacts root (``tasks/result_records.py``). Run it with ``python -m flows.pipeline`` (see
+inside the artifacts root (``tasks/result_records.py``). Run it with ``icm-lora pipeline`` (see
 ``--help``) or as a deployment.
 """
 
@@ -324,11 +324,3 @@ def copy_report(report_dir: str, target: str) -> str:
         if source.is_file():
             shutil.copyfile(source, out / name)
     return str(out)
-
-
-if __name__ == "__main__":
-    # ``python -m flows.pipeline``: an alias of ``icm-lora pipeline`` (flows/cli.py). Run this way the
-    # module is ``__main__``, so importing flows.cli here makes no import cycle.
-    from flows.cli import alias
-
-    raise SystemExit(alias("pipeline"))

@@ -404,11 +404,3 @@ def retrain_categories(
     if baseline:
         scan_categories(registry=registry, root=root, baseline=True)
     return {**summary, "published": entries, "zero_shot": early}
-
-
-if __name__ == "__main__":
-    # ``python -m flows.retrain``: an alias of ``icm-lora registry scan`` (flows/cli.py). Run this way the
-    # module is ``__main__``, so importing flows.cli here makes no import cycle.
-    from flows.cli import alias
-
-    raise SystemExit(alias("registry scan"))

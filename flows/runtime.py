@@ -5,10 +5,10 @@ thread per submitted task): every task runs in the flow's process, heavy stages 
 (``tasks.stage.device_slot``). To fan fine-tuning out over several processes or
 machines, pick another runner::
 
-    python -m flows.pipeline --runner dask                         # a local Dask cluster (one worker per core)
-    python -m flows.pipeline --runner dask --workers 2
-    python -m flows.pipeline --runner dask --runner-address tcp://scheduler:8786   # an existing cluster
-    python -m flows.pipeline --runner ray --runner-address ray://head:10001
+    icm-lora pipeline --runner dask                         # a local Dask cluster (one worker per core)
+    icm-lora pipeline --runner dask --workers 2
+    icm-lora pipeline --runner dask --runner-address tcp://scheduler:8786   # an existing cluster
+    icm-lora pipeline --runner ray --runner-address ray://head:10001
 
 Dask needs the ``dask`` extra (``pip install -e ".[dask]"``), Ray the ``ray`` extra. With several
 machines, give the pipeline an artifacts root they all reach (an fsspec URL, see ``tasks/store.py``).

@@ -12,7 +12,7 @@
 
 Every stage is cached by its inputs (see ``tasks/artifacts.py``): a rerun reuses everything finished, a killed
 run resumes, and the heavy benchmark can be split across sessions. Run it with ``make zeroshot`` or
-``python -m flows.zeroshot --help``.
+``icm-lora zeroshot --help``.
 """
 
 from __future__ import annotations
@@ -258,11 +258,3 @@ def cross_category_evals(
         else:
             out["lora"][target][source] = ref
     return out
-
-
-if __name__ == "__main__":
-    # ``python -m flows.zeroshot``: an alias of ``icm-lora zeroshot`` (flows/cli.py). Run this way the
-    # module is ``__main__``, so importing flows.cli here makes no import cycle.
-    from flows.cli import alias
-
-    raise SystemExit(alias("zeroshot"))

@@ -1,18 +1,27 @@
-"""``python -m icm_core``: one subcommand per stage, usable without Prefect (no Prefect import).
+"""The commands that run without Prefect: one per stage, and every stage in one process (no Prefect import).
 
-The same stage subcommands are part of ``icm-lora`` (``flows/cli.py``), which adds the Prefect jobs
-(pipeline, generate, detect, ablations, registry). Every subcommand takes ``--config run.yaml`` (sections:
-model, data, lora, task_vector, cvae, sample, eval) and ``--set section.field=value`` overrides; the
-defaults are the CPU demo on SmolLM2-135M. Only the standard library is imported until a command runs.
+``python -m icm_core`` runs them; ``icm-lora`` (``flows/cli.py``) is the same table plus the Prefect jobs
+(pipeline, generate, detect, ablations, zeroshot, registry). A command is a :class:`Command` in a table that maps
+its name to it: the parser is built from the table, so the table is the one list of what the command line does.
+Commands that take a run config take ``--config run.yaml`` (sections: model, data, lora, task_vector, cvae,
+sample, eval) and ``--set section.field=value`` overrides; the defaults are the CPU demo on SmolLM2-135M. Only the
+standard library is imported until a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+PROG = "icm-lora"
 
 
 def _categories(args: argparse.Namespace):
@@ -139,26 +148,128 @@ def cmd_evaluate(args):
     _print(evaluate_adapter(args.data, args.adapter, cfg.model, cfg.data, cfg.eval, args.out))
 
 
-def cmd_run(args):
-    from icm_core.local_pipeline import format_table, run_all
+def cmd_in_process(args):
+    from icm_core.in_process import format_table, run_in_process
 
-    result = run_all(_categories(args), _config(args), args.out, log=lambda m: print(m, file=sys.stderr))
+    result = run_in_process(_categories(args), _config(args), args.out, log=lambda m: print(m, file=sys.stderr))
     print(format_table(result["rows"]))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
 
 
-STAGE_COMMANDS = (
-    "categories",
-    "config",
-    "prepare-data",
-    "finetune",
-    "task-vector",
-    "train-generator",
-    "sample",
-    "evaluate",
-    "run",
-)
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: the function it runs, its help, and the arguments it adds to its parser."""
+
+    run: Callable[[argparse.Namespace], int | None]
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
+    config: bool = True
+    """It takes a run config (``--config`` and ``--set``)."""
+    categories: bool = False
+    """It takes ``--categories`` (a category file; default: the five built-in demo categories)."""
+
+
+def _prepare_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--category", required=True)
+    p.add_argument("--out", required=True, help="output folder for the splits")
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="folder written by prepare-data")
+    p.add_argument("--out", required=True, help="output trajectory folder")
+
+
+def _task_vector_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--category", required=True)
+    p.add_argument("--data", required=True, help="folder written by prepare-data")
+    p.add_argument("--lora", help="trajectory folder (needed when task_vector.hidden_from=finetuned)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+
+
+def _train_generator_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="append", required=True, metavar="CATEGORY=DIR", help="trajectory (repeatable)")
+    p.add_argument(
+        "--task-vector", action="append", required=True, metavar="CATEGORY=FILE", help="task vector file (repeatable)"
+    )
+    p.add_argument("--out", required=True, help="output generator .safetensors file")
+
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generator", required=True)
+    p.add_argument("--category", help="a category the generator was trained on")
+    p.add_argument("--task-vector", help="a task vector .safetensors file instead of a category name")
+    p.add_argument("--out", required=True, help="output adapter folder")
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True)
+    p.add_argument("--adapter")
+    p.add_argument("--out", help="optional JSON output file")
+
+
+def _in_process_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="artifacts/in-process", help="artifacts root (default: artifacts/in-process)")
+    p.add_argument("--only", help="comma-separated subset of category names")
+    p.add_argument("--json", help="also write the full results as JSON here")
+
+
+STAGE_COMMANDS: dict[str, Command] = {
+    "categories": Command(
+        cmd_categories, "List the categories (built-in demo set or --categories file).", categories=True
+    ),
+    "config": Command(cmd_config, "Print the effective run config (defaults + --config + --set) as JSON."),
+    "prepare-data": Command(
+        cmd_prepare_data,
+        "Split one category's text into deterministic train/val/test splits (one stage, no Prefect).",
+        _prepare_data_args,
+        categories=True,
+    ),
+    "finetune": Command(
+        cmd_finetune,
+        "Fine-tune a LoRA adapter on a category's train split (one stage, no Prefect) and save the last "
+        "checkpoints (the trajectory) plus the final adapter.",
+        _finetune_args,
+    ),
+    "task-vector": Command(
+        cmd_task_vector,
+        "Compute a category's task vector (one stage, no Prefect): the mean last-layer last-token hidden state "
+        "over train samples (paper Eq. 1), or the embedding of its description.",
+        _task_vector_args,
+        categories=True,
+    ),
+    "train-generator": Command(
+        cmd_train_generator,
+        "Train one CVAE on the trajectories of all categories, conditioned on their task vectors (one stage, no "
+        "Prefect).",
+        _train_generator_args,
+    ),
+    "sample": Command(
+        cmd_sample,
+        "Decode one adapter from a generator file (one stage, no Prefect): z ~ N(0, I) with a category's (or a "
+        "file's) task vector, written as a PEFT adapter to --out. `generate` is the job around it: it finds the "
+        "latest generator, computes a new category's vector from its text and runs as a Prefect flow.",
+        _sample_args,
+    ),
+    "evaluate": Command(
+        cmd_evaluate,
+        "Score an adapter merged into the base model (one stage, no Prefect): PPL and BPC on the category's "
+        "test split (no --adapter: the base model).",
+        _evaluate_args,
+    ),
+    "in-process": Command(
+        cmd_in_process,
+        "Run every stage once for all categories in this process, without Prefect, caching or resume (the "
+        "reference path the benchmarks time), and print the results table. `pipeline` is the cached Prefect flow.",
+        _in_process_args,
+        categories=True,
+    ),
+}
+"""The commands that run without Prefect (``python -m icm_core``, and part of ``icm-lora``)."""
 
 
 def config_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -178,87 +289,48 @@ def config_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def common_parser() -> argparse.ArgumentParser:
-    common = config_options(argparse.ArgumentParser(add_help=False))
-    common.add_argument("--categories", help="YAML/JSON category file (default: the five built-in demo categories)")
-    return common
+def short_help(text: str) -> str:
+    """The listing's line of a command: its help up to the first sentence's end, colon or bracket."""
+    return re.split(r"\. |: | \(|;", text, maxsplit=1)[0].rstrip(".")
 
 
-def add_stage_commands(sub, common: argparse.ArgumentParser) -> None:
-    """Add the stage subcommands (:data:`STAGE_COMMANDS`) to ``sub`` (an argparse subparsers action)."""
-
-    def add(name: str, fn, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
-        p.set_defaults(fn=fn)
-        return p
-
-    add("categories", cmd_categories, "List the categories (built-in demo set or --categories file).")
-    add("config", cmd_config, "Print the effective run config (defaults + --config + --set) as JSON.")
-    p = add(
-        "prepare-data", cmd_prepare_data, "Read one category's text and write deterministic train/val/test splits."
-    )
-    p.add_argument("--category", required=True)
-    p.add_argument("--out", required=True, help="output folder for the splits")
-    p = add(
-        "finetune",
-        cmd_finetune,
-        "Fine-tune a LoRA adapter on a category's train split and save the last "
-        "checkpoints (the trajectory) plus the final adapter.",
-    )
-    p.add_argument("--data", required=True, help="folder written by prepare-data")
-    p.add_argument("--out", required=True, help="output trajectory folder")
-    p = add(
-        "task-vector",
-        cmd_task_vector,
-        "Compute a category's task vector: mean last-layer last-token hidden "
-        "state over train samples (paper Eq. 1), or the embedding of its description.",
-    )
-    p.add_argument("--category", required=True)
-    p.add_argument("--data", required=True, help="folder written by prepare-data")
-    p.add_argument("--lora", help="trajectory folder (needed when task_vector.hidden_from=finetuned)")
-    p.add_argument("--out", required=True, help="output .safetensors file")
-    p = add(
-        "train-generator",
-        cmd_train_generator,
-        "Train one CVAE on the trajectories of all categories, conditioned on their task vectors.",
-    )
-    p.add_argument("--lora", action="append", required=True, metavar="CATEGORY=DIR", help="trajectory (repeatable)")
-    p.add_argument(
-        "--task-vector", action="append", required=True, metavar="CATEGORY=FILE", help="task vector file (repeatable)"
-    )
-    p.add_argument("--out", required=True, help="output generator .safetensors file")
-    p = add("sample", cmd_sample, "Draw z ~ N(0, I), decode with a task vector and write a PEFT adapter folder.")
-    p.add_argument("--generator", required=True)
-    p.add_argument("--category", help="a category the generator was trained on")
-    p.add_argument("--task-vector", help="a task vector .safetensors file instead of a category name")
-    p.add_argument("--out", required=True, help="output adapter folder")
-    p = add(
-        "evaluate",
-        cmd_evaluate,
-        "Merge an adapter into the base model and report PPL and BPC on the "
-        "category's test split (no --adapter: the base model).",
-    )
-    p.add_argument("--data", required=True)
-    p.add_argument("--adapter")
-    p.add_argument("--out", help="optional JSON output file")
-    p = add("run", cmd_run, "Run every stage for all categories in this process and print the results table.")
-    p.add_argument("--out", default="artifacts/core-run", help="artifacts root (default: artifacts/core-run)")
-    p.add_argument("--only", help="comma-separated subset of category names")
-    p.add_argument("--json", help="also write the full results as JSON here")
+def add_commands(sub: Any, commands: dict[str, Command], groups: dict[str, str] | None = None) -> None:
+    """Add ``commands`` to ``sub`` (an argparse subparsers action). A name of two words (``registry scan``) is a
+    subcommand of the group named by its first word, whose help ``groups`` gives."""
+    group_subs: dict[str, Any] = {}
+    for name, command in commands.items():
+        *group, leaf = name.split()
+        target = sub
+        if group:
+            if group[0] not in group_subs:
+                text = (groups or {}).get(group[0], "")
+                parser = sub.add_parser(group[0], help=short_help(text), description=text)
+                group_subs[group[0]] = parser.add_subparsers(dest=f"{group[0]}_command", required=True)
+            target = group_subs[group[0]]
+        p = target.add_parser(leaf, help=short_help(command.help), description=command.help)
+        if command.config:
+            config_options(p)
+        if command.categories:
+            p.add_argument("--categories", help="YAML/JSON category file (default: the five built-in demo categories)")
+        command.arguments(p)
+        p.set_defaults(command_name=name, command_spec=command)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: dict[str, Command] | None = None, groups: dict[str, str] | None = None):
+    """The parser of ``commands`` (default: the stage commands), with ``--version``."""
     from icm_core import __version__
 
     parser = argparse.ArgumentParser(
-        prog="icm-lora",
-        description="ICM-LoRA stages without Prefect: fine-tune LoRA per category, compute task vectors, train "
-        "one CVAE generator for all categories, sample PEFT adapters and evaluate PPL/BPC. The installed "
-        "`icm-lora` command has the same subcommands plus the Prefect jobs (pipeline, generate, ...).",
+        prog=PROG,
+        description="ICM-LoRA: one conditional VAE that generates LoRA adapters for many tasks. The jobs (pipeline, "
+        "generate, detect, ablations, zeroshot, registry) run as Prefect flows; the other commands run without "
+        "Prefect. `icm-lora COMMAND --help` describes each command.",
+        epilog="Bad input: one line on stderr, exit status 2. A run that fails: one line, exit status 1 "
+        "(ICM_LORA_DEBUG=1 shows the traceback).",
     )
-    parser.add_argument("--version", action="version", version=f"icm-lora {__version__}")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_stage_commands(sub, common_parser())
+    add_commands(sub, STAGE_COMMANDS if commands is None else commands, groups)
     return parser
 
 
@@ -268,22 +340,31 @@ def error_line(exc: BaseException) -> str:
     return " ".join(str(message).split()) or type(exc).__name__
 
 
-STAGE_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError)
-"""What a stage command reports as one line with exit status 2 (bad input, a model or file that will not load)."""
+class RunFailed(Exception):
+    """A job started and failed (exit status 1); bad input found before it started is exit status 2."""
 
 
-def run_stage_command(args: argparse.Namespace, prog: str = "icm-lora") -> int:
+BAD_INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError, ImportError, OSError)
+"""What a command reports as one line with exit status 2 (bad input, a model or file that will not load)."""
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed command: 0 on success, 1 (one line) when a started run failed, 2 (one line) on bad input.
+    ``ICM_LORA_DEBUG=1`` raises instead, with the traceback."""
+    debug = os.environ.get("ICM_LORA_DEBUG", "") not in ("", "0")
     try:
-        args.fn(args)
-    except STAGE_ERRORS as exc:
-        print(f"{prog} {args.command}: error: {error_line(exc)}", file=sys.stderr)
+        return args.command_spec.run(args) or 0
+    except RunFailed as exc:
+        if debug:
+            raise
+        print(f"{PROG} {args.command_name}: error: run failed: {exc}", file=sys.stderr)
+        return 1
+    except BAD_INPUT_ERRORS as exc:
+        if debug:
+            raise
+        print(f"{PROG} {args.command_name}: error: {error_line(exc)}", file=sys.stderr)
         return 2
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage_command(build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return dispatch(build_parser().parse_args(argv))

@@ -1,6 +1,6 @@
 """Benchmark of the core library (no Prefect) on the demo categories.
 
-Runs every stage in one process (``icm_core.local_pipeline``) and prints, per category, PPL and BPC
+Runs every stage in one process (``icm_core.in_process``) and prints, per category, PPL and BPC
 of the base model, the original LoRA and the generated (ICM-LoRA) adapter, and the share of the
 fine-tuning gain the generated adapter recovers, (PPL_base - PPL_gen) / (PPL_base - PPL_lora).
 Then it times generating one adapter (median over repeats: z ~ N(0, I), decode, de-normalise,
@@ -25,7 +25,7 @@ from icm_core.config import load_run_config
 from icm_core.data.categories import builtin_categories, load_category_file
 from icm_core.generator.config import SampleConfig
 from icm_core.generator.generator import load_generator
-from icm_core.local_pipeline import format_table, run_all
+from icm_core.in_process import format_table, run_in_process
 from icm_core.lora.adapters import write_adapter
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
 
     started = time.perf_counter()
-    result = run_all(categories, cfg, root, log=lambda m: print(m, flush=True))
+    result = run_in_process(categories, cfg, root, log=lambda m: print(m, flush=True))
     total = time.perf_counter() - started
     print()
     print(format_table(result["rows"]))

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from icm_core.config import load_run_config  # noqa: E402
 from icm_core.data.categories import Category  # noqa: E402
-from icm_core.local_pipeline import format_table, run_all  # noqa: E402
+from icm_core.in_process import format_table, run_in_process  # noqa: E402
 from tests.helpers import save_tiny_base  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def main() -> None:
             ],
         )
         started = time.perf_counter()
-        result = run_all(categories, cfg, work / device, log=lambda m: None)
+        result = run_in_process(categories, cfg, work / device, log=lambda m: None)
         print(f"== {device}: {time.perf_counter() - started:.1f} s")
         print(format_table(result["rows"]))
         results[device] = result["rows"]

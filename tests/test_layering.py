@@ -51,7 +51,7 @@ def test_scanner_sees_all_import_forms():
 
 def test_importing_stages_and_runner_does_not_load_prefect():
     code = (
-        "import sys, icm_core.stages, icm_core.local_pipeline, icm_core.cli; "
+        "import sys, icm_core.stages, icm_core.in_process, icm_core.cli; "
         "assert 'prefect' not in sys.modules, sorted(m for m in sys.modules if m.startswith('prefect'))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -22,7 +22,7 @@ SUBCOMMANDS = [
     "train-generator",
     "sample",
     "evaluate",
-    "run",
+    "in-process",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Bad input through ``python -m flows.pipeline``: a clear error naming the file or field, a non-zero exit
+"""Bad input through ``icm-lora pipeline``: a clear error naming the file or field, a non-zero exit
 status (2: refused before any flow run; 1: the run failed), and nothing half-written under the root."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from tests.flows.support import recipe_text, write_categories
 
 
 def main(argv: list[str]) -> int:
-    """``python -m flows.pipeline ARGV`` (an alias of ``icm-lora pipeline ARGV``)."""
+    """``icm-lora pipeline ARGV``."""
     return cli_main(["pipeline", *argv])
 
 

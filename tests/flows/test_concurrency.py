@@ -1,4 +1,4 @@
-"""Two real ``python -m flows.pipeline`` processes started at once on one artifacts root: every stage output
+"""Two real ``icm-lora pipeline`` processes started at once on one artifacts root: every stage output
 (each category's fine-tune in particular) is built exactly once, both runs complete with the same results,
 and every artifact verifies."""
 
@@ -53,7 +53,7 @@ def test_two_pipelines_at_once_build_every_output_once(workspace, prefect_api, t
         "PREFECT_LOGGING_LEVEL": "WARNING",
         TRACE_ENV: str(trace),
     }
-    command = [sys.executable, "-m", "flows.pipeline", "--root", str(workspace.root), "--config", str(config_file)]
+    command = [sys.executable, "-m", "flows.cli", "pipeline", "--root", str(workspace.root), "--config", str(config_file)]
     command += ["--categories", str(workspace.categories_file)]
 
     started = time.perf_counter()

@@ -61,7 +61,8 @@ def test_killed_run_resumes_with_same_metrics(workspace, prefect_api, tmp_path):
     command = [
         sys.executable,
         "-m",
-        "flows.pipeline",
+        "flows.cli",
+        "pipeline",
         "--root",
         str(workspace.root),
         "--config",

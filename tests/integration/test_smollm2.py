@@ -11,7 +11,7 @@ from peft import PeftModel
 from icm_core.config import load_run_config
 from icm_core.data.categories import builtin_categories
 from icm_core.generator.generator import load_generator
-from icm_core.local_pipeline import run_all
+from icm_core.in_process import run_in_process
 from icm_core.models.base_model import load_base_model
 
 
@@ -42,7 +42,7 @@ def smollm2_run(tmp_path_factory):
         ],
     )
     categories = [c for c in builtin_categories() if c.name in ("python-docs", "reviews")]
-    return cfg, run_all(categories, cfg, tmp_path_factory.mktemp("smollm2"), log=lambda m: None)
+    return cfg, run_in_process(categories, cfg, tmp_path_factory.mktemp("smollm2"), log=lambda m: None)
 
 
 def test_every_stage_runs_on_smollm2(smollm2_run):

@@ -53,7 +53,8 @@ def test_sigkilled_run_is_marked_crashed_and_restart_is_a_new_run(live_server, t
     command = [
         sys.executable,
         "-m",
-        "flows.pipeline",
+        "flows.cli",
+        "pipeline",
         "--root",
         str(root),
         "--config",

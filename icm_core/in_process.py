@@ -1,7 +1,7 @@
 """Run every stage of the method in one process, without Prefect.
 
 This is the reference path: the Prefect pipeline calls the same stage functions, each as a cached
-task. ``run_all`` is used by the CLI's ``run`` command and by the benchmarks.
+task. ``run_in_process`` is used by the CLI's ``run`` command and by the benchmarks.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from icm_core.lora.stages import finetune_lora
 from icm_core.models.base_model import resolve_device
 
 
-def run_all(
+def run_in_process(
     categories: Sequence[Category],
     cfg: RunConfig,
     root: str | Path,
