@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from pydantic import ValidationError
 
 from icm_core.config import RunConfig, load_run_config
 from icm_core.data.config import DataConfig
-from icm_core.data.names import validate_category_name
 from icm_core.generator.config import CVAEConfig
-from icm_core.infra.config import config_fingerprint
-from icm_core.infra.layout import stage_dir
 from icm_core.lora.config import LoraTrainConfig
 from icm_core.models.config import ModelConfig
 
@@ -126,35 +121,3 @@ def test_bad_files(tmp_path):
     assert load_run_config(empty) == RunConfig()
 
 
-def test_fingerprint_is_stable_and_sensitive():
-    a = config_fingerprint(RunConfig(), "0.1.0", ["x", "y"])
-    b = config_fingerprint(RunConfig(), "0.1.0", ["x", "y"])
-    assert a == b and len(a) == 64
-    assert config_fingerprint(load_run_config(None, ["lora.seed=1"]), "0.1.0", ["x", "y"]) != a
-    assert config_fingerprint(load_run_config(None, ["cvae.kld_weight=0.006"]), "0.1.0", ["x", "y"]) != a
-    assert config_fingerprint(RunConfig(), "0.1.1", ["x", "y"]) != a
-    assert config_fingerprint(RunConfig(), "0.1.0", ["y", "x"]) != a
-    # Equal configs built different ways hash the same; Paths hash as their string.
-    assert config_fingerprint(ModelConfig(cache_dir=Path("a/b"))) == config_fingerprint(ModelConfig(cache_dir="a/b"))
-    assert config_fingerprint(Path("a/b")) == config_fingerprint("a/b")
-
-
-@pytest.mark.parametrize("name", ["../x", "a/b", "A", "", "..", "a b", "x" * 65, "-lead", "a\\b", "é"])
-def test_validate_category_name_rejects(name):
-    with pytest.raises(ValueError, match="invalid category name"):
-        validate_category_name(name)
-
-
-@pytest.mark.parametrize("name", ["news", "python-code", "a", "x_1", "0abc", "x" * 64])
-def test_validate_category_name_accepts(name):
-    assert validate_category_name(name) == name
-
-
-def test_stage_dir_validates_category(tmp_path):
-    key = "0123456789abcdef0123"
-    assert stage_dir(tmp_path, "lora", key, "news") == tmp_path / "lora" / "news" / key[:16]
-    assert stage_dir(tmp_path, "generator", key) == tmp_path / "generator" / key[:16]
-    with pytest.raises(ValueError, match="category"):
-        stage_dir(tmp_path, "lora", key, "../escape")
-    with pytest.raises(ValueError, match="unknown stage"):
-        stage_dir(tmp_path, "bogus", key)

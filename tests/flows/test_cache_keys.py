@@ -175,9 +175,9 @@ def test_two_description_generations_keep_both_adapters(workspace, tmp_path):
 
 def test_no_task_retries_bad_input():
     """Every task that retries has a retry condition that refuses bad input (tasks.stage.retry_unless_bad_input)."""
+    import tasks.ablations
     from prefect import Task
 
-    import tasks.ablations
     import tasks.detection
     import tasks.report
     import tasks.stage

@@ -32,7 +32,7 @@ from icm_core.models.config import ModelConfig
 from tests import helpers
 
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 README_ADAPTER = "artifacts/generated/news/adapter"  # the folder the README's snippet names
 PROBE = torch.arange(1, 17).reshape(1, 16) % 90 + 3  # token ids of the character vocabulary
 

@@ -14,8 +14,11 @@ from icm_core.data.corpora import BUILTIN_SOURCES, DEMO_SOURCES
 from icm_core.data.corpora import debian as deb
 from icm_core.data.corpora.base import FAMILIES
 from icm_core.data.corpora.markup import html_to_text
+from icm_core.data.corpora.mediawiki import strip_wiki_markup
 from icm_core.data.documents import read_documents, source_fingerprint
+from icm_core.data.splits import split_documents
 from icm_core.data.text import DataError
+from tests.core.data.support import CFG
 
 
 def test_library_has_32_categories_in_5_families_with_one_line_descriptions() -> None:
@@ -153,3 +156,109 @@ def test_every_library_category_reads_enough_real_text() -> None:
     for category in library_categories():
         docs = read_documents(category, cfg)
         assert sum(map(len, docs)) >= 20_000, category.name
+
+
+@pytest.fixture(scope="module")
+def builtin_docs() -> dict[str, list[str]]:
+    return {category.name: read_documents(category, CFG) for category in builtin_categories()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Built-in categories
+# --------------------------------------------------------------------------------------------------
+
+
+def test_builtin_sources_give_real_text(builtin_docs: dict[str, list[str]]) -> None:
+    for name, docs in builtin_docs.items():
+        total = sum(map(len, docs))
+        assert CFG.min_chars <= total <= CFG.max_chars, name
+        assert len(docs) >= 5, name
+        assert all(doc and doc == doc.strip() for doc in docs), name
+        assert len(set(docs)) == len(docs), name
+
+
+def test_wikipedia_markup_stripped(builtin_docs: dict[str, list[str]]) -> None:
+    docs = builtin_docs["wikipedia"]
+    text = "\n".join(docs)
+    for marker in ("{{", "}}", "[[", "]]", "<ref", "</ref>", "'''", "{|", "|}", "==", "<!--", "&amp;", "thumb|"):
+        assert marker not in text, marker
+    assert docs[0].startswith("Anarchism\n\nAnarchism is a political philosophy")
+    assert not any(doc.lstrip().upper().startswith("#REDIRECT") for doc in docs)
+    assert all(len(doc) >= 300 for doc in docs[:-1])  # near-empty pages are skipped
+    assert len(docs) >= 20
+
+
+def test_news_and_reviews(builtin_docs: dict[str, list[str]]) -> None:
+    news = builtin_docs["news"]
+    assert news[0].startswith("Hundreds of people have been forced to vacate their homes")
+    reviews = builtin_docs["reviews"]
+    text = "\n".join(reviews)
+    assert "__label__" not in text
+    assert "_*" not in text
+    assert "\ufffd" not in text  # the Windows-1252 polarity file is decoded, not mangled
+    assert reviews[0].startswith("simplistic, silly and tedious.")
+    assert reviews[0].count("\n") == 9  # ten sentences per document
+    assert any(doc.startswith("it was a bit bizarre and evil") for doc in reviews)
+
+
+def test_python_sources(builtin_docs: dict[str, list[str]]) -> None:
+    code = builtin_docs["python-code"]
+    assert any("def " in doc and "import " in doc for doc in code)
+    assert any("\n    " in doc for doc in code)  # indentation survives normalisation
+    docs = builtin_docs["python-docs"]
+    assert docs[0].startswith('The "assert" statement')
+    assert "topics = {" not in "\n".join(docs)
+
+
+def test_builtin_splits_differ(builtin_docs: dict[str, list[str]]) -> None:
+    tests = []
+    for name, docs in builtin_docs.items():
+        splits = split_documents(docs, CFG)
+        assert splits.train and splits.val and splits.test, name
+        assert splits.test != splits.train, name
+        assert not set(splits.test) & set(splits.train), name
+        tests.append(tuple(splits.test))
+    assert len(set(tests)) == len(tests)  # every category has its own test text
+
+
+# --------------------------------------------------------------------------------------------------
+# Wiki markup
+# --------------------------------------------------------------------------------------------------
+
+
+def test_strip_wiki_markup() -> None:
+    raw = (
+        "{{Infobox|name={{nested|x}}|y=1}}\n"
+        "'''Foo''' is a [[bar (thing)|bar]] and a [[baz]]s.<ref name=a>{{cite web|url=x}}</ref>"
+        "<ref name=b/> See [http://example.com the site].<!-- hidden -->\n"
+        "[[File:Foo.jpg|thumb|A caption with [[link]]]]\n"
+        "== History ==\n"
+        "{| class=wikitable\n|-\n| cell || cell\n|}\n"
+        "* Item ''one''\n"
+        "[[Category:Things]]\n[[de:Foo]]\n"
+        "== References ==\n{{reflist}}\n* Some citation\n"
+    )
+    text = strip_wiki_markup(raw)
+    assert text == "Foo is a bar and a bazs. See the site.\n\nHistory\nItem one"
+
+
+# --------------------------------------------------------------------------------------------------
+# User sources
+# --------------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------------
+# Category files
+# --------------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------------
+# Token blocks
+# --------------------------------------------------------------------------------------------------
+
+

@@ -37,7 +37,7 @@ from icm_core.vision.stages import (
     prepare_detection_task,
     read_task,
 )
-from tests.vision.test_hf_detector import shapes_data_config
+from tests.core.vision.test_hf_detector import shapes_data_config
 
 
 WORDS = ["Locate", "the", "objects", "with", "category", "name", "in", "image", ".", "square", "disc", "face"]

@@ -12,7 +12,7 @@ import torch
 from icm_core.models.torchvision_compat import ensure_torchvision_importable, torchvision_ops_available
 
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_imports_in_a_fresh_process():

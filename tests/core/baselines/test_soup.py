@@ -7,7 +7,7 @@ import torch
 
 from icm_core.baselines.soup import model_soup
 from icm_core.lora.adapters import adapter_config_dict, load_adapter, merge_adapter, write_adapter
-from icm_core.lora.arithmetic import factorise, lora_modules, lora_scaling, merged_delta
+from icm_core.lora.arithmetic import lora_modules, merged_delta
 from tests import helpers
 
 
@@ -58,20 +58,6 @@ def test_max_rank_gives_the_best_low_rank_approximation():
         singular = torch.linalg.svdvals(exact[key])
         # Eckart-Young: the Frobenius error of the best rank-3 approximation is the norm of the tail.
         assert float((delta - exact[key]).norm()) == pytest.approx(float(singular[3:].norm()), rel=1e-4)
-
-
-def test_factorise_is_exact_at_full_rank():
-    delta = torch.randn(7, 5, dtype=torch.float64)
-    b, a = factorise(delta, 5)
-    assert b.shape == (7, 5) and a.shape == (5, 5)
-    assert torch.allclose(b @ a, delta, atol=1e-10)
-
-
-def test_scaling_follows_peft():
-    assert lora_scaling({"r": 4, "lora_alpha": 8}) == 2.0
-    assert lora_scaling({"r": 4, "lora_alpha": 8, "use_rslora": True}) == 4.0
-    with pytest.raises(ValueError, match="rank_pattern"):
-        lora_scaling({"r": 4, "lora_alpha": 8, "rank_pattern": {"q_proj": 2}})
 
 
 def test_mismatched_adapters_are_refused():

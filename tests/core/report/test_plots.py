@@ -7,7 +7,7 @@ import pytest
 
 from icm_core.report import plots
 from icm_core.report.tables import result_rows
-from tests.core.test_reporting import SCORES
+from tests.core.report.test_tables import SCORES
 
 
 @pytest.fixture

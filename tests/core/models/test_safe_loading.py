@@ -16,7 +16,7 @@ from icm_core.models.config import ModelConfig
 from icm_core.models.identity import ModelLoadError
 
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SOURCES = sorted(p for folder in ("icm_core", "tasks", "flows", "scripts") for p in (REPO / folder).rglob("*.py"))
 
 
