@@ -84,7 +84,7 @@ def main() -> int:
     from icm_core.infra.io import read_json, write_text
     from icm_core.lora.adapters import read_adapter
     from icm_core.lora.trajectory import read_trajectory
-    from icm_core.report.zeroshot import geometry_lines, write_geometry
+    from icm_core.report.geometry import geometry_lines, write_geometry
     from icm_core.zeroshot.geometry import condition_geometry, lora_factors
 
     root = Path(args.root)

@@ -14,8 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from icm_core.data.corpora import BUILTIN_SOURCES, DEMO_SOURCES
 from icm_core.data.corpora.base import FAMILIES
+from icm_core.data.corpora.sources import BUILTIN_SOURCES, DEMO_SOURCES
 from icm_core.data.names import validate_category_name
 from icm_core.data.text import DataError, decode_utf8
 

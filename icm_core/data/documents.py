@@ -10,7 +10,7 @@ from icm_core.data.categories import (
     Category,
 )
 from icm_core.data.config import DataConfig
-from icm_core.data.corpora import BUILTIN_SOURCES
+from icm_core.data.corpora.sources import BUILTIN_SOURCES
 from icm_core.data.corpora.user import hidden, user_documents
 from icm_core.data.text import DataError, normalise_text
 from icm_core.infra.io import sha256_file

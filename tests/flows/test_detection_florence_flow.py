@@ -8,9 +8,9 @@ from pathlib import Path
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
 from icm_core.vision.config import DetectionLoraConfig, DetectorConfig
-from tests.flows.test_detection_flow import tiny_detection_config
 from tests.core.vision.test_florence import tiny_florence
 from tests.core.vision.test_hf_detector import shapes_data_config
+from tests.flows.test_detection_flow import tiny_detection_config
 
 
 def test_detection_flow_with_florence2(prefect_api: str, tmp_path: Path):

@@ -13,7 +13,8 @@ from prefect.client.schemas.filters import (
     ArtifactFilterType,
 )
 
-from tasks.report import FIGURES, embed_figures, png_data_url
+from icm_core.report.pipeline import FIGURES
+from icm_core.report.plots import embed_figures, png_data_url
 from tests.flows.support import CATEGORIES
 
 

@@ -18,7 +18,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
-from tasks.report import FIGURES
+from icm_core.report.pipeline import FIGURES
 from tests.flows.support import CATEGORIES, forecast_text, recipe_text, tiny_run_config, write_categories
 from tests.ops.browser import Browser, find_chromium
 

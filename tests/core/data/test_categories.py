@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from icm_core.data.categories import Category, builtin_categories, load_category_file
-from icm_core.data.corpora import BUILTIN_SOURCES, DEMO_SOURCES
+from icm_core.data.corpora.sources import BUILTIN_SOURCES, DEMO_SOURCES
 from icm_core.data.documents import read_documents
 from icm_core.data.text import DataError
 from tests.core.data.support import BUILTIN_NAMES, SMALL, prose

@@ -10,11 +10,11 @@ import pytest
 
 from icm_core.data.categories import Category, builtin_categories, library_categories
 from icm_core.data.config import DataConfig
-from icm_core.data.corpora import BUILTIN_SOURCES, DEMO_SOURCES
 from icm_core.data.corpora import debian as deb
 from icm_core.data.corpora.base import FAMILIES
 from icm_core.data.corpora.markup import html_to_text
 from icm_core.data.corpora.mediawiki import strip_wiki_markup
+from icm_core.data.corpora.sources import BUILTIN_SOURCES, DEMO_SOURCES
 from icm_core.data.documents import read_documents, source_fingerprint
 from icm_core.data.splits import split_documents
 from icm_core.data.text import DataError
