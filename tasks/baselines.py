@@ -18,7 +18,7 @@ from tasks.artifacts import (
     localize,
 )
 from tasks.progress import Progress
-from tasks.stage import Build, device_slot, resumer, retry_unless_bad_input, stage_task
+from tasks.stage import Build, device_slot, resumer, stage_task
 
 
 @stage_task("soup", category_arg="label", name="model-soup", task_run_name="soup-{label}")
@@ -44,7 +44,6 @@ def soup_task(label: str, loras: dict[str, ArtifactRef], soup_cfg: SoupConfig, r
     name="train-cond-pdiff",
     task_run_name="train-cond-pdiff",
     retries=1,
-    retry_condition_fn=retry_unless_bad_input,
 )
 def train_pdiff_task(
     loras: dict[str, ArtifactRef],

@@ -18,7 +18,7 @@ from icm_core.infra.config import ResumeConfig
 from icm_core.vision import stages as vstages
 from icm_core.vision.config import DetectionDataConfig, DetectionLoraConfig, DetectionTaskVectorConfig, DetectorConfig
 from tasks.artifacts import ArtifactRef, localize
-from tasks.stage import Build, device_slot, resumer, retry_unless_bad_input, stage_task
+from tasks.stage import Build, device_slot, resumer, stage_task
 
 
 @stage_task("data", category_arg="task_name", name="detection-data", task_run_name="det-data-{task_name}")
@@ -35,7 +35,6 @@ def detection_data_task(task_name: str, source_sha256: str, data_cfg: DetectionD
     name="detection-finetune-lora",
     task_run_name="det-lora-{task_name}",
     retries=1,
-    retry_condition_fn=retry_unless_bad_input,
     retry_delay_seconds=5,
 )
 def detection_finetune_task(
@@ -75,7 +74,6 @@ def detection_finetune_task(
     name="detection-task-vector",
     task_run_name="det-task-vector-{task_name}",
     retries=1,
-    retry_condition_fn=retry_unless_bad_input,
 )
 def detection_task_vector_task(
     task_name: str,
@@ -107,7 +105,6 @@ def detection_task_vector_task(
     name="detection-evaluate",
     task_run_name="det-eval-{task_name}-{method}",
     retries=1,
-    retry_condition_fn=retry_unless_bad_input,
 )
 def detection_evaluate_task(
     task_name: str, method: str, data: ArtifactRef, adapter: ArtifactRef | None, det_cfg: DetectorConfig, root: str

@@ -13,7 +13,7 @@ from tasks.artifacts import (
     ArtifactRef,
     localize,
 )
-from tasks.stage import Build, device_slot, retry_unless_bad_input, stage_task
+from tasks.stage import Build, device_slot, stage_task
 
 
 @stage_task(
@@ -22,7 +22,6 @@ from tasks.stage import Build, device_slot, retry_unless_bad_input, stage_task
     name="evaluate",
     task_run_name="eval-{category}-{method}",
     retries=1,
-    retry_condition_fn=retry_unless_bad_input,
 )
 def evaluate_task(
     category: str,

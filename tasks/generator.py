@@ -21,7 +21,7 @@ from tasks.artifacts import (
     localize,
 )
 from tasks.progress import Progress
-from tasks.stage import Build, device_slot, resumer, retry_unless_bad_input, stage_task
+from tasks.stage import Build, device_slot, resumer, stage_task
 
 
 @stage_task(
@@ -29,7 +29,6 @@ from tasks.stage import Build, device_slot, resumer, retry_unless_bad_input, sta
     name="task-vector",
     task_run_name="task-vector-{category.name}",
     retries=1,
-    retry_condition_fn=retry_unless_bad_input,
 )
 def task_vector_task(
     category: Category,
@@ -66,7 +65,6 @@ def task_vector_task(
     name="train-generator",
     task_run_name="train-generator",
     retries=1,
-    retry_condition_fn=retry_unless_bad_input,
 )
 def train_generator_task(
     loras: dict[str, ArtifactRef],

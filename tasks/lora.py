@@ -17,7 +17,7 @@ from tasks.artifacts import (
     localize,
 )
 from tasks.progress import Progress
-from tasks.stage import Build, device_slot, resumer, retry_unless_bad_input, stage_task
+from tasks.stage import Build, device_slot, resumer, stage_task
 
 
 @stage_task(
@@ -26,7 +26,6 @@ from tasks.stage import Build, device_slot, resumer, retry_unless_bad_input, sta
     name="finetune-lora",
     task_run_name="lora-{category}",
     retries=1,
-    retry_condition_fn=retry_unless_bad_input,
     retry_delay_seconds=5,
 )
 def finetune_task(

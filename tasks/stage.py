@@ -214,9 +214,12 @@ def stage_task(
         fan_out: ``(list_arg, item_arg)`` for a stage with one output per item of ``list_arg``: the function
             returns ``build_for(item) -> Build``, the task a list of refs, and each item's key is the inputs plus
             ``item_arg`` = the item (COND P-DIFF's batched sampling).
-        options: ``prefect.task`` options (name, task_run_name, retries, ...).
+        options: ``prefect.task`` options (name, task_run_name, retries, ...). A task that retries retries only
+            transient failures (:func:`retry_unless_bad_input`), never bad input.
     """
     policy = ArtifactCachePolicy(stage, category_arg=category_arg, exclude=exclude, fan_out=fan_out)
+    if options.get("retries"):
+        options.setdefault("retry_condition_fn", retry_unless_bad_input)
 
     def decorate(fn: Callable[..., Any]) -> Any:
         @functools.wraps(fn)

@@ -19,7 +19,7 @@ from icm_core.zeroshot.stages import (
     vector_adapter,
 )
 from tasks.artifacts import ArtifactRef, localize
-from tasks.stage import Build, device_slot, retry_unless_bad_input, stage_task
+from tasks.stage import Build, device_slot, stage_task
 
 
 @stage_task("zeroshot_pooled", category_arg="label", name="zeroshot-pool-data", task_run_name="pool-{label}")
@@ -90,7 +90,6 @@ def vector_adapter_task(
     name="zeroshot-functional-generator",
     task_run_name="functional-{label}",
     retries=1,
-    retry_condition_fn=retry_unless_bad_input,
 )
 def functional_generator_task(
     label: str,

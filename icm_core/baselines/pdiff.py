@@ -46,11 +46,8 @@ from icm_core.infra.io import ArtifactError, load_tensors, save_tensors
 from icm_core.infra.resume import (
     Resumer,
     load_module,
-    load_optimizer_state,
-    load_rng_state,
-    module_tensors,
-    optimizer_state,
-    rng_state,
+    restore_training_state,
+    training_state,
 )
 from icm_core.lora.flatten import LoraLayout, NormStats, denormalize, fit_norm_stats, normalize, unflatten_lora
 
@@ -209,10 +206,6 @@ class PDiffModel:
         return self.generate([category], cfg)[category]
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
-    return list(torch.randperm(n, generator=generator).split(batch_size))
-
-
 def train_pdiff(
     dataset: GeneratorDataset,
     cfg: PDiffConfig,
@@ -254,12 +247,8 @@ def train_pdiff(
             history = saved.meta["history"]
 
         def save(global_step: int, label: str, nets: dict[str, nn.Module], opt, extra: dict[str, Any]) -> None:
-            tensors = rng_state({"order": order})
-            for prefix, net in nets.items():
-                tensors |= module_tensors(net, f"{prefix}.")
-            opt_tensors, opt_meta = optimizer_state(opt, "optimizer.")
-            meta = {"label": label, "optimizer": opt_meta, "history": history, **extra}
-            resume.save(global_step, tensors | opt_tensors, meta)
+            tensors, meta = training_state(nets, opt, {"order": order})
+            resume.save(global_step, tensors, {**meta, "label": label, "history": history, **extra})
 
         # 2. Autoencoder: reconstruct clean weights from noise-augmented input and latent.
         autoencoder = FoldingAutoencoder(x_all.shape[1], cfg).to(device)
@@ -268,13 +257,12 @@ def train_pdiff(
         if saved is not None:
             load_module(autoencoder, saved.tensors, "ae.")
             if phase == "autoencoder":
-                load_optimizer_state(opt, saved.tensors, saved.meta["optimizer"], "optimizer.")
-                load_rng_state(saved.tensors, {"order": order})
+                restore_training_state(saved, {}, opt, {"order": order})
                 first_epoch = saved.meta["position"]
         autoencoder.train()
         for epoch in range(first_epoch if phase == "autoencoder" else cfg.ae_epochs, cfg.ae_epochs):
             total = 0.0
-            for idx in _batches(n, cfg.batch_size, order):
+            for idx in torch.randperm(n, generator=order).split(cfg.batch_size):
                 x = x_all[idx.to(device)]
                 loss = F.mse_loss(autoencoder(x), x)
                 opt.zero_grad(set_to_none=True)
@@ -307,9 +295,7 @@ def train_pdiff(
         opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.ddpm_lr, weight_decay=cfg.weight_decay)
         running, first_step = 0.0, 1
         if saved is not None and phase == "ddpm":
-            load_module(denoiser, saved.tensors, "unet.")
-            load_optimizer_state(opt, saved.tensors, saved.meta["optimizer"], "optimizer.")
-            load_rng_state(saved.tensors, {"order": order})
+            restore_training_state(saved, {"unet": denoiser}, opt, {"order": order})
             running, first_step = saved.meta["running"], saved.meta["position"] + 1
         denoiser.train()
         for step in range(first_step, cfg.ddpm_steps + 1):

@@ -12,7 +12,7 @@ from icm_core.baselines.config import PDiffConfig, SoupConfig
 from icm_core.baselines.pdiff import load_pdiff, save_pdiff, train_pdiff
 from icm_core.baselines.soup import model_soup
 from icm_core.generator.config import SampleConfig
-from icm_core.generator.dataset import generator_training_data
+from icm_core.generator.dataset import generator_training_data, trained_on
 from icm_core.infra.resume import Resumer
 from icm_core.lora.adapters import (
     adapter_sha256,
@@ -68,11 +68,7 @@ def train_pdiff_stage(
     )
     digest = save_pdiff(out_path, model, {"history": history})
     return {
-        "path": str(out_path),
-        "sha256": digest,
-        "bytes": Path(out_path).stat().st_size,
-        "num_checkpoints": int(dataset.weights.shape[0]),
-        "flat_length": dataset.layout.total,
+        **trained_on(out_path, digest, dataset),
         "final_ae_recon": history["autoencoder"][-1]["recon"],
         "final_ddpm_loss": history["ddpm"][-1]["loss"],
         "seconds": seconds,

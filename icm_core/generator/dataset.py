@@ -77,3 +77,15 @@ def generator_training_data(
     files = {name: [t.folder / f for f in t.files] for name, t in trajectories.items()}  # named in layout errors
     dataset = build_dataset(checkpoints, vectors, sources=files)
     return dataset, next(iter(trajectories.values())).adapter_config
+
+
+def trained_on(path: str | Path, digest: str, dataset: GeneratorDataset) -> dict[str, Any]:
+    """What a generator stage reports about the artifact it saved and the data it was trained on (the CVAE's and
+    COND P-DIFF's stages alike)."""
+    return {
+        "path": str(path),
+        "sha256": digest,
+        "bytes": Path(path).stat().st_size,
+        "num_checkpoints": int(dataset.weights.shape[0]),
+        "flat_length": dataset.layout.total,
+    }

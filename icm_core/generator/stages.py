@@ -13,7 +13,7 @@ from icm_core.data.config import DataConfig
 from icm_core.data.splits import read_splits
 from icm_core.data.tokens import sample_blocks, token_blocks
 from icm_core.generator.config import CVAEConfig, SampleConfig, TaskVectorConfig
-from icm_core.generator.dataset import generator_training_data
+from icm_core.generator.dataset import generator_training_data, trained_on
 from icm_core.generator.generator import load_generator, save_generator
 from icm_core.generator.task_vectors import (
     TextEncoder,
@@ -115,11 +115,7 @@ def train_generator_stage(
         extra["task_vector_config"] = tv_config
     digest = save_generator(out_path, generator, extra)
     return {
-        "path": str(out_path),
-        "sha256": digest,
-        "bytes": Path(out_path).stat().st_size,
-        "num_checkpoints": int(dataset.weights.shape[0]),
-        "flat_length": dataset.layout.total,
+        **trained_on(out_path, digest, dataset),
         "final_recon": history[-1]["recon"],
         "epochs_run": len(history),
         "best_epoch": next((row["epoch"] for row in history if row.get("best")), None),

@@ -17,12 +17,8 @@ from icm_core.generator.generator import VALIDATION_Z_SEED, ConditionNorm, Gener
 from icm_core.infra.faults import fault_point
 from icm_core.infra.resume import (
     Resumer,
-    load_module,
-    load_optimizer_state,
-    load_rng_state,
-    module_tensors,
-    optimizer_state,
-    rng_state,
+    restore_training_state,
+    training_state,
 )
 from icm_core.lora.flatten import NormStats, denormalize, fit_norm_stats, normalize, unflatten_lora
 
@@ -122,10 +118,8 @@ def train_cvae(
         saved = resume.load() if resume is not None else None
         if saved is not None:
             # Continue a killed run from the end of its last saved epoch.
-            load_module(model, saved.tensors, "model.")
-            load_optimizer_state(optimizer, saved.tensors, saved.meta["optimizer"], "optimizer.")
+            restore_training_state(saved, {"model": model}, optimizer, {"shuffle": shuffle_gen})
             scheduler.load_state_dict(saved.meta["scheduler"])
-            load_rng_state(saved.tensors, {"shuffle": shuffle_gen})
             history, start = saved.meta["history"], saved.step
             if stopper is not None:
                 stopper.load(saved.tensors, saved.meta.get("early_stopping"))
@@ -167,19 +161,14 @@ def train_cvae(
                 stopper.observe(epoch, row["val"], model)
             history.append(row)
             if resume is not None and resume.due("epochs", epoch + 1, cfg.epochs):
-                opt_tensors, opt_meta = optimizer_state(optimizer, "optimizer.")
+                tensors, meta = training_state({"model": model}, optimizer, {"shuffle": shuffle_gen})
                 stop_tensors, stop_meta = stopper.state() if stopper is not None else ({}, None)
                 resume.save(
                     epoch + 1,
+                    {**tensors, **stop_tensors},
                     {
-                        **module_tensors(model, "model."),
-                        **opt_tensors,
-                        **rng_state({"shuffle": shuffle_gen}),
-                        **stop_tensors,
-                    },
-                    {
+                        **meta,
                         "label": f"epoch {epoch + 1}",
-                        "optimizer": opt_meta,
                         "scheduler": scheduler.state_dict(),
                         "history": history,
                         "early_stopping": stop_meta,

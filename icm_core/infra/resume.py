@@ -210,3 +210,33 @@ def load_rng_state(
         torch.cuda.set_rng_state_all(cuda)
     for name, generator in (generators or {}).items():
         generator.set_state(tensors[f"rng.gen.{name}"])
+
+
+def training_state(
+    modules: Mapping[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    generators: Mapping[str, torch.Generator] | None = None,
+    trainable_only: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """What a training loop saves to continue bit-identically: each module's weights (tensor keys ``<name>.``;
+    only the trainable ones with ``trainable_only``), the optimizer (``optimizer.``) and every random stream (torch's,
+    CUDA's and the loop's own ``generators``). Returns the tensors and the meta :func:`restore_training_state`
+    reads back; the loop adds its own position and history to the meta."""
+    tensors = rng_state(generators)
+    for name, module in modules.items():
+        tensors |= module_tensors(module, f"{name}.", trainable_only)
+    opt_tensors, opt_meta = optimizer_state(optimizer, "optimizer.")
+    return tensors | opt_tensors, {"optimizer": opt_meta}
+
+
+def restore_training_state(
+    saved: SavedState,
+    modules: Mapping[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    generators: Mapping[str, torch.Generator] | None = None,
+) -> None:
+    """Load what :func:`training_state` saved into the loop's modules, optimizer and random streams."""
+    for name, module in modules.items():
+        load_module(module, saved.tensors, f"{name}.")
+    load_optimizer_state(optimizer, saved.tensors, saved.meta["optimizer"], "optimizer.")
+    load_rng_state(saved.tensors, generators)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, model_validator
 
 from icm_core.infra.config import StageConfig
@@ -44,9 +46,15 @@ class LoraTrainConfig(StageConfig):
 
     @model_validator(mode="after")
     def _trajectory_fits(self) -> LoraTrainConfig:
-        if self.trajectory_size * self.checkpoint_every > self.steps:
-            raise ValueError(
-                f"trajectory_size * checkpoint_every = {self.trajectory_size * self.checkpoint_every} exceeds "
-                f"steps = {self.steps}"
-            )
-        return self
+        return check_trajectory_fits(self)
+
+
+def check_trajectory_fits(cfg: Any) -> Any:
+    """A trajectory of ``cfg.trajectory_size`` checkpoints, ``cfg.checkpoint_every`` steps apart, must end within the
+    fine-tune's ``cfg.steps`` (every LoRA config validates this: the language and the detection one)."""
+    if cfg.trajectory_size * cfg.checkpoint_every > cfg.steps:
+        raise ValueError(
+            f"trajectory_size * checkpoint_every = {cfg.trajectory_size * cfg.checkpoint_every} exceeds "
+            f"steps = {cfg.steps}"
+        )
+    return cfg

@@ -45,15 +45,7 @@ def finetune_lora(
     trajectory = train_lora(
         base, blocks, lora_cfg, out, adapter_base_reference(model_cfg), on_step=on_step, resume=resume
     )
-    return {
-        "folder": str(out),
-        "adapter_dir": str(trajectory.adapter_dir),
-        "adapter_sha256": adapter_sha256(trajectory.adapter_dir),
-        "checkpoints": trajectory.files,
-        "final_loss": trajectory.losses[-1],
-        "train_blocks": int(blocks.shape[0]),
-        "seconds": time.perf_counter() - started,
-    }
+    return {**trajectory.summary(), "train_blocks": int(blocks.shape[0]), "seconds": time.perf_counter() - started}
 
 
 def trajectory_mean_adapter(trajectory_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:

@@ -22,12 +22,8 @@ from icm_core.infra.io import (
 )
 from icm_core.infra.resume import (
     Resumer,
-    load_module,
-    load_optimizer_state,
-    load_rng_state,
-    module_tensors,
-    optimizer_state,
-    rng_state,
+    restore_training_state,
+    training_state,
 )
 from icm_core.lora.adapters import adapter_config_dict, lora_config_for, lora_state_dict, write_adapter
 from icm_core.lora.config import LoraTrainConfig
@@ -131,9 +127,7 @@ def fit_lora_trajectory(
         start = saved.step
         for _ in range(start):
             next(batches)
-        load_module(model, saved.tensors, "model.")
-        load_optimizer_state(optimizer, saved.tensors, saved.meta["optimizer"], "optimizer.")
-        load_rng_state(saved.tensors)
+        restore_training_state(saved, {"model": model}, optimizer)
         steps, files, hashes = saved.meta["steps"], saved.meta["files"], saved.meta["sha256"]
         losses = saved.meta["losses"]
         resume.restore_files([n for f in files for n in (f, sidecar_path(f).name)], out_dir)
@@ -159,13 +153,13 @@ def fit_lora_trajectory(
             files.append(name)
             hashes.append(digest)
         if resume is not None and resume.due("steps", step, cfg.steps):
-            opt_tensors, opt_meta = optimizer_state(optimizer, "optimizer.")
+            tensors, meta = training_state({"model": model}, optimizer, trainable_only=True)
             resume.save(
                 step,
-                {**module_tensors(model, "model.", trainable_only=True), **opt_tensors, **rng_state()},
+                tensors,
                 {
+                    **meta,
                     "label": f"step {step}",
-                    "optimizer": opt_meta,
                     "losses": losses,
                     "steps": steps,
                     "files": files,

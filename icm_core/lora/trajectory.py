@@ -14,7 +14,7 @@ from icm_core.infra.io import (
     read_json,
     verify_file,
 )
-from icm_core.lora.adapters import read_adapter
+from icm_core.lora.adapters import adapter_sha256, read_adapter
 
 
 TRAJECTORY_INDEX = "trajectory.json"
@@ -34,6 +34,17 @@ class Trajectory:
     @property
     def adapter_dir(self) -> Path:
         return self.folder / "adapter"
+
+    def summary(self) -> dict[str, Any]:
+        """What a fine-tune stage reports about its trajectory (the language and the detection one)."""
+        return {
+            "folder": str(self.folder),
+            "adapter_dir": str(self.adapter_dir),
+            "adapter_sha256": adapter_sha256(self.adapter_dir),
+            "checkpoints": self.files,
+            "first_loss": self.losses[0],
+            "final_loss": self.losses[-1],
+        }
 
 
 def read_trajectory(folder: str | Path) -> Trajectory:

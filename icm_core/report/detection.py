@@ -300,7 +300,9 @@ def write_detection_report(
     rows = result_rows(scores)
     if evaluations is not None and task_dirs is not None:
         add_detection_intervals(rows, evaluations, task_dirs)
-    write_json(out / "results.json", {"rows": rows, "training": training, "generator": generator_meta, "run": run_info})
+    write_json(
+        out / "results.json", {"rows": rows, "training": training, "generator": generator_meta, "run": run_info}
+    )
     write_text(out / "results.csv", csv_text(rows))
     plot_detection_bars(rows, out / FIGURE)
     figure = f"\n## Figure\n\n![mAP50 and mAP75 per task and method]({FIGURE})\n"

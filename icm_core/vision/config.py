@@ -15,6 +15,7 @@ from icm_core.config import METHOD_NAMES
 from icm_core.data.names import validate_category_name
 from icm_core.generator.config import CVAEConfig, SampleConfig
 from icm_core.infra.config import ResumeConfig, StageConfig
+from icm_core.lora.config import check_trajectory_fits
 
 
 DEFAULT_FACE_TASKS: tuple[str, ...] = ("blur", "dark", "noise", "occluded")
@@ -173,12 +174,7 @@ class DetectionLoraConfig(StageConfig):
 
     @model_validator(mode="after")
     def _trajectory_fits(self) -> DetectionLoraConfig:
-        if self.trajectory_size * self.checkpoint_every > self.steps:
-            raise ValueError(
-                f"trajectory_size * checkpoint_every = {self.trajectory_size * self.checkpoint_every} exceeds "
-                f"steps = {self.steps}"
-            )
-        return self
+        return check_trajectory_fits(self)
 
 
 class DetectionTaskVectorConfig(StageConfig):

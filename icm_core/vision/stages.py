@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from icm_core.infra.io import atomic_path, read_json, save_tensors, write_json
-from icm_core.lora.adapters import adapter_sha256, load_adapter, merge_adapter
+from icm_core.lora.adapters import load_adapter, merge_adapter
 from icm_core.lora.trajectory import read_trajectory
 from icm_core.vision.coco import coco_from_dict, detections_to_coco, evaluate_coco, load_coco
 from icm_core.vision.config import (
@@ -199,16 +199,7 @@ def finetune_detector(
         count, loss_fn = len(images), hf_loss_fn(images, gt, det_cfg, info)
     started = time.perf_counter()
     trajectory = train_detector_lora(model, count, loss_fn, lora_cfg, out, detector_identity(det_cfg), on_step, resume)
-    return {
-        "folder": str(out),
-        "adapter_dir": str(trajectory.adapter_dir),
-        "adapter_sha256": adapter_sha256(trajectory.adapter_dir),
-        "checkpoints": trajectory.files,
-        "final_loss": trajectory.losses[-1],
-        "first_loss": trajectory.losses[0],
-        "train_samples": count,
-        "seconds": time.perf_counter() - started,
-    }
+    return {**trajectory.summary(), "train_samples": count, "seconds": time.perf_counter() - started}
 
 
 def detector_task_vector(

@@ -135,8 +135,19 @@ TINY_PDIFF = PDiffConfig(
 
 
 @dataclass
+def pipeline_args(root: Path, config: RunConfig, categories_file: Path, folder: Path) -> list[str]:
+    """``icm-lora pipeline`` arguments for ``root``, ``config`` (written to ``folder/run.yaml``) and a category file."""
+    config_file = folder / "run.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
+    return ["--root", str(root), "--config", str(config_file), "--categories", str(categories_file)]
+
+
 class Workspace:
     """A test's artifacts root, its Prefect result folder, its category file and its run config."""
+
+    def pipeline_args(self, folder: Path, config: RunConfig | None = None) -> list[str]:
+        """``icm-lora pipeline`` arguments for this workspace (its config unless ``config`` is given)."""
+        return pipeline_args(self.root, config or self.config, self.categories_file, folder)
 
     root: Path
     results: Path

@@ -4,7 +4,6 @@ stat unless a full verification is asked for, and no output is silently replaced
 
 from __future__ import annotations
 
-import ast
 import json
 import shutil
 from pathlib import Path

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
 from icm_core.infra.faults import KILL_ENV, MARKER_ENV, parse_spec
@@ -113,16 +112,7 @@ def reference(prefect_api, tmp_path_factory, tiny_base_dir) -> Iterator[dict]:
 
 @pytest.mark.parametrize("spec, what", KILL_POINTS, ids=[spec for spec, _ in KILL_POINTS])
 def test_kill_and_restart_gives_uninterrupted_results(spec, what, workspace, prefect_api, reference, tmp_path):
-    config_file = tmp_path / "run.yaml"
-    config_file.write_text(yaml.safe_dump(workspace.config.model_dump(mode="json")), encoding="utf-8")
-    argv = [
-        "--root",
-        str(workspace.root),
-        "--config",
-        str(config_file),
-        "--categories",
-        str(workspace.categories_file),
-    ]
+    argv = workspace.pipeline_args(tmp_path)
     marker, log = tmp_path / "fault-marker.txt", tmp_path / "killed-run.log"
 
     # 1) The run dies by SIGKILL at the requested point (the marker is written just before the kill).

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
 from tests.flows.support import CATEGORIES, EVALUATED, states_by_name
@@ -48,8 +47,6 @@ def test_killed_run_resumes_with_same_metrics(workspace, prefect_api, tmp_path):
     # More LoRA steps than elsewhere (~2 s per category), so the second category is still training when the
     # first one has finished and been recorded.
     config = workspace.config.model_copy(update={"lora": workspace.config.lora.model_copy(update={"steps": 200})})
-    config_file = tmp_path / "cfg.yaml"
-    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
     env = {
         **os.environ,
         "PREFECT_API_URL": prefect_api,
@@ -58,18 +55,7 @@ def test_killed_run_resumes_with_same_metrics(workspace, prefect_api, tmp_path):
         "DO_NOT_TRACK": "1",
     }
     log = tmp_path / "killed-run.log"
-    command = [
-        sys.executable,
-        "-m",
-        "flows.cli",
-        "pipeline",
-        "--root",
-        str(workspace.root),
-        "--config",
-        str(config_file),
-        "--categories",
-        str(workspace.categories_file),
-    ]
+    command = [sys.executable, "-m", "flows.cli", "pipeline", *workspace.pipeline_args(tmp_path, config)]
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:

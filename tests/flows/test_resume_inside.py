@@ -8,7 +8,6 @@ import signal
 from collections.abc import Iterator
 
 import pytest
-import yaml
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
 from icm_core.infra.config import ResumeConfig
@@ -52,16 +51,7 @@ def test_killed_stage_resumes_from_saved_state(
     spec, message, stage, workspace, prefect_api, uninterrupted, tiny_base_dir, tmp_path
 ):
     config = resumable_config(tiny_base_dir)
-    config_file = tmp_path / "run.yaml"
-    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
-    argv = [
-        "--root",
-        str(workspace.root),
-        "--config",
-        str(config_file),
-        "--categories",
-        str(workspace.categories_file),
-    ]
+    argv = workspace.pipeline_args(tmp_path, config)
     marker, trace = tmp_path / "marker.txt", tmp_path / "trace.txt"
 
     killed_log = tmp_path / "killed.log"

@@ -13,12 +13,11 @@ import sys
 import time
 
 import pytest
-import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
 from flows.zombies import AUTOMATION_NAME, ensure_zombie_automation
-from tests.flows.support import forecast_text, recipe_text, tiny_run_config, write_categories
+from tests.flows.support import forecast_text, pipeline_args, recipe_text, tiny_run_config, write_categories
 from tests.live_server import REPO
 
 
@@ -48,22 +47,10 @@ def test_sigkilled_run_is_marked_crashed_and_restart_is_a_new_run(live_server, t
     root = tmp_path / "artifacts"
     categories = write_categories(tmp_path / "data", {"recipes": recipe_text(), "forecast": forecast_text()})
     config = tiny_run_config(tiny_base_dir, steps=3000)  # long enough to still be training when killed
-    config_file = tmp_path / "run.yaml"
-    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
     command = [
-        sys.executable,
-        "-m",
-        "flows.cli",
-        "pipeline",
-        "--root",
-        str(root),
-        "--config",
-        str(config_file),
-        "--categories",
-        str(categories),
-        "--only",
+        sys.executable, "-m", "flows.cli", "pipeline", *pipeline_args(root, config, categories, tmp_path), "--only",
         "recipes",
-    ]
+    ]  # fmt: skip
     env = live_server.env(PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(HEARTBEAT_S))
 
     with live_server.connected():
