@@ -134,7 +134,6 @@ TINY_PDIFF = PDiffConfig(
 )
 
 
-@dataclass
 def pipeline_args(root: Path, config: RunConfig, categories_file: Path, folder: Path) -> list[str]:
     """``icm-lora pipeline`` arguments for ``root``, ``config`` (written to ``folder/run.yaml``) and a category file."""
     config_file = folder / "run.yaml"
@@ -142,17 +141,18 @@ def pipeline_args(root: Path, config: RunConfig, categories_file: Path, folder: 
     return ["--root", str(root), "--config", str(config_file), "--categories", str(categories_file)]
 
 
+@dataclass
 class Workspace:
     """A test's artifacts root, its Prefect result folder, its category file and its run config."""
-
-    def pipeline_args(self, folder: Path, config: RunConfig | None = None) -> list[str]:
-        """``icm-lora pipeline`` arguments for this workspace (its config unless ``config`` is given)."""
-        return pipeline_args(self.root, config or self.config, self.categories_file, folder)
 
     root: Path
     results: Path
     categories_file: Path
     config: RunConfig
+
+    def pipeline_args(self, folder: Path, config: RunConfig | None = None) -> list[str]:
+        """``icm-lora pipeline`` arguments for this workspace (its config unless ``config`` is given)."""
+        return pipeline_args(self.root, config or self.config, self.categories_file, folder)
 
     def run(
         self,
