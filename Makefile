@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   install what is needed, then run the full default pipeline (CPU, local Prefect, artifacts/)
-#   make test   install what is needed, then run the test suite (what CI runs)
+#   make test   install what is needed, then run the test suite (what CI runs) and print the 25 slowest tests
+# For the edit loop: make test-fast (the unit tests: tests/core, tests/tasks and the architecture checks).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +18,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install lock demo test lint bench bench-cli bench-warm bench-threads clean chromium ablations zombie-detection results corpora library zeroshot
+.PHONY: install lock demo test test-fast lint bench bench-cli bench-warm bench-threads clean chromium ablations zombie-detection results corpora library zeroshot
 
 $(BIN)/.installed: pyproject.toml requirements.lock Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -65,7 +66,12 @@ zeroshot: corpora
 	$(BIN)/icm-lora zeroshot $(ARGS)
 
 test: install chromium corpora
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
+
+# Unit tests only (no Prefect server, no subprocess, no whole pipeline): under 3 minutes, for the edit loop.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not integration" tests/core tests/tasks tests/test_architecture.py \
+		tests/test_readme.py $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check icm_core tasks flows tests scripts

@@ -1,11 +1,14 @@
-"""One frozen pydantic config per stage. Every field is documented; unknown fields are rejected.
+"""The run config: every stage's config in one frozen model, the methods a run evaluates, and the loader.
 
-The configs are plain data: they hash deterministically (``config_fingerprint``), so the pipeline
-uses them in cache keys, and they render as parameter forms in the Prefect UI.
+Each stage's own config sits beside its code (``icm_core/<package>/config.py``); every field is documented and
+unknown fields are rejected. The configs are plain data: they hash deterministically
+(:func:`~icm_core.infra.config.config_fingerprint`), so the pipeline uses them in cache keys, and they render as
+parameter forms in the Prefect UI.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -103,16 +106,23 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
+CONFIG_ENV = "ICM_LORA_CONFIG"
+"""A run config file (YAML/JSON) that every command taking a run config uses when it is given no ``--config``: a
+machine's own defaults, e.g. a GPU worker's model, device and budgets. Unset: the built-in CPU demo settings."""
+
 
 def load_run_config(
     path: str | Path | None = None, overrides: list[str] | None = None, config_cls: type[ConfigT] = RunConfig
 ) -> ConfigT:
     """Read a YAML/JSON run config (sections model, data, lora, task_vector, cvae, sample, eval) and apply
     ``section.field=value`` overrides (values parsed as YAML). Errors name the file and the field.
-    ``config_cls`` is the config to validate into (the detection flow passes its own)."""
+    ``config_cls`` is the config to validate into (the detection flow passes its own). Without ``path``, a
+    :class:`RunConfig` comes from the file ``$ICM_LORA_CONFIG`` names, when it is set (:data:`CONFIG_ENV`)."""
     import yaml
     from pydantic import ValidationError
 
+    if path is None and config_cls is RunConfig:
+        path = os.environ.get(CONFIG_ENV) or None
     tree: dict[str, Any] = {}
     where = "config"
     if path is not None:

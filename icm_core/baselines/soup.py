@@ -1,14 +1,14 @@
-"""Model Soup for LoRA."""
+"""Model Soup for LoRA: the uniform average of adapters, taken over their weight deltas (not over A and B
+separately, see :mod:`icm_core.lora.arithmetic`)."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from icm_core.lora.arithmetic import _pair, delta_weights, factorise, lora_modules, lora_scaling
+from icm_core.lora.arithmetic import weighted_delta_adapter
 
 
 def model_soup(
@@ -29,26 +29,4 @@ def model_soup(
     """
     if not adapters:
         raise ValueError("model_soup: no adapters to average")
-    first_state, first_config = adapters[0]
-    modules = lora_modules(first_state)
-    total: dict[str, torch.Tensor] = {}
-    for i, (state, config) in enumerate(adapters):
-        if lora_modules(state) != modules:
-            raise ValueError(f"model_soup: adapter {i} adapts other modules than adapter 0")
-        for module, delta in delta_weights(state, lora_scaling(config)).items():
-            if module in total and total[module].shape != delta.shape:
-                raise ValueError(f"model_soup: adapter {i} module {module} has delta shape {tuple(delta.shape)}")
-            total[module] = total[module] + delta if module in total else delta
-    full_rank = sum(int(config["r"]) for _, config in adapters)
-    soup_rank = full_rank if max_rank is None else min(full_rank, max_rank)
-    soup_rank = min(soup_rank, *(min(d.shape) for d in total.values()))
-    state: dict[str, torch.Tensor] = {}
-    for module in modules:
-        b, a = factorise(total[module] / len(adapters), soup_rank)
-        a_key, b_key = _pair(first_state, module)
-        state[a_key], state[b_key] = a.float().contiguous(), b.float().contiguous()
-    config = copy.deepcopy(dict(first_config))
-    config.update(
-        {"r": soup_rank, "lora_alpha": soup_rank, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
-    )
-    return state, config
+    return weighted_delta_adapter(adapters, [1.0 / len(adapters)] * len(adapters), max_rank)

@@ -1,18 +1,19 @@
-"""Model Soup for LoRA: the uniform average of adapters, taken over their weight deltas.
+"""Arithmetic on LoRA adapters, over their weight deltas: ``dW = scaling * B @ A`` per adapted module.
 
-Averaging the A and B matrices separately is not the average of the adapters: mean(B) @ mean(A) is
-not mean(B @ A) (peft issue #643). A soup here averages the delta of every adapted module,
+Combining the A and B matrices separately is not combining the adapters: mean(B) @ mean(A) is not
+mean(B @ A) (peft issue #643). :func:`weighted_delta_adapter` sums the deltas of every adapted module,
 
-    dW_i = scaling_i * B_i @ A_i,        dW_soup = (1/n) * sum_i dW_i,
+    dW = sum_i w_i * dW_i,        dW_i = scaling_i * B_i @ A_i,
 
-and re-factorises each averaged delta by SVD into a standard LoRA pair. A sum of n rank-r deltas has
-rank <= n*r, so a soup of rank ``min(sum of ranks, out, in)`` is exact (up to float rounding); a
-smaller ``max_rank`` truncates it to the best approximation of that rank. The soup is written with
-``lora_alpha = r`` (scaling 1), so any PEFT loader reproduces dW_soup exactly.
+and re-factorises each sum by SVD into a standard LoRA pair. A sum of n rank-r deltas has rank <= n*r, so an
+adapter of rank ``min(sum of ranks, out, in)`` is exact (up to float rounding); a smaller ``max_rank`` truncates it
+to the best approximation of that rank. It is written with ``lora_alpha = r`` (scaling 1), so any PEFT loader
+reproduces dW exactly. The mean LoRA, softmax k-NN and Model Soup baselines are all such sums.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -87,11 +88,18 @@ def merged_delta(state_dict: Mapping[str, torch.Tensor], adapter_config: Mapping
 
 
 def weighted_delta_adapter(
-    adapters: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]], weights: Sequence[float]
+    adapters: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]],
+    weights: Sequence[float],
+    max_rank: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """One LoRA adapter whose weight change is exactly ``sum_i w_i * dW_i`` (rank = sum of ranks, no truncation).
+    """One LoRA adapter whose weight change is ``sum_i w_i * dW_i``: exact at the default rank (the sum of the
+    adapters' ranks, capped by each module's shape), the best approximation of rank ``max_rank`` when given.
 
-    With uniform weights this is the mean LoRA (the average of the adapters' weight deltas).
+    With uniform weights this is the mean LoRA (the average of the adapters' weight deltas, Model Soup).
+
+    Returns:
+        The LoRA state dict (the first adapter's key names) and its adapter config (``r`` = ``lora_alpha`` = the
+        rank, so its scaling is 1).
 
     Raises:
         ValueError: No adapters, a weight count mismatch, or adapters of different modules / shapes.
@@ -109,12 +117,12 @@ def weighted_delta_adapter(
                 raise ValueError(f"weighted adapter: adapter {i} module {module} has shape {tuple(delta.shape)}")
             total[module] = total.get(module, 0) + float(weight) * delta
     rank = sum(int(config["r"]) for _, config in adapters)
-    rank = min(rank, *(min(d.shape) for d in total.values()))
+    rank = min(rank if max_rank is None else min(rank, max_rank), *(min(d.shape) for d in total.values()))
     state: dict[str, torch.Tensor] = {}
     for module in modules:
         b, a = factorise(total[module], rank)
         a_key, b_key = _pair(first_state, module)
         state[a_key], state[b_key] = a.float().contiguous(), b.float().contiguous()
-    config = dict(first_config)
+    config = copy.deepcopy(dict(first_config))
     config.update({"r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}})
     return state, config

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from icm_core.config import RunConfig, load_run_config
+from icm_core.config import CONFIG_ENV, RunConfig, load_run_config
 from icm_core.data.config import DataConfig
 from icm_core.generator.config import CVAEConfig
 from icm_core.lora.config import LoraTrainConfig
 from icm_core.models.config import ModelConfig
+from icm_core.zeroshot.config import ZeroShotRunConfig
 
 
 def test_defaults_are_valid():
@@ -121,3 +122,18 @@ def test_bad_files(tmp_path):
     assert load_run_config(empty) == RunConfig()
 
 
+
+
+def test_config_env_gives_the_default_file(tmp_path, monkeypatch):
+    machine = tmp_path / "machine.yaml"
+    machine.write_text("lora: {steps: 12}\n", encoding="utf-8")
+    other = tmp_path / "other.yaml"
+    other.write_text("lora: {steps: 13}\n", encoding="utf-8")
+    monkeypatch.setenv(CONFIG_ENV, str(machine))
+    assert load_run_config().lora.steps == 12
+    assert load_run_config(overrides=["lora.steps=14"]).lora.steps == 14
+    assert load_run_config(other).lora.steps == 13  # an explicit file wins
+    assert load_run_config(config_cls=ZeroShotRunConfig).lora.steps == LoraTrainConfig().steps  # run configs only
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "missing.yaml"))
+    with pytest.raises(ValueError, match="missing.yaml: config file not found"):
+        load_run_config()

@@ -7,11 +7,10 @@ from pathlib import Path
 
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
-from icm_core.baselines.config import PDiffConfig
 from icm_core.generator.config import CVAEConfig
 from icm_core.infra.io import read_json
 from icm_core.vision.config import DetectionDataConfig, DetectionLoraConfig, DetectionRunConfig
-from tests.flows.support import states_by_name
+from tests.flows.support import TINY_PDIFF, states_by_name
 
 
 def tiny_detection_config() -> DetectionRunConfig:
@@ -27,17 +26,7 @@ def tiny_detection_config() -> DetectionRunConfig:
             negatives_per_image=3,
         ),
         cvae=CVAEConfig(channels=(4, 8), latent_dim=8, epochs=2, batch_size=2),
-        pdiff=PDiffConfig(
-            ae_enc_channels=(2, 2),
-            ae_dec_channels=(2, 4),
-            ae_epochs=2,
-            unet_channels=(8, 8),
-            cond_tokens=2,
-            timesteps=10,
-            ddpm_steps=3,
-            batch_size=2,
-            log_every=1,
-        ),
+        pdiff=TINY_PDIFF,
     )
 
 
