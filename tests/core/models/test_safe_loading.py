@@ -71,7 +71,7 @@ def test_remote_code_is_never_switched_on_in_the_code(path):
 def test_model_loaders_pass_the_users_setting():
     """Both base-model loaders hand ModelConfig.trust_remote_code to from_pretrained (default False)."""
     assert ModelConfig().trust_remote_code is False
-    tree = ast.parse((REPO / "icm_core" / "base_model.py").read_text())
+    tree = ast.parse((REPO / "icm_core" / "models" / "base_model.py").read_text())
     functions = {node.name: node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
     for name in ("load_tokenizer", "load_base_model"):
         [call] = list(calls(functions[name], "from_pretrained"))
@@ -82,14 +82,14 @@ def test_text_encoder_gets_the_users_setting():
     """The description task vector's sentence encoder gets TaskVectorConfig.text_encoder_trust_remote_code
     (default False), and TextEncoder hands it to both from_pretrained calls."""
     assert TaskVectorConfig().text_encoder_trust_remote_code is False
-    stages_tree = ast.parse((REPO / "icm_core" / "stages.py").read_text())
+    stages_tree = ast.parse((REPO / "icm_core" / "generator" / "stages.py").read_text())
     [call] = [
         node
         for node in ast.walk(stages_tree)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "TextEncoder"
     ]
     assert ast.unparse(keyword(call, "trust_remote_code")) == "tv_cfg.text_encoder_trust_remote_code"
-    encoder_tree = ast.parse((REPO / "icm_core" / "task_vectors.py").read_text())
+    encoder_tree = ast.parse((REPO / "icm_core" / "generator" / "task_vectors.py").read_text())
     [init] = [n for n in ast.walk(encoder_tree) if isinstance(n, ast.FunctionDef) and n.name == "__init__"]
     loads = list(calls(init, "from_pretrained"))
     assert len(loads) == 2
