@@ -196,6 +196,7 @@ def test_compute_modules_never_import_presentation_modules():
         assert (REPO / entry).exists(), f"PRESENTATION_MODULES names {entry}, which does not exist"
 
 
+@pytest.mark.slow
 def test_importing_the_core_and_its_cli_does_not_load_prefect():
     code = (
         "import sys, icm_core.cli, icm_core.in_process, icm_core.generator.stages, icm_core.evaluation.stages; "

@@ -440,6 +440,7 @@ def test_bad_input_is_refused_clearly(case, inputs, tmp_path, capsys):
     assert not [p for p in tmp_path.rglob(".*") if p.suffix == ".tmp"]
 
 
+@pytest.mark.slow
 def test_exit_status_reaches_the_shell(tmp_path):
     """The same errors through a real ``python -m icm_core`` process: status 2 and the message on stderr."""
     path = tmp_path / "run.yaml"

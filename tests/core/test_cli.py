@@ -55,6 +55,7 @@ def test_subcommand_help(command, capsys):
     assert "--config" in out and "--set" in out
 
 
+@pytest.mark.slow
 def test_module_entry_point_runs():
     result = subprocess.run(
         [sys.executable, "-m", "icm_core", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60

@@ -295,6 +295,7 @@ def test_bounded_logvar_is_smooth_and_bounded():
     assert bool((raw.grad[1:-1] > 0).all())  # a gradient even far out: the log-variance can come back
 
 
+@pytest.mark.slow
 def test_shallow_wide_cvae_trains_without_overflow():
     """The depth-4-rank-8 ablation case: 4 conv layers over 122,880 weights leave 61,440 features for to_latent;
     its log-variance used to jump past exp's range in the first epoch (loss inf). It must stay finite now."""

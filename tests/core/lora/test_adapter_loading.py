@@ -75,6 +75,7 @@ def test_adapter_names_a_base_that_transformers_can_load(generated, tiny_base_di
     assert (Path(config["base_model_name_or_path"]) / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_auto_peft_model_loads_a_generated_adapter_in_a_fresh_process(generated, tmp_path):
     torch.save(generated["logits"], tmp_path / "expected.pt")
     code = (
@@ -95,6 +96,7 @@ def test_auto_peft_model_loads_a_generated_adapter_in_a_fresh_process(generated,
     assert lines["PROJECT"] == "[]"
 
 
+@pytest.mark.slow
 def test_plain_peft_and_transformers_imports_work_without_the_project(tmp_path):
     """The make-built venv has torchvision (vision extra), a CUDA build next to the CPU torch: its start-up
     hook (icm_lora_torchvision.pth) must keep these imports working in any script."""
@@ -113,6 +115,7 @@ def test_plain_peft_and_transformers_imports_work_without_the_project(tmp_path):
     assert result.stdout.split()[-2:] == ["OK", "False"]
 
 
+@pytest.mark.slow
 def test_the_hook_imports_nothing_until_torchvision_is_imported(tmp_path):
     code = (
         "import importlib.util, sys\n"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from icm_core.models.torchvision_compat import ensure_torchvision_importable, torchvision_ops_available
@@ -15,6 +16,7 @@ from icm_core.models.torchvision_compat import ensure_torchvision_importable, to
 REPO = Path(__file__).resolve().parents[3]
 
 
+@pytest.mark.slow
 def test_imports_in_a_fresh_process():
     code = (
         "import icm_core, torchvision, open_clip, peft\n"
