@@ -13,11 +13,12 @@ import inspect
 import pkgutil
 
 import pytest
+import torch
 from prefect import Task
 
 import tasks
 from tasks.artifacts import ArtifactCachePolicy, stage_key
-from tasks.stage import STAGE_TASKS, retry_unless_bad_input, stage_inputs
+from tasks.stage import GPU_LIMIT_ENV, STAGE_TASKS, gpu_limit_name, retry_unless_bad_input, stage_inputs
 
 
 for _module in pkgutil.iter_modules(tasks.__path__):
@@ -112,3 +113,16 @@ def test_every_cached_task_is_a_stage_task():
         for name, value in vars(module).items():
             if isinstance(value, Task) and isinstance(value.cache_policy, ArtifactCachePolicy):
                 assert value in STAGE_TASKS, f"{module.__name__}.{name} is not made with stage_task"
+
+
+def test_limit_names(monkeypatch):
+    monkeypatch.setenv(GPU_LIMIT_ENV, "gpu-{host}-{index}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert gpu_limit_name(torch.device("cpu")) is None
+    assert gpu_limit_name(torch.device("cuda")).endswith("-0")
+    assert gpu_limit_name(torch.device("cuda:1")).endswith("-1")
+    # A worker restricted to physical GPUs 2 and 3 sees them as cuda:0 and cuda:1: the limit names the physical one.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert gpu_limit_name(torch.device("cuda:1")).endswith("-3")
+    monkeypatch.setenv(GPU_LIMIT_ENV, "off")
+    assert gpu_limit_name(torch.device("cuda:0")) is None
