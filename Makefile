@@ -55,7 +55,7 @@ chromium:
 # The category library's Debian text (docs, code, quotes, tables): apt-get download + dpkg-deb -x into
 # artifacts/corpora/debian (nothing is installed; ~60 MB of .debs, ~240 MB extracted, ~1 min). Needs apt (root).
 corpora: install
-	$(BIN)/python -m icm_core.data.corpora.debian
+	$(BIN)/python -m icm_core.data.corpora.debian_fetch
 
 # Smoke run of the library: prepare every category's splits and count its tokens (results/zeroshot/library.md).
 library: corpora
@@ -108,6 +108,7 @@ bench-threads: install
 
 clean:
 	rm -rf artifacts/data artifacts/lora artifacts/task_vectors artifacts/generator artifacts/adapters \
+		artifacts/trajectory_mean artifacts/diagnostics artifacts/runs artifacts/in-process \
 		artifacts/soup artifacts/pdiff artifacts/pdiff_adapters artifacts/ablation_report artifacts/latest-ablations.json \
 		artifacts/eval artifacts/report artifacts/.prefect artifacts/latest.json artifacts/registry-state.json \
 		artifacts/ablations artifacts/generated artifacts/.fingerprints \

@@ -15,7 +15,6 @@ from icm_core.generator.config import CVAEConfig
 from icm_core.generator.task_vectors import load_task_vector
 from icm_core.infra.io import csv_text, read_json, sidecar_path, write_json, write_text
 from icm_core.infra.layout import StageOutput
-from icm_core.lora.trajectory import read_trajectory
 from icm_core.report.plots import plot_main_bars, plot_task_vectors, plot_training_curves
 from icm_core.report.tables import (
     add_intervals,
@@ -31,6 +30,7 @@ from icm_core.report.tables import (
     result_rows,
     seed_rows,
     seed_table,
+    storage_inputs,
     storage_rows,
     storage_table,
 )
@@ -41,44 +41,6 @@ FIGURES = {
     "training_curves.png": "Generator training curves",
     "main_results.png": "PPL relative to the original model",
 }
-
-
-def storage_inputs(
-    data: dict[str, StageOutput],
-    loras: dict[str, StageOutput],
-    generator: StageOutput,
-    pdiff: StageOutput | None,
-    soups: dict[str, StageOutput],
-    pdiff_shared: StageOutput | None = None,
-) -> tuple[list[Path], list[Path], list[Path], dict[str, list[Path]]]:
-    """The files behind each storage row: train text, checkpoints, final adapters, and each generator's files."""
-    train_text = [data[name].file("splits") / "train.jsonl" for name in sorted(data)]
-    checkpoints, finals = [], []
-    for name in sorted(loras):
-        trajectory = read_trajectory(loras[name].folder)
-        checkpoints += [trajectory.folder / f for f in trajectory.files]
-        finals.append(trajectory.adapter_dir / "adapter_model.safetensors")
-    gen_file = generator.file("generator.safetensors")
-    generators = {
-        "ICM-LoRA generator (CVAE + shared per-tensor stats + task vectors)": [gen_file, sidecar_path(gen_file)]
-    }
-    if pdiff is not None:
-        pdiff_file = pdiff.file("pdiff.safetensors")
-        generators["COND P-DIFF (AE + DDPM + per-task mean/std of every weight)"] = [
-            pdiff_file,
-            sidecar_path(pdiff_file),
-        ]
-    if pdiff_shared is not None:
-        shared_file = pdiff_shared.file("pdiff.safetensors")
-        generators["COND P-DIFF, shared norm (AE + DDPM + per-tensor stats)"] = [
-            shared_file,
-            sidecar_path(shared_file),
-        ]
-    if soups:
-        generators[f"Model Soup adapter(s) ({len(soups)})"] = [
-            ref.file("adapter") / "adapter_model.safetensors" for ref in soups.values()
-        ]
-    return train_text, checkpoints, finals, generators
 
 
 def eval_summary(evals: list[dict[str, dict[str, StageOutput]]]) -> dict[str, Any]:

@@ -11,6 +11,9 @@ from typing import Any
 from icm_core.config import METHOD_NAMES, METHOD_TITLES
 from icm_core.evaluation.perplexity import gain_recovered
 from icm_core.evaluation.stats import mean_blocks, paired_bootstrap, relative_difference, seed_summary, verdict
+from icm_core.infra.io import sidecar_path
+from icm_core.infra.layout import StageOutput
+from icm_core.lora.trajectory import read_trajectory
 
 
 GENERATED = ("trajectory_mean", "soup_own", "model_soup", "cond_pdiff", "cond_pdiff_shared", "icm_lora")
@@ -341,3 +344,41 @@ def ppl_across_draws(ppls: Sequence[float]) -> dict[str, Any] | None:
         "sd": summary["sd"],
         "range_rel": (summary["max"] - summary["min"]) / summary["mean"],
     }
+
+
+def storage_inputs(
+    data: dict[str, StageOutput],
+    loras: dict[str, StageOutput],
+    generator: StageOutput,
+    pdiff: StageOutput | None,
+    soups: dict[str, StageOutput],
+    pdiff_shared: StageOutput | None = None,
+) -> tuple[list[Path], list[Path], list[Path], dict[str, list[Path]]]:
+    """The files behind each storage row: train text, checkpoints, final adapters, and each generator's files."""
+    train_text = [data[name].file("splits") / "train.jsonl" for name in sorted(data)]
+    checkpoints, finals = [], []
+    for name in sorted(loras):
+        trajectory = read_trajectory(loras[name].folder)
+        checkpoints += [trajectory.folder / f for f in trajectory.files]
+        finals.append(trajectory.adapter_dir / "adapter_model.safetensors")
+    gen_file = generator.file("generator.safetensors")
+    generators = {
+        "ICM-LoRA generator (CVAE + shared per-tensor stats + task vectors)": [gen_file, sidecar_path(gen_file)]
+    }
+    if pdiff is not None:
+        pdiff_file = pdiff.file("pdiff.safetensors")
+        generators["COND P-DIFF (AE + DDPM + per-task mean/std of every weight)"] = [
+            pdiff_file,
+            sidecar_path(pdiff_file),
+        ]
+    if pdiff_shared is not None:
+        shared_file = pdiff_shared.file("pdiff.safetensors")
+        generators["COND P-DIFF, shared norm (AE + DDPM + per-tensor stats)"] = [
+            shared_file,
+            sidecar_path(shared_file),
+        ]
+    if soups:
+        generators[f"Model Soup adapter(s) ({len(soups)})"] = [
+            ref.file("adapter") / "adapter_model.safetensors" for ref in soups.values()
+        ]
+    return train_text, checkpoints, finals, generators

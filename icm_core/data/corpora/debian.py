@@ -1,9 +1,7 @@
 """Text shipped in Debian packages: documentation, source code, quotes, dictionaries and data tables.
 
-The project fetches the packages itself (``make corpora`` runs :func:`fetch_packages`: ``apt-get download``
-then ``dpkg-deb -x`` into a project-local folder, nothing is installed). Each package is extracted to
-``<root>/<package>/`` and recorded in ``<root>/<package>.json`` (version and the ``.deb``'s sha256),
-written last, so a half-extracted package never counts as present. The root is ``$ICM_DEBIAN_DIR`` or
+The project fetches the packages itself (``make corpora``, :mod:`icm_core.data.corpora.debian_fetch`): each is
+extracted to ``<root>/<package>/`` and recorded in ``<root>/<package>.json``. The root is ``$ICM_DEBIAN_DIR`` or
 ``artifacts/corpora/debian``.
 
 A source is declared as data (:class:`DebianSpec`): which packages, which files (globs under the
@@ -13,14 +11,10 @@ of paragraphs, or groups of lines for tables).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,7 +30,6 @@ __all__ = [
     "DebianSpec",
     "debian_packages",
     "debian_root",
-    "fetch_packages",
     "package_record",
 ]
 
@@ -322,99 +315,3 @@ DEBIAN_SOURCES: dict[str, BuiltinSource] = {name: _source(spec) for name, spec i
 def debian_packages() -> list[str]:
     """Every Debian package the library reads, sorted."""
     return sorted({p for spec in _SPECS.values() for p in spec.packages})
-
-
-# --------------------------------------------------------------------------------------------------
-# Fetching
-# --------------------------------------------------------------------------------------------------
-
-
-def _run(command: Sequence[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(list(command), cwd=cwd, capture_output=True, text=True, check=False)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fetch_packages(packages: Sequence[str], root: Path | None = None, update: bool = True) -> dict[str, dict]:
-    """Download and extract Debian packages that are not yet under ``root`` (nothing is installed).
-
-    Each package: ``apt-get download`` into a temporary folder, ``dpkg-deb -x`` into a temporary tree,
-    rename the tree to ``<root>/<package>``, then write ``<root>/<package>.json``. When a download fails
-    and ``update`` is set, ``apt-get update`` runs once and the download is retried (a clean machine has
-    no package lists).
-
-    Args:
-        packages: Debian package names.
-        root: Destination (default :func:`debian_root`).
-        update: Allow one ``apt-get update`` after a failed download.
-
-    Returns:
-        The record of every requested package.
-
-    Raises:
-        DataError: apt-get or dpkg-deb is missing, or a package cannot be downloaded or extracted
-            (the message names the package and quotes the tool's error).
-    """
-    root = (root or debian_root()).absolute()
-    root.mkdir(parents=True, exist_ok=True)
-    for tool in ("apt-get", "dpkg-deb"):
-        if shutil.which(tool) is None:
-            raise DataError(f"{tool} not found: the Debian corpora need a Debian or Ubuntu machine (apt and dpkg)")
-    records: dict[str, dict] = {}
-    updated = not update
-    for package in packages:
-        record = package_record(package, root)
-        if record is not None:
-            records[package] = record
-            continue
-        with tempfile.TemporaryDirectory(dir=root, prefix=f".{package}-") as tmp:
-            work = Path(tmp)
-            result = _run(["apt-get", "download", package], work)
-            if result.returncode != 0 and not updated:
-                _run(["apt-get", "update", "-qq"], work)
-                updated = True
-                result = _run(["apt-get", "download", package], work)
-            debs = sorted(work.glob("*.deb"))
-            if result.returncode != 0 or len(debs) != 1:
-                raise DataError(f"Debian package {package!r}: apt-get download failed: {result.stderr.strip()[-400:]}")
-            tree = work / "tree"
-            result = _run(["dpkg-deb", "-x", str(debs[0]), str(tree)], work)
-            if result.returncode != 0:
-                raise DataError(f"{debs[0]}: dpkg-deb -x failed: {result.stderr.strip()[-400:]}")
-            version = _run(["dpkg-deb", "-f", str(debs[0]), "Version"], work).stdout.strip()
-            target = root / package
-            if target.exists():
-                shutil.rmtree(target)
-            tree.rename(target)
-            record = {"package": package, "version": version, "deb": debs[0].name, "deb_sha256": _sha256(debs[0])}
-            (root / f"{package}.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        records[package] = record
-    return records
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m icm_core.data.corpora.debian [--root DIR]``: fetch every package the library reads."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(description="Fetch the Debian packages of the category library.")
-    parser.add_argument("--root", help=f"destination (default ${DEBIAN_DIR_ENV} or {DEFAULT_DEBIAN_DIR})")
-    args = parser.parse_args(argv)
-    try:
-        records = fetch_packages(debian_packages(), Path(args.root) if args.root else None)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for name, record in sorted(records.items()):
-        print(f"{name:<40} {record.get('version', '?')}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,6 +11,7 @@ import pytest
 from icm_core.data.categories import Category, builtin_categories, library_categories
 from icm_core.data.config import DataConfig
 from icm_core.data.corpora import debian as deb
+from icm_core.data.corpora import debian_fetch
 from icm_core.data.corpora.base import FAMILIES
 from icm_core.data.corpora.markup import html_to_text
 from icm_core.data.corpora.mediawiki import strip_wiki_markup
@@ -140,10 +141,10 @@ def test_fetch_names_the_package_when_apt_fails(tmp_path: Path, monkeypatch) -> 
     def fake_run(command, cwd):
         return subprocess.CompletedProcess(command, 100, "", "E: Unable to locate package no-such-pkg")
 
-    monkeypatch.setattr(deb, "_run", fake_run)
-    monkeypatch.setattr(deb.shutil, "which", lambda tool: "/usr/bin/" + tool)
+    monkeypatch.setattr(debian_fetch, "_run", fake_run)
+    monkeypatch.setattr(debian_fetch.shutil, "which", lambda tool: "/usr/bin/" + tool)
     with pytest.raises(DataError, match="no-such-pkg"):
-        deb.fetch_packages(["no-such-pkg"], tmp_path)
+        debian_fetch.fetch_packages(["no-such-pkg"], tmp_path)
     assert not (tmp_path / "no-such-pkg").exists() and not (tmp_path / "no-such-pkg.json").exists()
 
 
