@@ -218,55 +218,56 @@ def _in_process_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="also write the full results as JSON here")
 
 
+def _stage(run: Callable[[argparse.Namespace], int | None], help: str, arguments=_no_arguments) -> Command:
+    """A command of the stage table: it takes a run config and ``--categories``, whether it reads them or not, so
+    one set of options serves every stage command."""
+    return Command(run, help, arguments, config=True, categories=True)
+
+
 STAGE_COMMANDS: dict[str, Command] = {
-    "categories": Command(
-        cmd_categories, "List the categories (built-in demo set or --categories file).", categories=True
-    ),
-    "config": Command(cmd_config, "Print the effective run config (defaults + --config + --set) as JSON."),
-    "prepare-data": Command(
+    "categories": _stage(cmd_categories, "List the categories (built-in demo set or --categories file)."),
+    "config": _stage(cmd_config, "Print the effective run config (defaults + --config + --set) as JSON."),
+    "prepare-data": _stage(
         cmd_prepare_data,
         "Split one category's text into deterministic train/val/test splits (one stage, no Prefect).",
         _prepare_data_args,
-        categories=True,
     ),
-    "finetune": Command(
+    "finetune": _stage(
         cmd_finetune,
         "Fine-tune a LoRA adapter on a category's train split (one stage, no Prefect) and save the last "
         "checkpoints (the trajectory) plus the final adapter.",
         _finetune_args,
     ),
-    "task-vector": Command(
+    "task-vector": _stage(
         cmd_task_vector,
         "Compute a category's task vector (one stage, no Prefect): the mean last-layer last-token hidden state "
         "over train samples (paper Eq. 1), or the embedding of its description.",
         _task_vector_args,
-        categories=True,
     ),
-    "train-generator": Command(
+    "train-generator": _stage(
         cmd_train_generator,
         "Train one CVAE on the trajectories of all categories, conditioned on their task vectors (one stage, no "
         "Prefect).",
         _train_generator_args,
     ),
-    "sample": Command(
+    "sample": _stage(
         cmd_sample,
         "Decode one adapter from a generator file (one stage, no Prefect): z ~ N(0, I) with a category's (or a "
         "file's) task vector, written as a PEFT adapter to --out. `generate` is the job around it: it finds the "
         "latest generator, computes a new category's vector from its text and runs as a Prefect flow.",
         _sample_args,
     ),
-    "evaluate": Command(
+    "evaluate": _stage(
         cmd_evaluate,
         "Score an adapter merged into the base model (one stage, no Prefect): PPL and BPC on the category's "
         "test split (no --adapter: the base model).",
         _evaluate_args,
     ),
-    "in-process": Command(
+    "in-process": _stage(
         cmd_in_process,
         "Run every stage once for all categories in this process, without Prefect, caching or resume (the "
         "reference path the benchmarks time), and print the results table. `pipeline` is the cached Prefect flow.",
         _in_process_args,
-        categories=True,
     ),
 }
 """The commands that run without Prefect (``python -m icm_core``, and part of ``icm-lora``)."""
