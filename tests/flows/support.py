@@ -229,7 +229,7 @@ def expected_output_folders(categories=CATEGORIES) -> int:
 
 
 def expected_task_runs(categories=CATEGORIES) -> set[str]:
-    names = {"train-cvae", "train-cond-pdiff", "soup-all", "report", "diagnostics-icm_lora", "diagnostics-cond_pdiff"}
+    names = {"train-generator", "train-cond-pdiff", "soup-all", "report", "diagnostics-icm_lora", "diagnostics-cond_pdiff"}
     names |= BATCHED_TASK_RUNS
     for c in categories:
         names |= {f"data-{c}", f"lora-{c}", f"task-vector-{c}", f"sample-{c}"}

@@ -44,7 +44,7 @@ def test_cvae_config_change_reruns_only_cvae_and_downstream(workspace):
     baselines |= {f"trajectory-mean-{c}" for c in CATEGORIES} | {f"soup-{c}-own" for c in CATEGORIES}
     methods = ("base", "lora", "trajectory_mean", "soup_own", "model_soup", "cond_pdiff")
     unaffected = upstream | baselines | {f"eval-{c}-{m}" for c in CATEGORIES for m in methods}
-    rerun = {"train-cvae", "report", "diagnostics-icm_lora"}
+    rerun = {"train-generator", "report", "diagnostics-icm_lora"}
     rerun |= {f"sample-{c}{z}" for c in CATEGORIES for z in ("", "-z1")}
     rerun |= {f"eval-{c}-{m}" for c in CATEGORIES for m in ("icm_lora", "icm_lora@z1")}
     assert unaffected | rerun == set(states)

@@ -94,7 +94,7 @@ def test_new_category_retrains_only_that_category(live_server, tiny_base_dir, tm
             states = subflow_task_states(run.id)
             assert not any("forecast" in name for name in states), states
             assert {states[f"lora-{c}"] for c in ("recipes", "inventory")} == {"Cached"}
-            assert states["train-cvae"] == "Completed"
+            assert states["train-generator"] == "Completed"
     finally:
         stop(worker)
     assert len(list(root.glob("generator/*/manifest.json"))) == 3  # baseline, +inventory, -forecast
