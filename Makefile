@@ -18,7 +18,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install lock demo test test-fast lint bench bench-cli bench-warm bench-threads clean chromium ablations zombie-detection results corpora library zeroshot
+.PHONY: install lock demo test test-fast server lint bench bench-cli bench-warm bench-threads clean chromium ablations zombie-detection results corpora library zeroshot
 
 $(BIN)/.installed: pyproject.toml requirements.lock Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +93,13 @@ bench: install
 # Bytes hashed and seconds of a warm (all cache hits) pipeline run on a demo-shaped root (docs/reliability.md).
 bench-warm: install
 	$(BIN)/python scripts/bench_warm.py $(ARGS)
+
+# A Prefect server on this machine, in the background, on loopback: API and UI on http://127.0.0.1:$(SERVER_PORT).
+# Returns once it answers; stop it with `.venv/bin/prefect server stop`. Deployments and workers: docs/operations.md.
+SERVER_PORT ?= 4200
+server: install
+	$(BIN)/prefect server start --background --host 127.0.0.1 --port $(SERVER_PORT)
+	$(BIN)/python scripts/wait_for_server.py http://127.0.0.1:$(SERVER_PORT)
 
 # Once per Prefect server: the automation that marks killed (silent) flow runs Crashed (flows/zombies.py).
 zombie-detection: install
