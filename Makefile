@@ -98,8 +98,7 @@ bench-warm: install
 # Returns once it answers; stop it with `.venv/bin/prefect server stop`. Deployments and workers: docs/operations.md.
 SERVER_PORT ?= 4200
 server: install
-	$(BIN)/prefect server start --background --host 127.0.0.1 --port $(SERVER_PORT)
-	$(BIN)/python scripts/wait_for_server.py http://127.0.0.1:$(SERVER_PORT)
+	$(BIN)/python scripts/prefect_server.py --port $(SERVER_PORT)
 
 # Once per Prefect server: the automation that marks killed (silent) flow runs Crashed (flows/zombies.py).
 zombie-detection: install
