@@ -26,8 +26,9 @@ the event, long before its fine-tune finishes. That needs a generator whose task
 (``task_vector.hidden_from=base`` or ``task_vector.source=description``); with the default fine-tuned-model
 vectors the step is skipped and says why. When the pipeline is done, every category's adapter from the retrained
 generator is published, replacing the zero-shot one. ``<root>/registry-state.json`` records, per category, the
-adapter published now, whether it is ``zero-shot`` or ``retrained``, and the earlier ones (``tasks/registry_state.py``);
-each publication is also a Prefect artifact (table ``registry-published``, markdown ``published-<category>``).
+adapter published now, whether it is ``zero-shot`` or ``retrained``, and the earlier ones
+(``tasks/registry_state.py``); each publication is also a Prefect artifact (table ``registry-published``,
+markdown ``published-<category>``).
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def renamed(task_obj, suffix: str):
 
 
 def bound(task_obj, root: str, suffix: str = ""):
-    """The task with its result records inside ``root`` (``tasks/result_records.py``) and ``suffix`` on its run name."""
+    """The task with its result records inside ``root`` (``tasks/result_records.py``), ``suffix`` on its run name."""
     return renamed(on_root(task_obj, root), suffix)
 
 

@@ -70,7 +70,8 @@ def geometry_lines(geometry: Mapping[str, Any]) -> list[str]:
             lines.append(
                 f"- nearest category by {by.removeprefix('by_').replace('_', ' ')}: its LoRA recovers "
                 f"{fmt(cell['mean_nearest_share'], '.1%')} of a target's gain on average, against "
-                f"{fmt(cell['mean_best_share'], '.1%')} for the best other category and {fmt(cell['mean_median_share'], '.1%')} "
+                f"{fmt(cell['mean_best_share'], '.1%')} for the best other category and "
+                f"{fmt(cell['mean_median_share'], '.1%')} "
                 f"for the median one; it is the best in {fmt(cell['nearest_is_best'], '.1%')} and in the top 3 in "
                 f"{fmt(cell['nearest_in_top3'], '.1%')} of {cell['targets']} targets"
             )

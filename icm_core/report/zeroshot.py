@@ -124,7 +124,8 @@ def write_results(
     for m in methods:
         low, high = summary["macro_gain_ci95"][m]
         lines.append(
-            f"| {title(m)} (`{m}`) | {fmt(summary['macro_gain'][m], '.1%')} | {fmt(low, '.1%')} .. {fmt(high, '.1%')} |"
+            f"| {title(m)} (`{m}`) | {fmt(summary['macro_gain'][m], '.1%')} | "
+            f"{fmt(low, '.1%')} .. {fmt(high, '.1%')} |"
         )
     lines += ["", "| win rate | share of held-out categories |", "|---|---:|"]
     lines += [f"| `{k}` | {fmt(v, '.1%')} |" for k, v in summary["win_rate"].items()]
@@ -190,7 +191,8 @@ def _scaling_lines(points: Sequence[Mapping[str, Any]]) -> list[str]:
         size = point["training_categories"]
         shown = f"{size:g}" if "per_fold" not in point else f"{size:g} (per fold {point['per_fold']})"
         lines.append(
-            f"| {shown} | `{point['method']}` | {fmt(point['macro_gain'], '.1%')} | {fmt(low, '.1%')} .. {fmt(high, '.1%')} |"
+            f"| {shown} | `{point['method']}` | {fmt(point['macro_gain'], '.1%')} | "
+            f"{fmt(low, '.1%')} .. {fmt(high, '.1%')} |"
         )
     return lines
 
@@ -206,7 +208,8 @@ def _cross_category_lines(matrix: Mapping[str, Any], meta: Mapping[str, Any]) ->
         "the target's own base-to-LoRA NLL gap it recovers (1 on the diagonal): `cross_category.csv`, "
         "`cross_category_matrix.png`.",
         "",
-        f"- off-diagonal share: mean {fmt(info['mean_off_diagonal'], '.1%')}, largest {fmt(info['max_off_diagonal'], '.1%')}",
+        f"- off-diagonal share: mean {fmt(info['mean_off_diagonal'], '.1%')}, "
+        f"largest {fmt(info['max_off_diagonal'], '.1%')}",
         f"- targets where another category's LoRA beats the own one: {len(beaten)} of {info['scored_targets']}"
         + (": " + ", ".join(f"{t} (by {s})" for t, s in sorted(beaten.items())) if beaten else ""),
     ]

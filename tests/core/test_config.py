@@ -122,8 +122,6 @@ def test_bad_files(tmp_path):
     assert load_run_config(empty) == RunConfig()
 
 
-
-
 def test_config_env_gives_the_default_file(tmp_path, monkeypatch):
     machine = tmp_path / "machine.yaml"
     machine.write_text("lora: {steps: 12}\n", encoding="utf-8")

@@ -135,7 +135,7 @@ TINY_PDIFF = PDiffConfig(
 
 
 def pipeline_args(root: Path, config: RunConfig, categories_file: Path, folder: Path) -> list[str]:
-    """``icm-lora pipeline`` arguments for ``root``, ``config`` (written to ``folder/run.yaml``) and a category file."""
+    """``icm-lora pipeline`` arguments: ``root``, ``config`` (written to ``folder/run.yaml``) and a category file."""
     config_file = folder / "run.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
     return ["--root", str(root), "--config", str(config_file), "--categories", str(categories_file)]
@@ -229,7 +229,8 @@ def expected_output_folders(categories=CATEGORIES) -> int:
 
 
 def expected_task_runs(categories=CATEGORIES) -> set[str]:
-    names = {"train-generator", "train-cond-pdiff", "soup-all", "report", "diagnostics-icm_lora", "diagnostics-cond_pdiff"}
+    names = {"train-generator", "train-cond-pdiff", "soup-all", "report"}
+    names |= {"diagnostics-icm_lora", "diagnostics-cond_pdiff"}
     names |= BATCHED_TASK_RUNS
     for c in categories:
         names |= {f"data-{c}", f"lora-{c}", f"task-vector-{c}", f"sample-{c}"}

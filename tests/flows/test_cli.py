@@ -164,8 +164,7 @@ def test_bad_values_are_one_line(tmp_path):
 def test_module_entry_point_runs_the_cli():
     """``python -m flows.cli`` is ``icm-lora``; no flow module imports the CLI, so ``python -m flows.<flow>`` is not
     an entry point (it used to be an alias that executed its module twice)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "pipeline", "--help"], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    command = [sys.executable, "-m", "flows.cli", "pipeline", "--help"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "icm-lora pipeline" in result.stdout

@@ -53,7 +53,8 @@ def test_two_pipelines_at_once_build_every_output_once(workspace, prefect_api, t
         "PREFECT_LOGGING_LEVEL": "WARNING",
         TRACE_ENV: str(trace),
     }
-    command = [sys.executable, "-m", "flows.cli", "pipeline", "--root", str(workspace.root), "--config", str(config_file)]
+    command = [sys.executable, "-m", "flows.cli", "pipeline", "--root", str(workspace.root)]
+    command += ["--config", str(config_file)]
     command += ["--categories", str(workspace.categories_file)]
 
     started = time.perf_counter()

@@ -7,6 +7,6 @@
   languages, quotes, dictionaries, data tables); :mod:`~icm_core.data.corpora.markup` strips their HTML;
 * :mod:`~icm_core.data.corpora.user`          -- a user's own ``.txt`` / ``.jsonl`` files and folders.
 
-``BUILTIN_SOURCES`` (:mod:`~icm_core.data.corpora.sources`) maps a source id (``builtin:<id>`` in a category file) to its :class:`BuiltinSource`;
-``DEMO_SOURCES`` names the five the default pipeline (``make demo``) runs.
+``BUILTIN_SOURCES`` (:mod:`~icm_core.data.corpora.sources`) maps a source id (``builtin:<id>`` in a category file)
+to its source; ``DEMO_SOURCES`` names the five the default pipeline (``make demo``) runs.
 """

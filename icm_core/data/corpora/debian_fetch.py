@@ -27,7 +27,6 @@ def _run(command: Sequence[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(list(command), cwd=cwd, capture_output=True, text=True, check=False)
 
 
-
 def fetch_packages(packages: Sequence[str], root: Path | None = None, update: bool = True) -> dict[str, dict]:
     """Download and extract Debian packages that are not yet under ``root`` (nothing is installed).
 

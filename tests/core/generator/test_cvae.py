@@ -168,5 +168,3 @@ def test_bounded_logvar_is_smooth_and_bounded():
 
 
 # ----------------------------------------------------------------------------------------- early stopping
-
-

@@ -75,5 +75,3 @@ def test_zeroshot_config_refuses_vectors_a_held_out_category_cannot_have():
     assert ZeroShotRunConfig().task_vector.hidden_from == "base"
     assert ZeroShotRunConfig().cvae.epochs == 30  # the leave-out budget; the demo keeps its own
     assert ZeroShotRunConfig(task_vector=TaskVectorConfig(source="description")).task_vector.source == "description"
-
-
