@@ -100,3 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, record in sorted(records.items()):
         print(f"{name:<40} {record.get('version', '?')}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -261,3 +263,12 @@ def test_strip_wiki_markup() -> None:
 # --------------------------------------------------------------------------------------------------
 # Token blocks
 # --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fetch_module_runs_as_a_command():
+    """``make corpora`` runs ``python -m icm_core.data.corpora.debian_fetch``: the module must run its main."""
+    command = [sys.executable, "-m", "icm_core.data.corpora.debian_fetch", "--help"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Fetch the Debian packages" in result.stdout
