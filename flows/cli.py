@@ -61,11 +61,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from flows.runtime import device_from_env
     from icm_core.config import load_run_config
     from icm_core.data.selection import check_category_sources, select_categories
-    from icm_core.models.base_model import resolve_device
 
     cfg = load_run_config(args.config, args.set + ([f"seeds={args.seeds}"] if args.seeds else []))
     worker_cfg = device_from_env(cfg)  # the config as the flow will see it
-    resolve_device(worker_cfg.model.device)
     only = _names(args.only)
     # A bad category file or a missing/empty source fails here, before a Prefect server or flow run starts.
     categories = check_category_sources(select_categories(args.categories, only))
@@ -78,10 +76,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         write_root_json(args.root, "latest.json", summary)  # what a flow run would have pointed it at
         print(f"up to date: every stage of this run is cached (run record {run_record.record_path(args.root, key)}; "
               "--rerun runs the flow anyway)")  # fmt: skip
-    else:
+    else:  # torch, Prefect and the models load from here on, not on the path above (make bench-warm)
         from flows.pipeline import icm_pipeline
         from flows.runtime import make_task_runner
+        from icm_core.models.base_model import resolve_device
 
+        resolve_device(worker_cfg.model.device)  # a bad or missing device fails before a server starts
         runner = make_task_runner(args.runner, args.runner_address, args.workers)
         summary = _run(
             icm_pipeline.with_options(task_runner=runner),
@@ -97,7 +97,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict[str, Any], results_dir: str | None) -> None:
-    from icm_core.in_process import format_table
+    from icm_core.report.console import format_table
 
     print()
     print(format_table(summary["rows"]))

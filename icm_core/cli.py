@@ -149,7 +149,8 @@ def cmd_evaluate(args):
 
 
 def cmd_in_process(args):
-    from icm_core.in_process import format_table, run_in_process
+    from icm_core.in_process import run_in_process
+    from icm_core.report.console import format_table
 
     result = run_in_process(_categories(args), _config(args), args.out, log=lambda m: print(m, file=sys.stderr))
     print(format_table(result["rows"]))

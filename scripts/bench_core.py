@@ -25,8 +25,9 @@ from icm_core.config import load_run_config
 from icm_core.data.categories import builtin_categories, load_category_file
 from icm_core.generator.config import SampleConfig
 from icm_core.generator.generator import load_generator
-from icm_core.in_process import format_table, run_in_process
+from icm_core.in_process import run_in_process
 from icm_core.lora.adapters import write_adapter
+from icm_core.report.console import format_table
 
 
 def checkpoint_store_bytes(root: Path) -> tuple[int, int]:

@@ -21,7 +21,8 @@ import torch  # noqa: E402
 
 from icm_core.config import load_run_config  # noqa: E402
 from icm_core.data.categories import Category  # noqa: E402
-from icm_core.in_process import format_table, run_in_process  # noqa: E402
+from icm_core.in_process import run_in_process  # noqa: E402
+from icm_core.report.console import format_table  # noqa: E402
 from tests.helpers import save_tiny_base  # noqa: E402
 
 

