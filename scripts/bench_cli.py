@@ -4,12 +4,17 @@ Each command runs as a fresh process ``--repeats`` times; the script prints the 
 time, and which heavy modules (torch, transformers, peft, prefect) the process imported (checked in a
 separate run through the same entry point). For scale it also times ``python -c "import torch"``.
 
-    python scripts/bench_cli.py [--repeats 5]
+With ``--pipeline "ARGS"`` it also times ``icm-lora pipeline ARGS``, which must be answered from its run record
+(a warm ``make demo``: run the same command once first so that the record exists; the script refuses to time a run
+that is not "up to date").
+
+    python scripts/bench_cli.py [--repeats 5] [--pipeline "--root artifacts"]
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -45,10 +50,18 @@ def heavy_imports(args: list[str]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pipeline", help="also time `icm-lora pipeline` with these arguments (a warm run)")
     args = parser.parse_args()
     exe = shutil.which("icm-lora") or str(Path(sys.executable).parent / "icm-lora")
+    commands = list(COMMANDS)
+    if args.pipeline is not None:
+        warm = ["pipeline", *shlex.split(args.pipeline)]
+        out = subprocess.run([exe, *warm], check=True, capture_output=True, text=True).stdout
+        if "up to date" not in out:
+            sys.exit("icm-lora pipeline " + args.pipeline + ": not answered from a run record; run it once first")
+        commands.append(warm)
     print(f"{'command':<32} {'median s':>9} {'best s':>8}  heavy modules imported")
-    for command in COMMANDS:
+    for command in commands:
         times = timed([exe, *command], args.repeats)
         heavy = ", ".join(heavy_imports(command)) or "none"
         label = "icm-lora " + " ".join(command)
