@@ -192,6 +192,6 @@ def confine_deployment_run(
         confine(name, value, registries, f"${REGISTRIES_ENV}")
     if root is not None:
         for name, value in (in_root or {}).items():
-            confine(name, value, [local_root(root)], f"inside root {root}")
+            confine(name, value, [local_root(root)], "inside the run's root")
     if config is not None and os.environ.get(REMOTE_CODE_ENV, "").strip() != "1":
         refuse_remote_code(config.model_dump(mode="json"))
