@@ -96,9 +96,11 @@ bench-warm: install
 
 # A Prefect server on this machine, in the background, on loopback: API and UI on http://127.0.0.1:$(SERVER_PORT).
 # Returns once it answers; stop it with `.venv/bin/prefect server stop`. Deployments and workers: docs/operations.md.
+# SERVER_HOST=0.0.0.0 (workers on other machines) is refused unless PREFECT_SERVER_API_AUTH_STRING is set.
+SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 4200
 server: install
-	$(BIN)/python scripts/prefect_server.py --port $(SERVER_PORT)
+	$(BIN)/python scripts/prefect_server.py --host $(SERVER_HOST) --port $(SERVER_PORT)
 
 # Once per Prefect server: the automation that marks killed (silent) flow runs Crashed (flows/zombies.py).
 zombie-detection: install

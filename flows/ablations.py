@@ -25,7 +25,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.pipeline import icm_pipeline
-from flows.runtime import thread_task_runner
+from flows.runtime import confine_deployment_run, thread_task_runner
 from icm_core.config import RunConfig
 from icm_core.generator.config import OFFICIAL_CHANNELS
 from icm_core.infra.config import config_fingerprint
@@ -115,6 +115,7 @@ def icm_ablations(
         root: Artifacts root: a local folder or an fsspec URL.
     """
     logger = get_run_logger()
+    confine_deployment_run(root, {"categories_file": categories_file}, config=config)
     root = normalize_root(root)
     # The ablation tables compare scored adapters; the z-draw diagnostics (extra draws, scored) are left out.
     config = config.model_copy(update={"diagnostics": config.diagnostics.model_copy(update={"z_draws": 1})})

@@ -20,7 +20,7 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.runtime import thread_task_runner
+from flows.runtime import confine_deployment_run, thread_task_runner
 from flows.steps import baseline_adapters, gather
 from icm_core.config import load_run_config
 from icm_core.infra.config import config_fingerprint
@@ -61,6 +61,9 @@ def detection_pipeline(
     """
     logger = get_run_logger()
     cfg = config
+    # A deployment run reads user COCO files only from the registry folders (the detection tasks' data).
+    data_files = {f"config.data.{k}": getattr(cfg.data, k) for k in ("coco_annotations", "coco_images")}
+    confine_deployment_run(root, data_files, config=cfg)
     names = [task_slug(t) for t in cfg.data.tasks]
     root = normalize_root(root)
     logger.info(

@@ -25,7 +25,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.runtime import thread_task_runner
+from flows.runtime import confine_deployment_run, thread_task_runner
 from icm_core.generator.config import SampleConfig, TaskVectorConfig
 from icm_core.infra.io import read_json, sha256_file, sidecar_path
 from icm_core.lora.adapters import adapter_sha256
@@ -161,6 +161,10 @@ def generate_adapter(
     given = [x for x in (category, description, task_vector_file, text) if x]
     if len(given) != 1:
         raise ValueError("give exactly one of category, description, task_vector_file, text")
+    # A deployment run writes and reads files only inside its root; a new category's text is registry data.
+    confine_deployment_run(
+        root, {"text": text}, {"out": out, "generator": generator, "task_vector_file": task_vector_file}, model
+    )
     generator_path = str(generator or latest_generator(root))
     if text:
         # Checked before any output folder is named or written: the generator's vector kind, then the text.

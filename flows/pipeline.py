@@ -24,7 +24,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
 
-from flows.runtime import device_from_env, thread_task_runner, use_hub_token
+from flows.runtime import confine_deployment_run, device_from_env, thread_task_runner, use_hub_token
 from flows.steps import Baselines, baseline_adapters, bound, finetune_categories, gather
 from icm_core.config import METHOD_NAMES, RunConfig
 from icm_core.data.categories import Category
@@ -255,6 +255,7 @@ def _pipeline(
     logger = get_run_logger()
     if not pointer.endswith(".json") or Path(pointer).is_absolute() or ".." in Path(pointer).parts:
         raise ValueError(f"pointer: {pointer!r} must be a relative .json path inside the root")
+    confine_deployment_run(root, {"categories_file": categories_file}, config=config)  # before any read
     categories = select_categories(categories_file, only)
     names = [c.name for c in categories]
     root = normalize_root(root)

@@ -44,7 +44,7 @@ from prefect.events import emit_event
 
 from flows.generate import file_sha256, latest_generator
 from flows.pipeline import icm_pipeline
-from flows.runtime import device_from_env, thread_task_runner
+from flows.runtime import confine_deployment_run, device_from_env, thread_task_runner
 from icm_core.config import RunConfig
 from icm_core.data.categories import Category
 from icm_core.data.documents import source_fingerprint
@@ -85,6 +85,7 @@ def scan_categories(registry: str = "categories", root: str = "artifacts", basel
         ``{"added": [...], "removed": [...], "changed": [...], "categories": {name: fingerprint}}``.
     """
     logger = get_run_logger()
+    confine_deployment_run(root, {"registry": registry})
     registry = str(Path(registry).expanduser().resolve())
     root = normalize_root(root)
     current = registry_fingerprints(load_registry(registry))
@@ -317,6 +318,7 @@ def publish_new_category(
     if change != "added":
         logger.info("category %s %s: only an added category gets a zero-shot adapter", category, change)
         return None
+    confine_deployment_run(root, {"registry": registry}, config=config)
     root = normalize_root(root)
     found = [c for c in load_registry(registry) if c.name == category]
     if not found:
@@ -375,6 +377,7 @@ def retrain_categories(
     logger = get_run_logger()
     if change not in ("added", "changed", "removed"):
         raise ValueError(f"change: expected added, changed or removed, got {change!r}")
+    confine_deployment_run(root, {"registry": registry}, config=config)
     categories = load_registry(registry)
     names = [c.name for c in categories]
     present = category in names

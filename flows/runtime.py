@@ -19,7 +19,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from flows.deploy_steps import checkout_folder
 from icm_core.config import RunConfig
+from icm_core.infra.confinement import (
+    REGISTRIES_ENV,
+    REMOTE_CODE_ENV,
+    ROOTS_ENV,
+    confine,
+    parse_places,
+    refuse_remote_code,
+)
+from tasks.store import local_root
 
 
 RUNNERS = ("threads", "dask", "ray")
@@ -135,8 +145,53 @@ def use_hub_token(logger: Any = None) -> bool:
         from prefect.blocks.system import Secret
 
         os.environ["HF_TOKEN"] = Secret.load(name).get()
+        if logger is not None:
+            logger.info("hub token: HF_TOKEN set for this run from the Secret block %r", name)
         return True
     except ValueError as exc:  # no such block
         if logger is not None:
             logger.warning("no Secret block %r for the hub token (%s); gated models will be refused", name, exc)
         return False
+
+
+def in_deployment_run() -> bool:
+    """Whether this flow run (or the flow run it is nested in) was created from a deployment."""
+    from prefect.runtime import deployment
+
+    return deployment.id is not None
+
+
+def confine_deployment_run(
+    root: str | None = None,
+    registry: dict[str, str | None] | None = None,
+    in_root: dict[str, str | None] | None = None,
+    config: Any = None,
+) -> None:
+    """In a run that arrived through a deployment, refuse path parameters outside their allowed places, before
+    any task starts (``icm_core/infra/confinement.py``); a run started any other way (the CLI, a script) is free.
+
+    Args:
+        root: The run's artifacts root: inside ``$ICM_ALLOWED_ROOTS`` (default: the checkout's ``artifacts/``).
+        registry: ``{parameter: category file or registry folder}``: inside ``$ICM_ALLOWED_REGISTRIES`` (default:
+            the checkout's ``categories/``).
+        in_root: ``{parameter: path}`` of files and folders the run writes or reads, inside the root (its local
+            staging copy when the root is a URL).
+        config: The run's config (a pydantic model): no ``trust_remote_code`` set in it unless the worker's
+            ``$ICM_ALLOW_REMOTE_CODE`` is 1.
+
+    Raises:
+        ConfinementError: One line naming the parameter and the allowed places.
+    """
+    if not in_deployment_run():
+        return
+    checkout = checkout_folder()
+    roots = parse_places(os.environ.get(ROOTS_ENV), [checkout / "artifacts"])
+    confine("root", root, roots, f"${ROOTS_ENV}")
+    registries = parse_places(os.environ.get(REGISTRIES_ENV), [checkout / "categories"])
+    for name, value in (registry or {}).items():
+        confine(name, value, registries, f"${REGISTRIES_ENV}")
+    if root is not None:
+        for name, value in (in_root or {}).items():
+            confine(name, value, [local_root(root)], "inside the run's root")
+    if config is not None and os.environ.get(REMOTE_CODE_ENV, "").strip() != "1":
+        refuse_remote_code(config.model_dump(mode="json"))

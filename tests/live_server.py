@@ -49,12 +49,14 @@ def wait_healthy(url: str, timeout: float, process: subprocess.Popen | None = No
 
 @dataclass
 class LiveServer:
-    """A running Prefect server: its UI and API URLs, its PREFECT_HOME, and env for subprocesses."""
+    """A running Prefect server: its UI and API URLs, its PREFECT_HOME, and env for subprocesses. With ``auth``
+    (``PREFECT_SERVER_API_AUTH_STRING`` of the server) its clients send that string (``PREFECT_API_AUTH_STRING``)."""
 
     url: str
     home: Path
     log: Path
     processes: list[subprocess.Popen] = field(default_factory=list)
+    auth: str | None = None
 
     @property
     def api_url(self) -> str:
@@ -72,6 +74,8 @@ class LiveServer:
             TOKENIZERS_PARALLELISM="false",
             OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
         )
+        if self.auth is not None:
+            env["PREFECT_API_AUTH_STRING"] = self.auth
         env.update(extra)
         return env
 
@@ -84,7 +88,7 @@ class LiveServer:
         """
         from prefect.events.worker import EventsWorker
         from prefect.logging.handlers import APILogWorker
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
         def reconnect() -> None:
             EventsWorker.drain_all()
@@ -92,7 +96,9 @@ class LiveServer:
 
         reconnect()
         try:
-            with temporary_settings({PREFECT_API_URL: self.api_url, **(settings or {})}):
+            with temporary_settings(
+                {PREFECT_API_URL: self.api_url, PREFECT_API_AUTH_STRING: self.auth, **(settings or {})}
+            ):
                 yield
                 reconnect()  # deliver this server's events and logs while it is still the API
         finally:
@@ -128,18 +134,19 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-@pytest.fixture(scope="session")
-def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """``prefect server start`` on a free loopback port, with its own PREFECT_HOME (SQLite database)."""
-    home = tmp_path_factory.mktemp("prefect-live")
+@contextmanager
+def serving(home: Path, auth: str | None = None) -> Iterator[LiveServer]:
+    """``prefect server start`` on a free loopback port with ``home`` as its PREFECT_HOME (SQLite database), and
+    basic authentication when ``auth`` is given; stopped, with every process spawned through it, on the way out."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = LiveServer(url=url, home=home, log=home / "server.log")
+    server = LiveServer(url=url, home=home, log=home / "server.log", auth=auth)
     # The UI must be told where the API is when it is not on the default port 4200.
+    extra = {"PREFECT_SERVER_UI_API_URL": server.api_url}
+    if auth is not None:
+        extra["PREFECT_SERVER_API_AUTH_STRING"] = auth
     process = server.spawn(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        server.log,
-        PREFECT_SERVER_UI_API_URL=server.api_url,
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], server.log, **extra
     )
     try:
         wait_healthy(server.api_url, timeout=180, process=process, log=server.log)
@@ -147,3 +154,10 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     finally:
         for started in reversed(server.processes):
             stop(started)
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """``prefect server start`` on a free loopback port, with its own PREFECT_HOME (SQLite database)."""
+    with serving(tmp_path_factory.mktemp("prefect-live")) as server:
+        yield server

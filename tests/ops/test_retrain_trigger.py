@@ -15,6 +15,7 @@ from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
 from flows.pipeline import icm_pipeline
 from flows.retrain import scan_categories
+from icm_core.infra.confinement import REGISTRIES_ENV, ROOTS_ENV
 from tests.flows.support import expected_task_runs, forecast_text, recipe_text, tiny_run_config
 from tests.live_server import PREFECT, REPO, stop
 from tests.ops.support import add_category, inventory_text, subflow_task_states, wait_for_run
@@ -56,12 +57,14 @@ def test_new_category_retrains_only_that_category(live_server, tiny_base_dir, tm
         assert sorted(baseline["categories"]) == ["forecast", "recipes"]
         deployment, pool = deploy_retrain(live_server, tmp_path, config.model_dump(mode="json"))
 
-    # 2. A process worker for the deployment's pool; its flow runs share this test's result storage.
+    # 2. A process worker for the deployment's pool; its flow runs share this test's result storage, and may use
+    # this test's root and registry (a deployment run's paths are confined: icm_core/infra/confinement.py).
     worker = live_server.spawn(
         [PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"],
         tmp_path / "worker.log",
         PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(results),
         PREFECT_WORKER_QUERY_SECONDS="1",
+        **{ROOTS_ENV: str(root), REGISTRIES_ENV: str(registry)},
     )
     try:
         with live_server.connected(settings):
