@@ -170,3 +170,36 @@ def selector_task(
                 "scores": result["scores"], "seconds": result["seconds"]}  # fmt: skip
 
     return build
+
+
+@stage_task(
+    "zeroshot_selector", category_arg="category", name="new-category-selector", task_run_name="selector-{category}"
+)
+def new_category_selector_task(
+    category: str,
+    data: ArtifactRef,
+    library: dict[str, str],
+    library_sha256: dict[str, str],
+    generator: ArtifactRef | None,
+    query: ArtifactRef | None,
+    model_cfg: ModelConfig,
+    tv_cfg: TaskVectorConfig,
+    cfg: SelectorConfig,
+    root: str,
+) -> Build:
+    """The registry's first adapter for a new category: the selector's choice among the library's own LoRAs
+    (``library``: category -> adapter folder, keyed in the cache by ``library_sha256``), their mean, a fine-tune
+    started from that mean, and the current generator's draws (with ``query``, a text-computable task vector)."""
+
+    def build(out: Path) -> dict[str, Any]:
+        generators = {"icm_lora": localize(generator, root).file("generator.safetensors")} if generator else {}
+        query_file = localize(query, root).file("task_vector.safetensors") if query is not None else None
+        with device_slot(model_cfg.device):
+            result = selector_adapter(
+                localize(data, root).file("splits"), {}, library, generators if query_file else {}, query_file,
+                model_cfg, tv_cfg, cfg, out / "adapter", finetune_from="mean_lora", mean=True,
+            )  # fmt: skip
+        return {"winner": result["winner"], "winner_kind": result["winner_kind"], "scores": result["scores"],
+                "seconds": result["seconds"]}  # fmt: skip
+
+    return build

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from icm_core.data.config import DataConfig
@@ -110,6 +112,20 @@ class SelectorConfig(StageConfig):
         description="Seconds after which the optional candidates (mix, fine-tune) are skipped (logged), so that an "
         "adapter is served within the minute.",
     )
+
+
+class ServingConfig(StageConfig):
+    """What the registry serves a category (``flows/retrain.py``): (1) the selector's choice as soon as the category
+    is added, (2) once the retrain is done, its own fine-tuned LoRA, or the retrained generator's adapter where
+    ``after_finetune`` chooses storage over quality."""
+
+    after_finetune: Literal["fine-tuned", "generator"] = Field(
+        "fine-tuned",
+        description="What replaces the selector's adapter when the retrain is done: 'fine-tuned' (the category's own "
+        "LoRA, the best adapter the benchmark knows) or 'generator' (the retrained generator's adapter: only the "
+        "generator need be stored, at a loss of quality; results/demo).",
+    )
+    selector: SelectorConfig = Field(default_factory=SelectorConfig, description="The selector of a new category.")
 
 
 class ZeroShotRunConfig(StageConfig):

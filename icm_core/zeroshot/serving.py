@@ -39,6 +39,7 @@ from icm_core.generator.task_vectors import (
 )
 from icm_core.infra.io import ArtifactError, atomic_folder, read_json, sidecar_path
 from icm_core.lora.adapters import write_adapter
+from icm_core.lora.arithmetic import weighted_delta_adapter
 from icm_core.models.base_model import load_base_model, load_tokenizer
 from icm_core.models.config import ModelConfig
 from icm_core.zeroshot.config import SelectorConfig
@@ -190,13 +191,19 @@ def library_candidates(
     draws: int,
     knn_k: int | None = None,
     knn_temperature: float = 0.05,
+    mean: bool = False,
 ) -> list[Candidate]:
     """Every candidate a library gives a category: its stored adapters, every category's own adapter
     (``lora:<category>``), the softmax k-NN adapter over them (when ``knn_k`` is given and no stored one is named
-    ``knn_softmax``) and ``draws`` z draws of every generator."""
+    ``knn_softmax``), their mean (``mean``, when no stored one is named ``mean_lora``) and ``draws`` z draws of
+    every generator."""
     candidates = [stored_candidate(name, folder, kind) for name, (kind, folder) in sorted(stored.items())]
     own = {name: stored_candidate(f"lora:{name}", folder) for name, folder in sorted(categories.items())}
     candidates += list(own.values())
+    if mean and len(own) > 1 and "mean_lora" not in stored:
+        parts = list(own.values())
+        state, config = weighted_delta_adapter([(c.state, c.config) for c in parts], [1 / len(parts)] * len(parts))
+        candidates.append(Candidate("mean_lora", "stored", state, config, {"parts": sorted(own)}))
     if query is not None and knn_k is not None and own and "knn_softmax" not in stored:
         keys = {name: load_task_vector_with_kind(vectors[name])[0] for name in own}
         candidates.append(knn_candidate(query, keys, own, knn_k, knn_temperature))

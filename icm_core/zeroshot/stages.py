@@ -129,21 +129,24 @@ def selector_adapter(
     stored: Mapping[str, tuple[str, str | Path]],
     categories: Mapping[str, str | Path],
     generators: Mapping[str, str | Path],
-    query_path: str | Path,
+    query_path: str | Path | None,
     model_cfg: ModelConfig,
     tv_cfg: TaskVectorConfig,
     cfg: SelectorConfig,
     out_dir: str | Path,
     finetune_from: str | None = "multitask_lora",
+    mean: bool = False,
 ) -> dict[str, Any]:
     """The selector method of the leave-out protocol for one held-out category: its candidates are the fold's
     library (``stored``: multi-task, mean and k-NN adapters; ``categories``: the training categories' own LoRAs;
     ``generators``), scored on the k sample blocks of the category's **train** split that its task vector averages.
-    Only the train split is read (:func:`~icm_core.data.splits.read_split`): never validation or test text."""
+    Only the train split is read (:func:`~icm_core.data.splits.read_split`): never validation or test text.
+    ``query_path`` None (no text-computable vector): no generator candidates. ``mean``: add the mean of the
+    categories' LoRAs (the registry, which stores no mean LoRA)."""
     started = time.perf_counter()
     blocks = sample_text_blocks(read_split(data_dir, "train"), load_tokenizer(model_cfg), tv_cfg)
-    query, kind = load_task_vector_with_kind(query_path)
-    candidates = library_candidates(stored, categories, {}, generators, query, kind, cfg.draws)
+    query, kind = load_task_vector_with_kind(query_path) if query_path is not None else (None, None)
+    candidates = library_candidates(stored, categories, {}, generators, query, kind, cfg.draws, mean=mean)
     with shared_base_model(model_cfg) as model:
         selection = select_adapter(model, blocks, candidates, cfg, finetune_from=finetune_from)
     record = write_selection(out_dir, selection, samples=int(blocks.shape[0]))
