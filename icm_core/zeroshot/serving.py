@@ -30,6 +30,7 @@ import torch
 
 from icm_core.data.text import DataError
 from icm_core.data.tokens import sample_blocks, token_blocks
+from icm_core.evaluation.perplexity import EvalBlocks, layers_from, prefix_states
 from icm_core.generator.config import TaskVectorConfig
 from icm_core.generator.task_vectors import (
     hidden_state_task_vector,
@@ -38,7 +39,7 @@ from icm_core.generator.task_vectors import (
     vector_kinds,
 )
 from icm_core.infra.io import ArtifactError, atomic_folder, read_json, sidecar_path
-from icm_core.lora.adapters import write_adapter
+from icm_core.lora.adapters import adapter_first_layer, write_adapter
 from icm_core.lora.arithmetic import weighted_delta_adapter
 from icm_core.models.base_model import load_base_model, load_tokenizer
 from icm_core.models.config import ModelConfig
@@ -59,6 +60,7 @@ __all__ = [
     "Library",
     "adapt_from_text",
     "library_candidates",
+    "prefix_task_vector",
     "read_library",
     "sample_text_blocks",
     "selection_record",
@@ -181,6 +183,29 @@ def sample_text_blocks(texts: Sequence[str], tokenizer, tv_cfg: TaskVectorConfig
     return sample_blocks(token_blocks(texts, tokenizer, tv_cfg.sample_tokens), tv_cfg.num_samples, tv_cfg.seed)
 
 
+@torch.no_grad()
+def prefix_task_vector(model: torch.nn.Module, blocks: torch.Tensor, start: int, batch_size: int) -> torch.Tensor:
+    """Eq. 1 on the base model (mean last-layer, last-token hidden state) from the states entering decoder layer
+    ``start`` (:func:`~icm_core.evaluation.perplexity.prefix_states`): the layers below ``start`` run once for the
+    task vector and every candidate's scoring on the same blocks, only layers ``start..`` run here. Equals
+    :func:`~icm_core.generator.task_vectors.hidden_state_task_vector` on the same blocks."""
+    if start <= 0:
+        return hidden_state_task_vector(model, blocks, batch_size)
+    shared = EvalBlocks(blocks, torch.ones(blocks.shape[0], blocks.shape[1] - 1, dtype=torch.long))
+    states = prefix_states(model, shared, start, batch_size)
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        with layers_from(model, start):
+            for batch in states:
+                out = model(inputs_embeds=batch, output_hidden_states=True, use_cache=False)
+                rows.append(out.hidden_states[-1][:, -1, :].float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(rows).mean(dim=0)
+
+
 def library_candidates(
     stored: Mapping[str, tuple[str, str | Path]],
     categories: Mapping[str, str | Path],
@@ -263,7 +288,9 @@ def adapt_from_text(
         raise DataError(f"{text_path}: too little text for one sample of {plan.tv_cfg.sample_tokens} tokens") from exc
     model = load_base_model(plan.model_cfg)
     loaded = time.perf_counter()
-    query = hidden_state_task_vector(model, blocks)
+    folders = [folder for _, folder in library.stored.values()] + list(library.categories.values())
+    start = min((adapter_first_layer(folder) for folder in folders), default=0)
+    query = prefix_task_vector(model, blocks, start, cfg.batch_size)  # its prefix states serve the scoring too
     candidates = library_candidates(
         library.stored, library.categories, library.vectors, library.generators, query, plan.kind, cfg.draws,
         library.knn_k, library.knn_temperature,

@@ -22,7 +22,7 @@ from icm_core.infra.io import ArtifactError, save_tensors
 from icm_core.lora.adapters import read_adapter, write_adapter
 from icm_core.models.base_model import load_base_model, load_tokenizer
 from icm_core.zeroshot.config import SelectorConfig
-from icm_core.zeroshot.serving import adapt_from_text, read_library, write_library
+from icm_core.zeroshot.serving import adapt_from_text, prefix_task_vector, read_library, write_library
 from icm_core.zeroshot.stages import selector_adapter
 from tests import helpers
 
@@ -132,3 +132,11 @@ def test_the_selector_stage_never_reads_validation_or_test_text(library, tiny_mo
     moved = selector_adapter(other, stored, lib.categories, lib.generators, lib.vectors["mixed"], tiny_model_cfg,
                              TV, FAST, tmp_path / "other" / "adapter")  # fmt: skip
     assert moved["scores"] != runs["intact"]["scores"]
+
+
+def test_the_task_vector_from_the_shared_prefix_equals_eq_1(tiny_model_cfg):
+    model, tokenizer = load_base_model(tiny_model_cfg), load_tokenizer(tiny_model_cfg)
+    blocks = sample_blocks(token_blocks([TEXTS["mixed"]], tokenizer, TV.sample_tokens), TV.num_samples, TV.seed)
+    full = hidden_state_task_vector(model, blocks)
+    for start in (0, 1):
+        assert torch.allclose(prefix_task_vector(model, blocks, start, batch_size=3), full, atol=1e-5), start
