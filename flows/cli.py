@@ -273,7 +273,8 @@ def cmd_registry_retrain(args: argparse.Namespace) -> int:
         zero_shot=not args.no_zero_shot,
     )
     if summary.get("zero_shot"):
-        print(f"zero-shot: {summary['zero_shot']['adapter_dir']} (published before the retrain, now replaced)")
+        early = summary["zero_shot"]
+        print(f"selected: {early['winner']} {early['adapter_dir']} (published before the retrain, now replaced)")
     print(f"report: {summary['report']}")
     return 0
 
@@ -379,7 +380,7 @@ def _registry_retrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-zero-shot",
         action="store_true",
-        help="for --change added, skip the zero-shot adapter published before the retrain (docs/operations.md)",
+        help="for --change added, skip the selector's adapter published before the retrain (docs/operations.md)",
     )
 
 

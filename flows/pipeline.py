@@ -30,9 +30,10 @@ from icm_core.config import METHOD_NAMES, RunConfig
 from icm_core.data.categories import Category
 from icm_core.data.documents import source_fingerprint
 from icm_core.data.selection import select_categories
+from icm_core.lora.trajectory import read_trajectory
 from icm_core.models.base_model import resolve_device
 from icm_core.report.pipeline import FIGURES
-from tasks.artifacts import ArtifactRef
+from tasks.artifacts import ArtifactRef, localize
 from tasks.baselines import sample_pdiff_task
 from tasks.data import prepare_data_task
 from tasks.evaluation import diagnostics_task, evaluate_task
@@ -308,6 +309,11 @@ def _pipeline(
         "generator_meta": first.generator.meta,
         "report_dir": str(report.folder),
         "storage": report.meta["storage"],
+        # Each category's own fine-tuned LoRA: the registry serves it, and a new category's selector chooses among
+        # them (flows/retrain.py).
+        "lora_adapters": {
+            name: str(read_trajectory(localize(ref, root).folder).adapter_dir) for name, ref in first.loras.items()
+        },
     }
     write_root_json(root, pointer, summary)
     return summary

@@ -19,50 +19,47 @@ a changed category (new text or description) is fine-tuned again.
 Events are emitted before the state is saved: a scan that dies in between emits again next time (the
 retrain it triggers is all cache hits), whereas the reverse order could lose a change.
 
-**A new category is served at once.** Before the pipeline runs, the retrain flow of an ``added`` event publishes a
-**zero-shot** adapter for the new category: the current generator (``latest.json``) decodes it from the category's
-task vector computed from its text alone (Eq. 1 on the base model, or its description embedding), seconds after
-the event, long before its fine-tune finishes. That needs a generator whose task-vector kind a text gives
-(``task_vector.hidden_from=base`` or ``task_vector.source=description``); with the default fine-tuned-model
-vectors the step is skipped and says why. When the pipeline is done, every category's adapter from the retrained
-generator is published, replacing the zero-shot one. ``<root>/registry-state.json`` records, per category, the
-adapter published now, whether it is ``zero-shot`` or ``retrained``, and the earlier ones
-(``tasks/registry_state.py``); each publication is also a Prefect artifact (table ``registry-published``,
-markdown ``published-<category>``).
+**A new category is served at once, then by the best adapter it can have.** ``<root>/registry-state.json`` records,
+per category, the adapter published now, its ``source`` and the earlier ones (``tasks/registry_state.py``):
+
+1. ``selected``: before the pipeline runs, the retrain flow of an ``added`` event (and the lighter
+   ``publish_new_category`` deployment) publishes the **selector's** choice (``icm_core/zeroshot/selector.py``):
+   the library's own fine-tuned LoRAs (``latest.json["lora_adapters"]``), their mean, a few-step fine-tune started
+   from the mean, and, when the current generator's task vectors can be computed from text, its adapters for the
+   category's task vector (a few z draws), each scored on the k sample blocks of the category's train split; the
+   lowest held-out NLL wins. The candidates' scores are a table artifact (``selector-<category>``).
+2. ``fine-tuned``: when the pipeline is done, every category's own fine-tuned LoRA (the best adapter the leave-out
+   benchmark knows), replacing the selected one.
+3. ``retrained``: the retrained generator's adapter instead, only where ``serving.after_finetune=generator`` (the
+   documented setting that chooses storage over quality).
+
+An early (selected) adapter never replaces one trained with the category. Each publication is also a Prefect
+artifact (table ``registry-published``, markdown ``published-<category>``).
+
+**The first scan of a registry records it and emits nothing**: on a new checkout the categories are not new, and a
+retrain per existing category would be queued for nothing. Train a new registry with ``retrain_categories(...,
+baseline=True)`` (or ``icm-lora retrain --baseline``); later scans emit the changes since.
 """
 
 from __future__ import annotations
 
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 
-from flows.generate import file_sha256, latest_generator
 from flows.pipeline import icm_pipeline
+from flows.publish import publish_fine_tuned, publish_retrained, publish_selected, publish_table
 from flows.runtime import confine_deployment_run, device_from_env, thread_task_runner
 from icm_core.config import RunConfig
-from icm_core.data.categories import Category
-from icm_core.data.documents import source_fingerprint
 from icm_core.data.registry import diff_registry, load_registry, registry_fingerprints
-from icm_core.generator.task_vectors import TaskVectorKindError, text_computable
-from icm_core.infra.io import read_json, sidecar_path
-from icm_core.lora.adapters import adapter_sha256
-from icm_core.zeroshot.from_text import generator_vector_settings, plan_text_vector
-from tasks.data import prepare_data_task
-from tasks.generator import task_vector_task
-from tasks.registry_state import STATE_FILE, generator_ref, now, publish_adapter, published, unpublish, update_state
-from tasks.result_records import on_root
+from tasks.registry_state import STATE_FILE, unpublish, update_state
 from tasks.store import normalize_root, read_root_json
-from tasks.zeroshot import vector_adapter_task
 
 
 EVENT_PREFIX = "icm.category."
-ZERO_SHOT, RETRAINED = "zero-shot", "retrained"
 
 
 def category_resource(name: str, registry: str) -> dict[str, str]:
@@ -90,6 +87,14 @@ def scan_categories(registry: str = "categories", root: str = "artifacts", basel
     root = normalize_root(root)
     current = registry_fingerprints(load_registry(registry))
     state = read_root_json(root, STATE_FILE) or {}
+    first_scan = "categories" not in state.get(registry, {})
+    if first_scan and not baseline:
+        # A new checkout's categories are not new: record them, queue no retrain per existing category.
+        logger.info(
+            "first scan of registry %s: its %d categories are recorded as the baseline, no events (train them with "
+            "`icm-lora retrain --baseline`; later scans emit the changes since)", registry, len(current),
+        )  # fmt: skip
+        baseline = True
     previous = state.get(registry, {}).get("categories", {})
     diff = diff_registry(previous, current)
     for change, name in [] if baseline else diff.events():
@@ -115,168 +120,9 @@ def scan_categories(registry: str = "categories", root: str = "artifacts", basel
         fresh[registry] = {**fresh.get(registry, {}), "categories": current, "scanned_at": scanned_at}
 
     update_state(root, record)
+    if baseline:
+        return {"added": [], "removed": [], "changed": [], "categories": current, "baseline": True}
     return {"added": diff.added, "removed": diff.removed, "changed": diff.changed, "categories": current}
-
-
-def _flow_run_id() -> str | None:
-    from prefect.runtime import flow_run
-
-    return flow_run.id
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "category"
-
-
-def published_markdown(category: str, entry: dict[str, Any], previous: dict[str, Any]) -> str:
-    """The UI's note on one publication: which adapter serves the category now, and what it replaced."""
-    if entry["source"] == ZERO_SHOT:
-        how = (
-            f"a **zero-shot** adapter: generator `{entry['generator_sha256'][:12]}` (trained on "
-            f"{', '.join(entry['generator_categories']) or 'no recorded categories'}, not on `{category}`) decoded it "
-            f"from the task vector of `{category}`'s text ({entry['task_vector_kind']}), without a fine-tune. It is "
-            "replaced when the retrained generator is ready."
-        )
-    else:
-        trained = entry["generator_sha256"][:12]
-        how = f"the adapter of the **retrained** generator `{trained}` (trained with `{category}`)."
-    replaced = f"\n\nIt replaces the {previous['source']} adapter `{previous['adapter_dir']}`." if previous else ""
-    return (
-        f"# Published adapter: {category}\n\n"
-        f"Since {entry['published_at']}, `{category}` is served by {how}\n\n"
-        f"Folder (on the machine that ran the flow): `{entry['adapter_dir']}`; adapter sha256 "
-        f"`{entry['adapter_sha256'][:16]}`.{replaced}\n"
-    )
-
-
-def _announce(root: str, registry: str, category: str, entry: dict[str, Any]) -> dict[str, Any] | None:
-    """Record a publication in the registry state and as Prefect artifacts; returns the entry it replaced (empty
-    when none), or None when the current publication stays (see ``tasks.registry_state.supersedes``)."""
-    previous, done = publish_adapter(root, registry, category, entry)
-    if not done:
-        return None
-    create_markdown_artifact(
-        key=f"published-{_slug(category)}",
-        markdown=published_markdown(category, entry, previous),
-        description=f"{category}: {entry['source']} adapter published",
-    )
-    return previous
-
-
-def _publish_table(root: str, registry: str) -> None:
-    rows = [
-        {
-            "category": name,
-            "source": entry["source"],
-            "generator": entry["generator_sha256"][:12],
-            "published_at": entry["published_at"],
-            "adapter_dir": entry["adapter_dir"],
-        }
-        for name, entry in sorted(published(root, registry).items())
-    ]
-    if rows:
-        create_table_artifact(
-            key="registry-published",
-            table=rows,
-            description="The adapter each category is served by: zero-shot (no fine-tune yet) or retrained",
-        )
-
-
-def publish_zero_shot(category: Category, registry: str, root: str, cfg: RunConfig) -> dict[str, Any] | None:
-    """Publish an adapter for a newly added category from the current generator, before any fine-tune.
-
-    The category's splits and task vector come from the same cached tasks the pipeline runs next (so it reuses
-    them); the vector is computed the way the generator's were, from the category's text (or description) alone.
-    Returns the published entry, or None (with a logged reason) when there is no generator yet, or its vectors
-    need a fine-tune.
-    """
-    logger = get_run_logger()
-    try:
-        generator_file = latest_generator(root)
-    except FileNotFoundError:
-        logger.info("no generator under %s yet: no zero-shot adapter for %s", root, category.name)
-        return None
-    trained_on = read_json(sidecar_path(generator_file)).get("meta", {}).get("categories", [])
-    if category.name in trained_on:
-        logger.info("the current generator was trained with %s: no zero-shot adapter needed", category.name)
-        return None
-    kind, _ = generator_vector_settings(generator_file)
-    if not text_computable(kind):
-        logger.warning(
-            "no zero-shot adapter for %s: the current generator's task vectors are %r, which need the category's "
-            "own fine-tune; train with task_vector.hidden_from=base (or source=description) to serve new "
-            "categories before their fine-tune",
-            category.name,
-            kind,
-        )
-        return None
-    try:
-        plan = plan_text_vector(generator_file, cfg.model)
-    except TaskVectorKindError as exc:  # pragma: no cover - text_computable above
-        logger.warning("no zero-shot adapter for %s: %s", category.name, exc)
-        return None
-    started = time.perf_counter()
-    generator = generator_ref(generator_file)
-    data = on_root(prepare_data_task, root)(category, source_fingerprint(category), cfg.data, root)
-    vector = on_root(task_vector_task, root)(category, data, None, plan.model_cfg, cfg.data, plan.tv_cfg, root)
-    adapter = on_root(vector_adapter_task, root)(category.name, "zero_shot", generator, [vector], cfg.sample, root)
-    folder = adapter.file("adapter")
-    entry = {
-        "source": ZERO_SHOT,
-        "adapter_dir": str(folder),
-        "adapter_sha256": adapter_sha256(folder),
-        "generator": str(generator_file),
-        "generator_sha256": _generator_sha256(generator_file),
-        "generator_categories": list(adapter.meta.get("generator_categories", [])),
-        "task_vector_kind": kind,
-        "published_at": now(),
-        "flow_run": _flow_run_id(),
-    }
-    if _announce(root, registry, category.name, entry) is None:
-        logger.info(
-            "%s: already served by this adapter or by a generator trained on it; nothing to publish", category.name
-        )
-        return None
-    logger.info(
-        "published a zero-shot adapter for %s in %.1f s (generator %s): %s",
-        category.name, time.perf_counter() - started, entry["generator_sha256"][:12], folder,
-    )  # fmt: skip
-    return entry
-
-
-def _generator_sha256(generator_file: str | Path) -> str:
-    return file_sha256(Path(generator_file))
-
-
-def publish_retrained(summary: dict[str, Any], registry: str, root: str) -> dict[str, dict[str, Any]]:
-    """Publish every category's adapter from the retrained generator (replacing zero-shot ones)."""
-    logger = get_run_logger()
-    generator_file = summary["generator"]
-    generator_sha = _generator_sha256(generator_file)
-    kind, _ = generator_vector_settings(generator_file)
-    names = [row["category"] for row in summary["rows"]]
-    entries = {}
-    for row in summary["rows"]:
-        name, folder = row["category"], row["adapter_dir"]
-        entry = {
-            "source": RETRAINED,
-            "adapter_dir": str(folder),
-            "adapter_sha256": adapter_sha256(folder),
-            "generator": str(generator_file),
-            "generator_sha256": generator_sha,
-            "generator_categories": names,
-            "task_vector_kind": kind,
-            "published_at": now(),
-            "flow_run": _flow_run_id(),
-        }
-        previous = _announce(root, registry, name, entry)
-        if previous is None:  # the same adapter again (nothing changed for it): not a new publication
-            entries[name] = published(root, registry)[name]
-            continue
-        if previous.get("source") == ZERO_SHOT:
-            logger.info("%s: the zero-shot adapter is replaced by the retrained generator's", name)
-        entries[name] = entry
-    return entries
 
 
 @flow(
@@ -292,13 +138,12 @@ def publish_new_category(
     root: str = "artifacts",
     config: RunConfig = RunConfig(),  # noqa: B008 - pydantic default, shown as a form in the UI
 ) -> dict[str, Any] | None:
-    """Serve a newly added category at once: its zero-shot adapter from the current generator (no fine-tune).
+    """Serve a newly added category at once: the selector's adapter (no fine-tune of its own; ``publish_selected``).
 
     The light twin of ``retrain_categories``'s first step, as its own deployment (``zero-shot-on-category-added``,
     CPU pool, no concurrency limit), so the adapter appears seconds after the event even while retrains queue
     behind the retrain deployment's limit of one. Whichever of the two publishes first wins; the other finds the
-    same adapter (cached) and publishes nothing; a zero-shot adapter never replaces one from a generator trained
-    with the category.
+    same adapter (cached) and publishes nothing; a selected adapter never replaces one trained with the category.
 
     Args:
         category: The category the event is about (None: nothing to publish).
@@ -316,7 +161,7 @@ def publish_new_category(
         logger.info("no category given (the deployment's event names one): nothing to publish")
         return None
     if change != "added":
-        logger.info("category %s %s: only an added category gets a zero-shot adapter", category, change)
+        logger.info("category %s %s: only an added category gets an early adapter", category, change)
         return None
     confine_deployment_run(root, {"registry": registry}, config=config)
     root = normalize_root(root)
@@ -325,9 +170,9 @@ def publish_new_category(
         logger.warning("category %s is not in the registry %s (any more): nothing to publish", category, registry)
         return None
     registry_key = str(Path(registry).expanduser().resolve())
-    entry = publish_zero_shot(found[0], registry_key, root, device_from_env(config))
+    entry = publish_selected(found[0], registry_key, root, device_from_env(config))
     if entry is not None:
-        _publish_table(root, registry_key)
+        publish_table(root, registry_key)
     return entry
 
 
@@ -367,12 +212,12 @@ def retrain_categories(
             fails the run at once (never retried).
         baseline: After the run, record the registry as the scan baseline (``scan_categories(baseline=True)``):
             the first retrain of a new registry, so that the next scan emits only later changes.
-        zero_shot: For an ``added`` category, first publish a zero-shot adapter from the current generator (when
-            its task-vector kind can be computed from text), then the retrained one (see the module docstring).
+        zero_shot: For an ``added`` category, first publish the selector's adapter (``publish_selected``), then the
+            category's fine-tuned LoRA (or the retrained generator's, ``serving.after_finetune``; module docstring).
 
     Returns:
         The pipeline's summary, plus ``published`` (``{category: entry}`` from the retrained generator) and
-        ``zero_shot`` (the zero-shot entry published before the pipeline, or None).
+        ``zero_shot`` (the selected entry published before the pipeline, or None).
     """
     logger = get_run_logger()
     if change not in ("added", "changed", "removed"):
@@ -392,19 +237,21 @@ def retrain_categories(
     if zero_shot and change == "added" and present:
         [new] = [c for c in categories if c.name == category]
         try:
-            early = publish_zero_shot(new, registry_key, root, device_from_env(config))
+            early = publish_selected(new, registry_key, root, device_from_env(config))
         except Exception as exc:  # noqa: BLE001 - serving early is best effort; the retrain must still run
-            logger.warning(
-                "no zero-shot adapter for %s (%s: %s); retraining goes on", category, type(exc).__name__, exc
-            )
+            logger.warning("no early adapter for %s (%s: %s); retraining goes on", category, type(exc).__name__, exc)
         if early is not None:
-            _publish_table(root, registry_key)
+            publish_table(root, registry_key)
     logger.info("retraining %s: %d categories (%s)", cause, len(names), ", ".join(names))
     summary = icm_pipeline(config=config, categories_file=registry, root=root)
     if change == "removed" and category is not None and not present:
         unpublish(root, registry_key, category)
-    entries = publish_retrained(summary, registry_key, root)
-    _publish_table(root, registry_key)
+    cfg = device_from_env(config)
+    if cfg.serving.after_finetune == "generator":  # storage over quality: only the generator need be kept
+        entries = publish_retrained(summary, registry_key, root)
+    else:
+        entries = publish_fine_tuned(summary, registry_key, root)
+    publish_table(root, registry_key)
     if baseline:
         scan_categories(registry=registry, root=root, baseline=True)
     return {**summary, "published": entries, "zero_shot": early}

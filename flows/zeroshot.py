@@ -41,8 +41,13 @@ from tasks.zeroshot import (
     functional_generator_task,
     library_adapter_task,
     pool_data_task,
+    selector_task,
     vector_adapter_task,
 )
+
+
+NO_BUDGET_S = 1e9
+"""The selector's time budget in the benchmark: none (the mix and the fine-tune always run)."""
 
 
 def select(categories_file: str | None, only: list[str] | None) -> list[Category]:
@@ -82,7 +87,7 @@ def zeroshot_protocol(
     prepare, finetune, task_vector, train_generator = (
         on_root(t, root) for t in (prepare_data_task, finetune_task, task_vector_task, train_generator_task)
     )
-    functional_generator, library_adapter, pool_data, vector_adapter, evaluate, report = (
+    functional_generator, library_adapter, pool_data, vector_adapter, evaluate, report, selector = (
         on_root(t, root)
         for t in (
             functional_generator_task,
@@ -91,6 +96,7 @@ def zeroshot_protocol(
             vector_adapter_task,
             evaluate_task,
             zeroshot_report_task,
+            selector_task,
         )
     )
     categories = select(categories_file, only)
@@ -158,6 +164,8 @@ def zeroshot_protocol(
         multitask_cfg = cfg.lora.model_copy(update={"steps": zs.multitask_steps})
         multitask[label] = finetune(f"multitask-{label}", pooled, cfg.model, cfg.data, multitask_cfg, root, cfg.resume)
         partner = shuffled_partner(held_out)
+        # The benchmark's choice must not depend on the machine's load: no time budget for the optional candidates.
+        selector_cfg = cfg.selector.model_copy(update={"budget_s": NO_BUDGET_S})
         mean_condition = [vector_by[n] for n in train]
         for cat in held_out:
             query = vector_by[cat]
@@ -181,6 +189,13 @@ def zeroshot_protocol(
             adapters[cat]["icm_mean_condition"] = vector_adapter(
                 cat, "icm_mean_condition", generator, mean_condition, cfg.sample, root
             )
+            # The selector: every candidate above the fold's library gives, plus the training categories' own
+            # LoRAs, a mix and a fine-tune, chosen on the held-out category's train-split samples only.
+            adapters[cat]["selector"] = selector(
+                cat, data_by[cat], multitask[label], {"mean_lora": mean, "knn_softmax": adapters[cat]["knn_softmax"]},
+                train_loras, {"icm_lora": generator}, query, cfg.model, cfg.task_vector, selector_cfg, root,
+            )  # fmt: skip
+            meta.setdefault("selector_picks", {})[cat] = adapters[cat]["selector"].meta.get("winner")
         if zs.interim_reports:
             # 3) This fold's scores as soon as its adapters exist, and a report over the folds done so far: a
             #    benchmark split across sessions shows numbers before its last fold.

@@ -207,6 +207,33 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output adapter folder")
 
 
+def cmd_adapt(args):
+    from icm_core.zeroshot.serving import adapt_from_text
+
+    cfg = _config(args)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"--out {out}: exists and is not empty; give --overwrite to replace it")
+    record = adapt_from_text(args.text_dir, args.library, out, cfg.serving.selector, cfg.model)
+    print(f"{'candidate':<28} {'kind':<10} {'held-out NLL':>12}  per fold")
+    for row in record["scores"]:
+        folds = " ".join(f"{v:.4f}" for v in row["fold_nll"])
+        mark = "  <- chosen" if row["chosen"] else ""
+        print(f"{row['name']:<28} {row['kind']:<10} {row['nll']:>12.4f}  {folds}{mark}")
+    skipped = f"; skipped past the budget: {', '.join(record['skipped'])}" if record["skipped"] else ""
+    print(
+        f"winner: {record['winner']} ({record['winner_kind']}) -> {out} "
+        f"({record['seconds']['total_with_load']:.1f} s in all, {record['samples']} samples{skipped})"
+    )
+
+
+def _adapt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-dir", required=True, help="the new category's text: a folder of .txt files (or a file)")
+    p.add_argument("--library", required=True, help="a serving library folder (library.json; docs/zeroshot.md)")
+    p.add_argument("--out", required=True, help="output adapter folder (PEFT, with selection.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--adapter")
@@ -257,6 +284,13 @@ STAGE_COMMANDS: dict[str, Command] = {
         "file's) task vector, written as a PEFT adapter to --out. `generate` is the job around it: it finds the "
         "latest generator, computes a new category's vector from its text and runs as a Prefect flow.",
         _sample_args,
+    ),
+    "adapt": _stage(
+        cmd_adapt,
+        "The best adapter a serving library can give a new category, chosen on its own text (no Prefect): every "
+        "candidate (stored LoRAs, k-NN, generator draws, a mix, a few-step fine-tune) scored by held-out NLL on "
+        "the k samples of its task vector; prints each candidate's score and writes the winner as a PEFT folder.",
+        _adapt_args,
     ),
     "evaluate": _stage(
         cmd_evaluate,

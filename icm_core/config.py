@@ -21,6 +21,7 @@ from icm_core.generator.config import CVAEConfig, SampleConfig, TaskVectorConfig
 from icm_core.infra.config import ResumeConfig, StageConfig
 from icm_core.lora.config import LoraTrainConfig
 from icm_core.models.config import ModelConfig
+from icm_core.zeroshot.config import ServingConfig
 
 
 METHOD_NAMES: tuple[str, ...] = (
@@ -91,6 +92,9 @@ class RunConfig(StageConfig):
     )
     diagnostics: DiagnosticsConfig = Field(
         default_factory=lambda: DiagnosticsConfig(), description="Generator diagnostics (z draws)."
+    )
+    serving: ServingConfig = Field(
+        default_factory=ServingConfig, description="What the registry serves a new category (flows/retrain.py)."
     )
 
 

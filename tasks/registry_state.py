@@ -3,8 +3,9 @@
 ``<root>/registry-state.json`` holds, per registry path (see ``flows/retrain.py``)::
 
     {"categories": {name: fingerprint}, "scanned_at": ...,            # written by the scan
-     "published": {name: {"source": "zero-shot" | "retrained", "adapter_dir", "adapter_sha256",
+     "published": {name: {"source": "selected" | "fine-tuned" | "retrained", "adapter_dir", "adapter_sha256",
                           "generator", "generator_sha256", "generator_categories", "task_vector_kind",
+                          "winner", "winner_kind", "candidates",  # selected only
                           "published_at", "flow_run"}},              # written by the retrain flow
      "history": {name: [older "published" entries, newest last]}}
 
@@ -28,6 +29,8 @@ from tasks.store import local_root, read_root_json, write_root_json
 
 
 STATE_FILE = "registry-state.json"
+EARLY_SOURCES = ("selected", "zero-shot")
+"""Sources of an adapter published before the category's own fine-tune."""
 HISTORY_LENGTH = 10
 """Earlier publications kept per category."""
 
@@ -62,17 +65,17 @@ def now() -> str:
 def supersedes(current: dict[str, Any], entry: dict[str, Any], category: str) -> bool:
     """Whether ``entry`` should replace the ``current`` publication of ``category``.
 
-    A zero-shot adapter never replaces one from a generator trained with the category (a late zero-shot run must
-    not undo the retrain), and the same adapter is not published twice."""
+    An early adapter (``selected``, or ``zero-shot`` from before the selector) never replaces one trained with the
+    category: its own ``fine-tuned`` LoRA, or a ``retrained`` generator's adapter when the generator was trained
+    with it (a late early run must not undo the retrain); the same adapter is not published twice."""
     if not current:
         return True
     if current.get("adapter_sha256") == entry.get("adapter_sha256") and current.get("source") == entry.get("source"):
         return False
-    return not (
-        entry.get("source") == "zero-shot"
-        and current.get("source") == "retrained"
-        and category in current.get("generator_categories", [])
+    trained = current.get("source") == "fine-tuned" or (
+        current.get("source") == "retrained" and category in current.get("generator_categories", [])
     )
+    return not (entry.get("source") in EARLY_SOURCES and trained)
 
 
 def publish_adapter(root: str, registry: str, category: str, entry: dict[str, Any]) -> tuple[dict[str, Any], bool]:

@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from icm_core.data.config import DataConfig
-from icm_core.generator.config import SampleConfig
+from icm_core.generator.config import SampleConfig, TaskVectorConfig
+from icm_core.lora.trajectory import read_trajectory
 from icm_core.models.config import ModelConfig
+from icm_core.zeroshot.config import SelectorConfig
 from icm_core.zeroshot.stages import (
     functional_generator,
     library_adapter,
     pool_splits,
+    selector_adapter,
     vector_adapter,
 )
 from tasks.artifacts import ArtifactRef, localize
@@ -123,5 +126,80 @@ def functional_generator_task(
                 out / "generator.safetensors",
             )
         return {"functional_steps": steps, "final_lm": result["final_lm"], "seconds": result["seconds"]}
+
+    return build
+
+
+@stage_task(
+    "zeroshot_selector", category_arg="category", name="zeroshot-selector", task_run_name="selector-{category}"
+)
+def selector_task(
+    category: str,
+    data: ArtifactRef,
+    multitask: ArtifactRef,
+    library: dict[str, ArtifactRef],
+    loras: dict[str, ArtifactRef],
+    generators: dict[str, ArtifactRef],
+    query: ArtifactRef,
+    model_cfg: ModelConfig,
+    tv_cfg: TaskVectorConfig,
+    cfg: SelectorConfig,
+    root: str,
+) -> Build:
+    """The selector's adapter for a held-out category from its fold's library (``library``: the mean LoRA and the
+    k-NN adapter by name; ``loras``: the training categories' own fine-tunes; ``multitask``: the fold's multi-task
+    LoRA, also the fine-tune's start), chosen on the category's train-split samples only."""
+
+    def build(out: Path) -> dict[str, Any]:
+        stored = {"multitask_lora": ("stored", read_trajectory(localize(multitask, root).folder).adapter_dir)}
+        for name, ref in library.items():
+            stored[name] = ("knn" if name.startswith("knn") else "stored", localize(ref, root).file("adapter"))
+        with device_slot(model_cfg.device):
+            result = selector_adapter(
+                localize(data, root).file("splits"),
+                stored,
+                {n: read_trajectory(localize(r, root).folder).adapter_dir for n, r in loras.items()},
+                {n: localize(r, root).file("generator.safetensors") for n, r in generators.items()},
+                localize(query, root).file("task_vector.safetensors"),
+                model_cfg,
+                tv_cfg,
+                cfg,
+                out / "adapter",
+            )
+        return {"method": "selector", "winner": result["winner"], "winner_kind": result["winner_kind"],
+                "scores": result["scores"], "seconds": result["seconds"]}  # fmt: skip
+
+    return build
+
+
+@stage_task(
+    "zeroshot_selector", category_arg="category", name="new-category-selector", task_run_name="selector-{category}"
+)
+def new_category_selector_task(
+    category: str,
+    data: ArtifactRef,
+    library: dict[str, str],
+    library_sha256: dict[str, str],
+    generator: ArtifactRef | None,
+    query: ArtifactRef | None,
+    model_cfg: ModelConfig,
+    tv_cfg: TaskVectorConfig,
+    cfg: SelectorConfig,
+    root: str,
+) -> Build:
+    """The registry's first adapter for a new category: the selector's choice among the library's own LoRAs
+    (``library``: category -> adapter folder, keyed in the cache by ``library_sha256``), their mean, a fine-tune
+    started from that mean, and the current generator's draws (with ``query``, a text-computable task vector)."""
+
+    def build(out: Path) -> dict[str, Any]:
+        generators = {"icm_lora": localize(generator, root).file("generator.safetensors")} if generator else {}
+        query_file = localize(query, root).file("task_vector.safetensors") if query is not None else None
+        with device_slot(model_cfg.device):
+            result = selector_adapter(
+                localize(data, root).file("splits"), {}, library, generators if query_file else {}, query_file,
+                model_cfg, tv_cfg, cfg, out / "adapter", finetune_from="mean_lora", mean=True,
+            )  # fmt: skip
+        return {"winner": result["winner"], "winner_kind": result["winner_kind"], "scores": result["scores"],
+                "seconds": result["seconds"]}  # fmt: skip
 
     return build

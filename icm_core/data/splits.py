@@ -19,7 +19,7 @@ from icm_core.data.text import DataError
 from icm_core.infra.io import ArtifactError, read_json, sha256_file, sha256_text, write_json, write_text
 
 
-__all__ = ["SPLIT_NAMES", "CategorySplits", "read_splits", "split_documents", "write_splits"]
+__all__ = ["SPLIT_NAMES", "CategorySplits", "read_split", "read_splits", "split_documents", "write_splits"]
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 """Split names, in the order they are written to ``splits.json``."""
@@ -213,6 +213,43 @@ def write_splits(splits: CategorySplits, folder: str | Path) -> dict[str, Any]:
     return summary
 
 
+def read_split(folder: str | Path, name: str) -> list[str]:
+    """Read one split (``train``, ``val`` or ``test``) written by :func:`write_splits`, verifying its sha256 and
+    count; the other splits' files are not opened (a stage that may read only the train text uses this).
+
+    Raises:
+        ArtifactError: ``splits.json`` or the split file is missing, corrupted (sha256 mismatch) or inconsistent;
+            the message names the file.
+        ValueError: ``name`` is not a split name.
+    """
+    if name not in SPLIT_NAMES:
+        raise ValueError(f"split {name!r}: not one of {', '.join(SPLIT_NAMES)}")
+    folder = Path(folder)
+    summary = read_json(folder / "splits.json")
+    entries = summary.get("splits") if isinstance(summary, dict) else None
+    if not isinstance(entries, dict) or set(entries) != set(SPLIT_NAMES):
+        raise ArtifactError(f"{folder / 'splits.json'}: expected entries for {', '.join(SPLIT_NAMES)}")
+    entry = entries[name]
+    path = folder / entry.get("file", f"{name}.jsonl")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: split file not found")
+    actual = sha256_file(path)
+    if actual != entry.get("sha256"):
+        raise ArtifactError(
+            f"{path}: sha256 mismatch (expected {entry.get('sha256')}, found {actual}); the split file is "
+            "corrupted or was edited; re-run the data stage"
+        )
+    docs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            docs.append(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ArtifactError(f'{path}: line {number}: not a {{"text": ...}} JSON object') from exc
+    if len(docs) != entry.get("documents"):
+        raise ArtifactError(f"{path}: holds {len(docs)} documents, splits.json says {entry.get('documents')}")
+    return docs
+
+
 def read_splits(folder: str | Path) -> CategorySplits:
     """Read splits written by :func:`write_splits`, verifying every file's sha256 and counts.
 
@@ -226,30 +263,5 @@ def read_splits(folder: str | Path) -> CategorySplits:
         ArtifactError: ``splits.json`` or a split file is missing, corrupted (sha256 mismatch) or
             inconsistent; the message names the file.
     """
-    folder = Path(folder)
-    summary = read_json(folder / "splits.json")
-    entries = summary.get("splits") if isinstance(summary, dict) else None
-    if not isinstance(entries, dict) or set(entries) != set(SPLIT_NAMES):
-        raise ArtifactError(f"{folder / 'splits.json'}: expected entries for {', '.join(SPLIT_NAMES)}")
-    parts: dict[str, list[str]] = {}
-    for name in SPLIT_NAMES:
-        entry = entries[name]
-        path = folder / entry.get("file", f"{name}.jsonl")
-        if not path.is_file():
-            raise ArtifactError(f"{path}: split file not found")
-        actual = sha256_file(path)
-        if actual != entry.get("sha256"):
-            raise ArtifactError(
-                f"{path}: sha256 mismatch (expected {entry.get('sha256')}, found {actual}); the split file is "
-                "corrupted or was edited; re-run the data stage"
-            )
-        docs = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            try:
-                docs.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ArtifactError(f'{path}: line {number}: not a {{"text": ...}} JSON object') from exc
-        if len(docs) != entry.get("documents"):
-            raise ArtifactError(f"{path}: holds {len(docs)} documents, splits.json says {entry.get('documents')}")
-        parts[name] = docs
+    parts = {name: read_split(folder, name) for name in SPLIT_NAMES}
     return CategorySplits(train=parts["train"], val=parts["val"], test=parts["test"])

@@ -97,6 +97,47 @@ def stratified_means(
     return out
 
 
+def category_means(
+    values: Mapping[str, np.ndarray | float], samples: int = BOOTSTRAP_SAMPLES, seed: int = SEED
+) -> np.ndarray:
+    """Two-stage bootstrap of a mean over categories: ``[samples]`` resampled means.
+
+    Each resample draws the categories with replacement (:func:`resample_indices`, the seed's own stream, so every
+    comparison over the same number of categories draws the same categories: paired across methods) and takes, for
+    each drawn category, its value in the same resample of the within-category bootstrap: ``values[c]`` is either
+    an array of ``samples`` draws (e.g. a category's share of the gap with its test blocks resampled, from
+    :func:`stratified_means`) or one number (categories resampled only, e.g. from a per-category CSV).
+
+    Raises:
+        ValueError: No categories, or a category's draws are not ``samples`` long.
+    """
+    if not values:
+        raise ValueError("no categories to resample")
+    rows = []
+    for name in sorted(values):
+        row = np.asarray(values[name], dtype=np.float64)
+        if row.ndim == 0:
+            row = np.full(samples, float(row))
+        if row.shape != (samples,):
+            raise ValueError(f"category {name!r}: {row.shape[0]} draws, want one per resample ({samples})")
+        rows.append(row)
+    matrix = np.stack(rows)  # [categories, samples]
+    idx = resample_indices(len(rows), samples, seed)  # [samples, categories]
+    return matrix[idx, np.arange(samples)[:, None]].mean(axis=1)
+
+
+def sign_test(differences: Sequence[float]) -> dict[str, float | int]:
+    """Exact two-sided sign test of paired differences (ties, exact zeros, left out): the counts of positive and
+    negative differences and the probability of a split at least as uneven under a fair coin."""
+    wins = sum(1 for d in differences if d > 0)
+    losses = sum(1 for d in differences if d < 0)
+    n = wins + losses
+    if n == 0:
+        return {"positive": 0, "negative": 0, "p": 1.0}
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return {"positive": wins, "negative": losses, "p": min(1.0, 2 * tail)}
+
+
 def paired_bootstrap(
     nll_a: Sequence[float],
     nll_b: Sequence[float],

@@ -30,6 +30,7 @@ STAGES = (
     "zeroshot_pooled",
     "zeroshot_library",
     "zeroshot_adapters",
+    "zeroshot_selector",
 )
 
 

@@ -62,8 +62,14 @@ def lora_state_dict(peft_model) -> dict[str, torch.Tensor]:
     return {key: value.detach().to(torch.float32).cpu().clone() for key, value in state.items()}
 
 
-def write_adapter(folder: str | Path, state_dict: dict[str, torch.Tensor], adapter_config: dict[str, Any]) -> Path:
-    """Write a PEFT adapter folder atomically (temp folder, then rename over any old one)."""
+def write_adapter(
+    folder: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    adapter_config: dict[str, Any],
+    extra_json: dict[str, Any] | None = None,
+) -> Path:
+    """Write a PEFT adapter folder atomically (temp folder, then rename over any old one); ``extra_json`` maps
+    file names to payloads written into the same folder (e.g. how the adapter was chosen; peft ignores them)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -74,6 +80,8 @@ def write_adapter(folder: str | Path, state_dict: dict[str, torch.Tensor], adapt
     with atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+        for name, payload in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     return folder
 
 

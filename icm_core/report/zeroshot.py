@@ -4,6 +4,7 @@ task vectors say about the adapters, from :mod:`icm_core.zeroshot.geometry`)."""
 
 from __future__ import annotations
 
+from icm_core.report.category_intervals import category_interval_lines
 from icm_core.report.geometry import geometry_lines, geometry_summary, write_geometry
 from icm_core.report.tables import fmt
 
@@ -40,6 +41,7 @@ TITLES = {
     "knn_softmax": "Softmax k-NN LoRA",
     "icm_lora": "ICM-LoRA zero-shot",
     "icm_functional": "ICM-LoRA zero-shot, decoder fine-tuned on the functional loss",
+    "selector": "Selector (best candidate on the category's own samples)",
     "icm_shuffled": "ICM-LoRA, shuffled vector (control)",
     "icm_mean_condition": "ICM-LoRA, mean condition (control)",
 }
@@ -129,6 +131,7 @@ def write_results(
         )
     lines += ["", "| win rate | share of held-out categories |", "|---|---:|"]
     lines += [f"| `{k}` | {fmt(v, '.1%')} |" for k, v in summary["win_rate"].items()]
+    lines += category_interval_lines(summary)
     if summary.get("excluded_categories"):
         lines += [
             "",
@@ -347,7 +350,7 @@ def write_leave_out_report(
             {t: {s: mean_nll_of(ev) for s, ev in by.items()} for t, by in cross["lora"].items()},
             {t: mean_nll_of(ev) for t, ev in cross["base"].items()},
         )
-    result = summarize(nll, folds, samples=samples, seed=seed)
+    result = summarize(nll, folds, samples=samples, seed=seed, families=families, picks=meta.get("selector_picks"))
     mean_nll = {cat: {m: sum(v) / len(v) for m, v in by.items()} for cat, by in nll.items()}
     losses = {label: read_trajectory(output.folder).losses for label, output in multitask.items()}
     tensors = {name: load_task_vector(output.file("task_vector.safetensors")) for name, output in vectors.items()}

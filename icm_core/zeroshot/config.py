@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from icm_core.data.config import DataConfig
@@ -65,6 +67,67 @@ class ZeroShotConfig(StageConfig):
     )
 
 
+class SelectorConfig(StageConfig):
+    """The selector (``icm_core/zeroshot/selector.py``): a new category's adapter chosen among everything the
+    library can give, by held-out NLL on the category's own k samples (never its validation or test text)."""
+
+    splits: int = Field(
+        2,
+        ge=2,
+        description="Cross-fitting folds over the k sample blocks: a seeded permutation of the blocks dealt "
+        "round-robin. A candidate fitted on the samples (mix, fine-tune) is fitted once per fold on the other "
+        "folds' blocks and scored on that fold's; every block is held out exactly once, so each candidate's score "
+        "is its NLL over all k blocks.",
+    )
+    seed: int = Field(
+        0, description="Seed of the fold assignment, the mix's weight draws and the fine-tune's batches."
+    )
+    tie_nats: float = Field(
+        1e-3,
+        ge=0,
+        description="Candidates whose held-out NLL (nats a token) is within this of the lowest tie; the cheapest "
+        "of them wins (stored adapter < k-NN < generator draw < mix < fine-tune).",
+    )
+    draws: int = Field(3, ge=0, description="z draws per generator, each its own candidate (seeds 0..draws-1).")
+    mix_top: int = Field(
+        3,
+        ge=0,
+        description="LoraHub-style mix: the best this many candidates (by NLL on the fitting blocks); 0: none.",
+    )
+    mix_trials: int = Field(
+        8,
+        ge=1,
+        description="Weight vectors tried for the mix (uniform, then Dirichlet(1) draws); the best on the "
+        "fitting blocks is kept.",
+    )
+    finetune_steps: int = Field(
+        3, ge=0, description="AdamW steps of the fine-tune started from the multi-task LoRA; 0: none."
+    )
+    finetune_lr: float = Field(3e-3, gt=0, description="Learning rate of that fine-tune (the per-category LoRA's).")
+    finetune_batch: int = Field(4, ge=1, description="Sample blocks per fine-tune step.")
+    batch_size: int = Field(8, ge=1, description="Blocks per forward pass when scoring.")
+    budget_s: float = Field(
+        45.0,
+        gt=0,
+        description="Seconds after which the optional candidates (mix, fine-tune) are skipped (logged), so that an "
+        "adapter is served within the minute.",
+    )
+
+
+class ServingConfig(StageConfig):
+    """What the registry serves a category (``flows/retrain.py``): (1) the selector's choice as soon as the category
+    is added, (2) once the retrain is done, its own fine-tuned LoRA, or the retrained generator's adapter where
+    ``after_finetune`` chooses storage over quality."""
+
+    after_finetune: Literal["fine-tuned", "generator"] = Field(
+        "fine-tuned",
+        description="What replaces the selector's adapter when the retrain is done: 'fine-tuned' (the category's own "
+        "LoRA, the best adapter the benchmark knows) or 'generator' (the retrained generator's adapter: only the "
+        "generator need be stored, at a loss of quality; results/demo).",
+    )
+    selector: SelectorConfig = Field(default_factory=SelectorConfig, description="The selector of a new category.")
+
+
 class ZeroShotRunConfig(StageConfig):
     """All configs of one leave-out run. Defaults: SmolLM2 on CPU, the library read at 120k characters per
     category, the demo's per-category LoRA budget, Eq. 1 task vectors on the **base** model, a 30-epoch CVAE."""
@@ -88,6 +151,9 @@ class ZeroShotRunConfig(StageConfig):
     sample: SampleConfig = Field(default_factory=SampleConfig, description="Adapter sampling.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Per-block NLL evaluation (max_tokens cap).")
     zeroshot: ZeroShotConfig = Field(default_factory=ZeroShotConfig, description="Folds, baselines, bootstrap.")
+    selector: SelectorConfig = Field(
+        default_factory=SelectorConfig, description="The selector method (a held-out category's best candidate)."
+    )
     resume: ResumeConfig = Field(
         default_factory=ResumeConfig, description="How often long stages save resumable state (not in cache keys)."
     )

@@ -47,6 +47,7 @@ from icm_core.models.config import ModelConfig
 __all__ = [
     "TextVectorPlan",
     "generator_vector_settings",
+    "plan_from_recorded",
     "plan_text_vector",
     "read_text_source",
     "text_adapter",
@@ -113,7 +114,20 @@ def plan_text_vector(
             vectors, or no recorded kind); the message says to train with ``task_vector.hidden_from=base``.
     """
     recorded_kind, recorded = generator_vector_settings(generator_path)
-    kind = require_text_computable(recorded_kind, generator_path)
+    return plan_from_recorded(recorded_kind, recorded, generator_path, model_cfg, num_samples, sample_tokens)
+
+
+def plan_from_recorded(
+    recorded_kind: str | None,
+    recorded: dict[str, Any] | None,
+    where: str | Path,
+    model_cfg: ModelConfig | None = None,
+    num_samples: int | None = None,
+    sample_tokens: int | None = None,
+) -> TextVectorPlan:
+    """:func:`plan_text_vector` from a recorded kind and task-vector config (a generator's, or a serving
+    library's); ``where`` names their source in errors."""
+    kind = require_text_computable(recorded_kind, where)
     settings = dict(recorded or {})
     if num_samples is not None:
         settings["num_samples"] = num_samples
@@ -128,7 +142,7 @@ def plan_text_vector(
         model_cfg = ModelConfig.model_validate({**model_cfg.model_dump(), "name_or_path": model_name})
     tv_cfg = TaskVectorConfig.model_validate(settings)
     if task_vector_kind(tv_cfg, model_cfg.name_or_path) != kind:  # pragma: no cover - guards the parsing above
-        raise TaskVectorKindError(f"{generator_path}: cannot reproduce task-vector kind {kind!r}")
+        raise TaskVectorKindError(f"{where}: cannot reproduce task-vector kind {kind!r}")
     return TextVectorPlan(kind=kind, model_cfg=model_cfg, tv_cfg=tv_cfg)
 
 

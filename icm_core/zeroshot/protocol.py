@@ -20,6 +20,7 @@ __all__ = [
     "BASELINES",
     "METHODS",
     "SCALING_PREFIX",
+    "SELECTOR_CANDIDATES",
     "assert_no_leakage",
     "knn_weights",
     "make_folds",
@@ -37,6 +38,7 @@ METHODS: tuple[str, ...] = (
     "knn_softmax",
     "icm_lora",
     "icm_functional",
+    "selector",
     "icm_shuffled",
     "icm_mean_condition",
 )
@@ -44,6 +46,10 @@ METHODS: tuple[str, ...] = (
 BASELINES: tuple[str, ...] = ("mean_lora", "multitask_lora", "nn1", "knn_softmax")
 """The baselines ICM-LoRA zero-shot is compared with (win rates ``icm_lora_vs_<baseline>``)."""
 CONTROLS: tuple[str, ...] = ("icm_shuffled", "icm_mean_condition")
+SELECTOR_CANDIDATES: tuple[str, ...] = ("multitask_lora", "mean_lora", "knn_softmax", "icm_lora")
+"""The selector's candidates that the protocol also scores on the test split (its regret is measured against the
+best of these per category; the training categories' own LoRAs, the other z draws, the mix and the fine-tune are
+candidates too but are not scored on test)."""
 """Controls: ICM-LoRA with another held-out category's vector, and with the mean training condition."""
 SCALING_PREFIX = "icm_lora@"
 """Method name prefix of the scaling curve's generators: ``icm_lora@8`` is ICM-LoRA zero-shot from a generator

@@ -14,8 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from icm_core.evaluation.stats import BOOTSTRAP_SAMPLES, LEVEL, SEED, percentile_interval, stratified_means
-from icm_core.zeroshot.protocol import BASELINES, CONTROLS, METHODS, scaling_size
+from icm_core.evaluation.stats import (
+    BOOTSTRAP_SAMPLES,
+    LEVEL,
+    SEED,
+    category_means,
+    percentile_interval,
+    sign_test,
+    stratified_means,
+    verdict,
+)
+from icm_core.zeroshot.protocol import BASELINES, CONTROLS, METHODS, SELECTOR_CANDIDATES, scaling_size
 
 
 def gap_recovered(base: float, oracle: float, method: float) -> float | None:
@@ -88,7 +97,100 @@ def bootstrap_gap(
         stacked = np.stack([draws[c][m] for c in usable]).mean(axis=0) if usable else np.array([math.nan])
         low, high = percentile_interval(stacked, level)
         macro[m] = {"gap": _mean([point[c][m] for c in usable]) if usable else math.nan, "low": low, "high": high}
-    return {"per_category": per_category, "macro": macro, "categories": usable, "excluded": excluded}
+    return {"per_category": per_category, "macro": macro, "categories": usable, "excluded": excluded, "draws": draws}
+
+
+def category_difference(
+    a: Mapping[str, np.ndarray | float],
+    b: Mapping[str, np.ndarray | float],
+    point_a: Mapping[str, float],
+    point_b: Mapping[str, float],
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = SEED,
+    level: float = LEVEL,
+) -> dict[str, Any]:
+    """Macro difference ``a - b`` over the categories both have, with its category-level interval
+    (:func:`~icm_core.evaluation.stats.category_means`: categories resampled, and within each its block-resampled
+    draws when ``a`` / ``b`` hold arrays, paired), a verdict (better / worse only where the interval excludes zero)
+    and the sign test over categories."""
+    cats = sorted(set(a) & set(b) & set(point_a) & set(point_b))
+    if not cats:
+        return {"categories": 0, "difference": None, "ci95": [None, None], "verdict": "n/a"}
+    diffs = {c: np.asarray(a[c], dtype=np.float64) - np.asarray(b[c], dtype=np.float64) for c in cats}
+    low, high = percentile_interval(category_means(diffs, samples, seed), level)
+    point = [point_a[c] - point_b[c] for c in cats]
+    return {
+        "categories": len(cats),
+        "difference": float(np.mean(point)),
+        "ci95": [low, high],
+        "verdict": verdict((low, high), lower_is_better=False),
+        "sign_test": sign_test(point),
+    }
+
+
+def category_intervals(
+    result: Mapping[str, Any],
+    methods: Sequence[str],
+    families: Mapping[str, str | None] | None = None,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = SEED,
+) -> dict[str, Any]:
+    """Category-level intervals of every method difference (``"<a>_minus_<b>"``, each pair once, in method order),
+    overall (``ci95_category``) and within each family (``family_ci95_category``, with the family's macro shares)."""
+    cats = list(result["categories"])
+    draws, per = result["draws"], result["per_category"]
+    compared = [m for m in methods if m not in ("base", "oracle")]
+
+    def table(subset: Sequence[str]) -> dict[str, Any]:
+        out = {}
+        for i, first in enumerate(compared):
+            for second in compared[i + 1 :]:
+                out[f"{first}_minus_{second}"] = category_difference(
+                    {c: draws[c][first] for c in subset}, {c: draws[c][second] for c in subset},
+                    {c: per[c][first]["gap"] for c in subset}, {c: per[c][second]["gap"] for c in subset},
+                    samples, seed,
+                )  # fmt: skip
+        return out
+
+    by_family: dict[str, Any] = {}
+    for family in sorted({str((families or {}).get(c)) for c in cats}) if families else []:
+        members = [c for c in cats if str(families.get(c)) == family]
+        macro = {m: _mean([per[c][m]["gap"] for c in members]) for m in compared}
+        by_family[family] = {"categories": len(members), "macro_gain": macro, "differences": table(members)}
+    return {"ci95_category": table(cats), "family_ci95_category": by_family}
+
+
+def selector_summary(
+    per_category: Mapping[str, Mapping[str, Mapping[str, float]]],
+    picks: Mapping[str, str],
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = SEED,
+) -> dict[str, Any]:
+    """How often the selector picked each candidate (``picks``: category -> winner name; ``lora:<category>`` names
+    count as ``lora:*``) and its regret: per category, the best test-split share among the candidates the protocol
+    also scores on test (:data:`~icm_core.zeroshot.protocol.SELECTOR_CANDIDATES`) minus the selector's, with a
+    category-level interval of the mean."""
+    cats = [c for c in sorted(per_category) if "selector" in per_category[c]]
+    counts: dict[str, int] = {}
+    for c in cats:
+        name = picks.get(c, "unknown")
+        key = "lora:*" if name.startswith("lora:") else name
+        counts[key] = counts.get(key, 0) + 1
+    regret = {}
+    for c in cats:
+        scored = [per_category[c][m]["gap"] for m in SELECTOR_CANDIDATES if m in per_category[c]]
+        if scored:
+            regret[c] = max(scored) - per_category[c]["selector"]["gap"]
+    low, high = percentile_interval(category_means(regret, samples, seed)) if regret else (None, None)
+    return {
+        "picks": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "pick_share": {k: v / len(cats) for k, v in counts.items()} if cats else {},
+        "per_category_pick": {c: picks.get(c) for c in cats},
+        "regret": regret,
+        "mean_regret": _mean(list(regret.values())) if regret else None,
+        "mean_regret_ci95": [low, high],
+        "regret_against": [m for m in SELECTOR_CANDIDATES],
+    }
 
 
 def cross_category_matrix(nll: Mapping[str, Mapping[str, float]], base: Mapping[str, float]) -> dict[str, Any]:
@@ -144,6 +246,8 @@ def summarize(
     folds: Sequence[Sequence[str]],
     samples: int = 2000,
     seed: int = 0,
+    families: Mapping[str, str | None] | None = None,
+    picks: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The protocol's results: intervals (see :func:`bootstrap_gap`), win rates and the ``summary.json`` payload.
 
@@ -169,6 +273,14 @@ def summarize(
                 if other in methods
             }
         )
+    if "selector" in methods:  # the product's default for a new category, against every other method
+        wins.update(
+            {
+                f"selector_vs_{other}": win_rate(result["per_category"], "selector", other)
+                for other in methods
+                if other not in ("base", "oracle", "selector")
+            }
+        )
     best_baseline = max((m for m in BASELINES if m in methods), key=lambda m: result["macro"][m]["gap"], default=None)
     evaluated = [fold for fold in folds if all(c in nll for c in fold)]
     total = sum(len(fold) for fold in folds)  # every fold's training set is the other folds' categories
@@ -185,6 +297,9 @@ def summarize(
         "best_baseline": best_baseline,
         "excluded_categories": result["excluded"],
     }
+    summary.update(category_intervals(result, methods, families, samples, seed))
+    if "selector" in methods:
+        summary["selector"] = selector_summary(result["per_category"], picks or {}, samples, seed)
     if scaled and "icm_lora" in methods and evaluated:
         summary["scaling"] = scaling_curve(result["macro"], sorted(scaled, key=scaling_size), evaluated, total)
     return {**result, "summary": summary, "methods": methods}

@@ -10,17 +10,20 @@ from typing import Any
 import torch
 
 from icm_core.data.config import DataConfig
-from icm_core.data.splits import CategorySplits, read_splits, write_splits
-from icm_core.generator.config import SampleConfig
+from icm_core.data.splits import CategorySplits, read_split, read_splits, write_splits
+from icm_core.generator.config import SampleConfig, TaskVectorConfig
 from icm_core.generator.generator import load_generator
 from icm_core.generator.task_vectors import load_task_vector_with_kind
 from icm_core.lora.adapters import adapter_sha256, read_adapter, write_adapter
 from icm_core.lora.arithmetic import weighted_delta_adapter
 from icm_core.lora.trajectory import read_trajectory
-from icm_core.models.base_model import load_base_model, load_tokenizer
+from icm_core.models.base_model import load_base_model, load_tokenizer, shared_base_model
 from icm_core.models.config import ModelConfig
+from icm_core.zeroshot.config import SelectorConfig
 from icm_core.zeroshot.functional import FunctionalConfig
 from icm_core.zeroshot.protocol import knn_weights
+from icm_core.zeroshot.selector import select_adapter
+from icm_core.zeroshot.serving import library_candidates, sample_text_blocks, write_selection
 
 
 def pool_splits(data_dirs: Mapping[str, str | Path], out: str | Path) -> dict[str, Any]:
@@ -119,3 +122,33 @@ def functional_generator(
     digest = save_generator(out_path, generator, {**meta, "functional": history, "functional_config": vars(cfg)})
     return {"path": str(out_path), "sha256": digest, "seconds": time.perf_counter() - started,
             "final_lm": history[-1]["lm"] if history else None}  # fmt: skip
+
+
+def selector_adapter(
+    data_dir: str | Path,
+    stored: Mapping[str, tuple[str, str | Path]],
+    categories: Mapping[str, str | Path],
+    generators: Mapping[str, str | Path],
+    query_path: str | Path | None,
+    model_cfg: ModelConfig,
+    tv_cfg: TaskVectorConfig,
+    cfg: SelectorConfig,
+    out_dir: str | Path,
+    finetune_from: str | None = "multitask_lora",
+    mean: bool = False,
+) -> dict[str, Any]:
+    """The selector method of the leave-out protocol for one held-out category: its candidates are the fold's
+    library (``stored``: multi-task, mean and k-NN adapters; ``categories``: the training categories' own LoRAs;
+    ``generators``), scored on the k sample blocks of the category's **train** split that its task vector averages.
+    Only the train split is read (:func:`~icm_core.data.splits.read_split`): never validation or test text.
+    ``query_path`` None (no text-computable vector): no generator candidates. ``mean``: add the mean of the
+    categories' LoRAs (the registry, which stores no mean LoRA)."""
+    started = time.perf_counter()
+    blocks = sample_text_blocks(read_split(data_dir, "train"), load_tokenizer(model_cfg), tv_cfg)
+    query, kind = load_task_vector_with_kind(query_path) if query_path is not None else (None, None)
+    candidates = library_candidates(stored, categories, {}, generators, query, kind, cfg.draws, mean=mean)
+    with shared_base_model(model_cfg) as model:
+        selection = select_adapter(model, blocks, candidates, cfg, finetune_from=finetune_from)
+    record = write_selection(out_dir, selection, samples=int(blocks.shape[0]))
+    return {"winner": record["winner"], "winner_kind": record["winner_kind"], "scores": record["scores"],
+            "adapter_sha256": adapter_sha256(out_dir), "seconds": time.perf_counter() - started}  # fmt: skip

@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     "task-vector",
     "train-generator",
     "sample",
+    "adapt",
     "evaluate",
     "in-process",
 ]
@@ -72,7 +73,7 @@ def test_config_prints_json_with_overrides(capsys):
     assert payload["lora"]["trajectory_size"] == 1
     assert payload["cvae"]["epochs"] == 2
     sections = {"model", "data", "lora", "task_vector", "cvae", "sample", "eval", "methods", "soup", "pdiff"}
-    sections |= {"seeds", "diagnostics", "resume"}
+    sections |= {"seeds", "diagnostics", "resume", "serving"}
     assert set(payload) == sections
 
 

@@ -14,17 +14,22 @@ from tests.ops.support import add_category
 def test_scan_reports_added_changed_removed_and_keeps_state(prefect_api, tmp_path):
     registry, root = tmp_path / "registry", tmp_path / "artifacts"
     add_category(registry, "recipes", recipe_text())
+    add_category(registry, "notes", forecast_text())
+    # A first scan without a baseline (a new checkout) records the registry and starts no retrain for the
+    # categories already there: no events at all.
     first = scan_categories(registry=str(registry), root=str(root))
-    assert first["added"] == ["recipes"] and not first["removed"] and not first["changed"]
+    assert (first["added"], first["changed"], first["removed"], first["baseline"]) == ([], [], [], True)
     state = json.loads((root / STATE_FILE).read_text())
     assert state[str(registry.resolve())]["categories"] == first["categories"]
+    assert sorted(first["categories"]) == ["notes", "recipes"]
 
     assert scan_categories(registry=str(registry), root=str(root))["added"] == []  # nothing new: no events
 
+    (registry / "notes.yaml").unlink()
     add_category(registry, "forecast", forecast_text())
     (registry / "texts" / "recipes.txt").write_text(recipe_text() + "\nA last recipe: toast. Toast the bread.\n")
     second = scan_categories(registry=str(registry), root=str(root))
-    assert (second["added"], second["changed"], second["removed"]) == (["forecast"], ["recipes"], [])
+    assert (second["added"], second["changed"], second["removed"]) == (["forecast"], ["recipes"], ["notes"])
 
     (registry / "recipes.yaml").unlink()
     third = scan_categories(registry=str(registry), root=str(root))

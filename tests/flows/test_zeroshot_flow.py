@@ -105,6 +105,21 @@ def test_zeroshot_flow_on_a_tiny_model(workspace, tmp_path: Path) -> None:
             assert meta["vector_categories"] != [cat] and set(meta["vector_categories"]) <= held_out_of[cat]
         if meta["method"] == "icm_mean_condition":
             assert not set(meta["vector_categories"]) & held_out_of[cat]
+    # The selector: one per held-out category, its candidates from the training fold only (own LoRAs named
+    # lora:<category>), its picks and category-level intervals in the summary.
+    selections = {m.parent.parent.name: json.loads((m.parent / "adapter" / "selection.json").read_text())
+                  for m in root.glob("zeroshot_selector/*/*/manifest.json")}  # fmt: skip
+    assert sorted(selections) == sorted(texts)
+    for cat, selection in selections.items():
+        own = {row["name"][5:] for row in selection["scores"] if row["name"].startswith("lora:")}
+        assert own and not own & held_out_of[cat], (cat, own)
+        assert {"multitask_lora", "mean_lora", "knn_softmax", "icm_lora:z0", "mix", "finetune"} <= {
+            row["name"] for row in selection["scores"]
+        }
+    assert sum(summary["selector"]["picks"].values()) == summary["scored_categories"]
+    assert (
+        "multitask_lora_minus_selector" in summary["ci95_category"] and "selector_vs_icm_lora" in summary["win_rate"]
+    )
     pooled = [read_json(m)["meta"]["sources"] for m in root.glob("zeroshot_pooled/*/*/manifest.json")]
     assert sorted(map(sorted, pooled)) == sorted(sorted(set(texts) - set(f)) for f in folds)
     for manifest in root.glob("zeroshot_library/*/*/manifest.json"):

@@ -102,3 +102,36 @@ def test_cross_category_matrix_is_the_share_of_each_targets_own_gain():
     assert flat["summary"]["scored_targets"] == 2
     with pytest.raises(ValueError, match="prose <- poems"):
         cross_category_matrix({**nll, "prose": {"code": 4.2, "prose": 3.5}}, base)
+
+
+def test_summary_scores_the_selector_with_category_level_intervals_picks_and_regret():
+    """Ten categories in two families: the selector equals the multi-task LoRA on half of them and the better mean
+    LoRA on the others; every difference gets a category-level interval, the family tables and the sign test."""
+    torch.manual_seed(1)
+    nll, picks, families = {}, {}, {}
+    for i in range(10):
+        cat = f"c{i}"
+        base = [3.0 + 0.1 * float(x) for x in torch.randn(8)]
+        good = i % 2 == 0  # the mean LoRA helps on even categories, the multi-task LoRA on odd ones
+        nll[cat] = {
+            "base": base,
+            "oracle": [b - 1.0 for b in base],
+            "mean_lora": [b - (0.8 if good else 0.2) for b in base],
+            "multitask_lora": [b - (0.3 if good else 0.6) for b in base],
+            "icm_lora": [b - 0.1 for b in base],
+            "selector": [b - (0.8 if good else 0.6) for b in base],
+        }
+        picks[cat] = "mean_lora" if good else "multitask_lora"
+        families[cat] = "even" if good else "odd"
+    summary = summarize(nll, [[f"c{i}" for i in range(5)], [f"c{i}" for i in range(5, 10)]], samples=200,
+                        families=families, picks=picks)["summary"]  # fmt: skip
+    assert summary["macro_gain"]["selector"] == pytest.approx(0.7)
+    assert summary["win_rate"]["selector_vs_multitask_lora"] == pytest.approx(0.75)  # 5 wins, 5 ties
+    cell = summary["ci95_category"]["multitask_lora_minus_selector"]
+    assert cell["difference"] == pytest.approx(-0.25) and cell["ci95"][1] < 0 and cell["verdict"] == "worse"
+    assert cell["sign_test"] == {"positive": 0, "negative": 5, "p": pytest.approx(2 / 32)}
+    assert summary["ci95_category"]["mean_lora_minus_selector"]["difference"] == pytest.approx(-0.2)
+    odd = summary["family_ci95_category"]["odd"]
+    assert odd["categories"] == 5 and odd["differences"]["multitask_lora_minus_selector"]["difference"] == 0
+    assert summary["selector"]["picks"] == {"mean_lora": 5, "multitask_lora": 5}
+    assert summary["selector"]["mean_regret"] == pytest.approx(0.0)
