@@ -8,7 +8,9 @@ the same run at the stage's own shapes, and their ratio (MFU):
   ``multitask_lora`` (the same on two categories' pooled blocks): FLOPs by ``icm_core.models.flops`` (forward of all
   30 layers and the head, backward through the head and the adapted layers only); peak: fp32 ``torch.mm`` at the
   model's matmul shapes (forward and input-gradient shapes, head included), FLOP-weighted. The bare reference: a
-  forward + backward of the same peft model on the same blocks.
+  forward + backward of the same peft model on the same blocks. ``lora_reuse``: ``train_lora`` over three epochs of
+  a small block set with the frozen layers' states reused (``icm_core.models.prefix``) and without; its FLOPs are
+  the whole model's, so reuse shows as a rate above what the hardware executes.
 - ``evaluate`` (``evaluate_adapter``: tokenise, merge, score, restore; the layers below the adapter come from the
   prefix cache): FLOPs of the layers from the adapter's first one up and the head; peak at those forward shapes.
   Bare reference: a no-grad forward of the whole base model.
@@ -255,6 +257,26 @@ def lm_rows(cfg: RunConfig) -> int:
     return cfg.lora.batch_size * cfg.data.seq_len
 
 
+def lora_flops(config: Any, seq_len: int, lora_cfg: Any, attention: bool = True) -> tuple[float, int]:
+    """Model FLOPs per token of one LoRA training step, and the lowest adapted layer."""
+    train_from = config.num_hidden_layers - (lora_cfg.last_n_layers or config.num_hidden_layers)
+    per_token = causal_lm_flops_per_token(
+        config,
+        seq_len,
+        train_from=train_from,
+        lora_rank=lora_cfg.rank,
+        lora_targets=lora_cfg.target_modules,
+        attention=attention,
+    )
+    return per_token, train_from
+
+
+def lora_peak(config: Any, cfg: RunConfig, train_from: int) -> tuple[float, str]:
+    """The matmul peak at a LoRA step's shapes, and what it was measured on."""
+    what = f"fp32 mm at the model's shapes, M={lm_rows(cfg)}, fwd + input grads from layer {train_from}"
+    return matmul_peak(matmul_shapes(config, lm_rows(cfg), train_from=train_from)), what
+
+
 def bench_lora(
     cfg: RunConfig, blocks: torch.Tensor, work: Path, steps: int, repeats: int, stage: str = "lora"
 ) -> dict[str, Any]:
@@ -286,25 +308,15 @@ def bench_lora(
 
     counted = flops_of(lambda: model(input_ids=batches[0], labels=batches[0]).loss.backward())
     bare_seconds = timed(bare)
-    train_from = config.num_hidden_layers - (lora_cfg.last_n_layers or config.num_hidden_layers)
-    per_token = causal_lm_flops_per_token(
-        config, cfg.data.seq_len, train_from=train_from, lora_rank=lora_cfg.rank, lora_targets=lora_cfg.target_modules
-    )
-    no_attention = causal_lm_flops_per_token(
-        config,
-        cfg.data.seq_len,
-        train_from=train_from,
-        lora_rank=lora_cfg.rank,
-        lora_targets=lora_cfg.target_modules,
-        attention=False,
-    )
-    peak = matmul_peak(matmul_shapes(config, lm_rows(cfg), train_from=train_from))
+    per_token, train_from = lora_flops(config, cfg.data.seq_len, lora_cfg)
+    no_attention = lora_flops(config, cfg.data.seq_len, lora_cfg, attention=False)[0]
+    peak, what = lora_peak(config, cfg, train_from)
     return row(
         stage,
         per_token * tokens,
         seconds,
         peak,
-        f"fp32 mm at the model's shapes, M={lm_rows(cfg)}, fwd + input grads from layer {train_from}",
+        what,
         steps=steps,
         blocks=int(blocks.shape[0]),
         tokens_per_s=tokens / seconds,
@@ -313,6 +325,40 @@ def bench_lora(
         bare="peft model forward + backward, same blocks",
         bare_tokens_per_s=tokens / bare_seconds,
         bare_ratio=bare_seconds / seconds,
+    )
+
+
+def bench_lora_reuse(cfg: RunConfig, blocks: torch.Tensor, work: Path, steps: int, repeats: int) -> dict[str, Any]:
+    """``train_lora`` over three epochs of a small block set (like the demo's ``reviews``: 49 blocks, 160 block
+    passes), with the frozen layers' states reused (the default) and without; FLOPs: the whole-model count (the
+    work the result stands for), so the reuse shows as a higher rate."""
+    lora_cfg = cfg.lora.model_copy(update={"steps": steps, "warmup_steps": 1, "trajectory_size": min(10, steps)})
+    small = blocks[: max(1, steps * lora_cfg.batch_size // 3)]
+    walls: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(repeats + 1):  # the first pair is a warm-up
+        for reuse in (True, False):
+            base = load_base_model(cfg.model)
+            started = time.perf_counter()
+            out = work / f"reuse-{reuse}-{i}"
+            train_lora(base, small, lora_cfg, out, adapter_base_reference(cfg.model), reuse_prefix=reuse)
+            if i:
+                walls[reuse].append(time.perf_counter() - started)
+    config = load_base_model(cfg.model).config
+    per_token, train_from = lora_flops(config, cfg.data.seq_len, lora_cfg)
+    tokens = steps * lora_cfg.batch_size * cfg.data.seq_len
+    peak, what = lora_peak(config, cfg, train_from)
+    reused, whole = statistics.median(walls[True]), statistics.median(walls[False])
+    return row(
+        "lora_reuse",
+        per_token * tokens,
+        reused,
+        peak,
+        what,
+        steps=steps,
+        blocks=int(small.shape[0]),
+        without_reuse_wall_s=whole,
+        speedup=whole / reused,
+        ratio_without_reuse=per_token * tokens / whole / peak,
     )
 
 
@@ -410,7 +456,7 @@ def commit() -> str:
         return "unknown"
 
 
-STAGES = ("lora", "multitask_lora", "evaluate", "task_vectors", "cvae", "pdiff")
+STAGES = ("lora", "multitask_lora", "lora_reuse", "evaluate", "task_vectors", "cvae", "pdiff")
 
 
 def main() -> None:
@@ -459,6 +505,8 @@ def main() -> None:
         blocks = token_blocks(read_splits(work / "data").train, tokenizer, cfg.data.seq_len)
         if "lora" in only:
             add(bench_lora(cfg, blocks, work, args.lora_steps, args.repeats))
+        if "lora_reuse" in only:
+            add(bench_lora_reuse(cfg, blocks, work, args.lora_steps, args.repeats))
         if "multitask_lora" in only:
             prepare_data(by_name[args.pool_with], cfg.data, work / "pool")
             pooled = torch.cat([blocks, token_blocks(read_splits(work / "pool").train, tokenizer, cfg.data.seq_len)])
