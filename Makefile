@@ -18,7 +18,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install lock demo test test-fast server lint bench bench-cli bench-warm bench-threads clean chromium ablations zombie-detection results corpora library zeroshot
+.PHONY: install lock demo test test-fast server lint bench bench-stages bench-cli bench-warm bench-threads clean chromium ablations zombie-detection results corpora library zeroshot
 
 $(BIN)/.installed: pyproject.toml requirements.lock Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,10 @@ ablations: install
 
 bench: install
 	$(BIN)/python scripts/bench_core.py $(ARGS)
+
+# Model-FLOPs utilisation of each hot stage against peaks measured in the same run (results/bench/README.md).
+bench-stages: install
+	$(BIN)/python scripts/bench_stages.py --json results/bench/stages.json $(ARGS)
 
 # Bytes hashed and seconds of a warm (all cache hits) pipeline run on a demo-shaped root (docs/reliability.md).
 bench-warm: install

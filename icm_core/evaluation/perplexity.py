@@ -18,11 +18,8 @@ same code on the same blocks.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import weakref
-from collections import OrderedDict
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,6 +27,7 @@ import torch.nn.functional as F
 
 from icm_core.evaluation.config import EvalConfig
 from icm_core.infra.faults import fault_point
+from icm_core.models.prefix import block_states, decoder_stack, layers_from
 
 
 @dataclass(frozen=True)
@@ -83,69 +81,11 @@ def eval_blocks(texts: list[str], tokenizer, seq_len: int, max_tokens: int) -> E
     return EvalBlocks(blocks, target_chars, available)
 
 
-class _PrefixDone(Exception):
-    """Raised by the capture hook: the layers after the captured one are not needed."""
-
-
-def decoder_stack(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The inner decoder of a transformers causal LM (``model.model``) when it has a ``layers`` ModuleList and an
-    ``embed_tokens`` (Llama, Mistral, Qwen, SmolLM, ...); ``None`` otherwise (scoring then runs whole forwards)."""
-    inner = getattr(model, "model", None)
-    if isinstance(getattr(inner, "layers", None), torch.nn.ModuleList) and hasattr(inner, "embed_tokens"):
-        return inner
-    return None
-
-
-_PREFIX_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-PREFIX_CACHE_ENTRIES = 16
-"""Block sets whose prefix states a process keeps per base model (least recently used dropped first)."""
-
-
-@torch.no_grad()
 def prefix_states(model: torch.nn.Module, blocks: EvalBlocks, start: int, batch_size: int) -> list[torch.Tensor]:
-    """The hidden states entering decoder layer ``start`` for each batch of ``blocks``, from the model's own forward
-    (a hook on layer ``start`` keeps its input and stops the pass there). Cached per model object and block set:
-    every adapter that leaves layers ``< start`` untouched gets the same states, so evaluating several adapters on
-    the same blocks runs those layers once."""
-    inner = decoder_stack(model)
-    key = (start, batch_size, hashlib.sha256(blocks.input_ids.numpy().tobytes()).hexdigest())
-    per_model = _PREFIX_CACHE.setdefault(model, OrderedDict())
-    if key in per_model:
-        per_model.move_to_end(key)
-        return per_model[key]
-    device = next(model.parameters()).device
-    captured: list[torch.Tensor] = []
-
-    def keep(module, args, kwargs):
-        captured.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
-        raise _PrefixDone
-
-    handle = inner.layers[start].register_forward_pre_hook(keep, with_kwargs=True)
-    try:
-        for batch in blocks.input_ids.split(batch_size):
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _PrefixDone:
-                pass
-    finally:
-        handle.remove()
-    per_model[key] = captured
-    while len(per_model) > PREFIX_CACHE_ENTRIES:
-        per_model.popitem(last=False)
-    return captured
-
-
-@contextmanager
-def layers_from(model: torch.nn.Module, start: int):
-    """For the ``with`` block the decoder runs only layers ``start..`` (its input: ``inputs_embeds`` = the states
-    entering layer ``start``); the full layer list is put back afterwards."""
-    inner = decoder_stack(model)
-    full = inner.layers
-    inner.layers = torch.nn.ModuleList(list(full)[start:])
-    try:
-        yield model
-    finally:
-        inner.layers = full
+    """The hidden states entering decoder layer ``start`` for each batch of ``blocks``, from the shared prefix cache
+    (``icm_core.models.prefix``): every adapter that leaves layers ``< start`` untouched gets the same states, so
+    evaluating several adapters on the same blocks runs those layers once."""
+    return list(block_states(model, blocks.input_ids, start, batch_size).split(batch_size))
 
 
 @torch.no_grad()

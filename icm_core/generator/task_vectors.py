@@ -25,6 +25,7 @@ import torch
 from icm_core.infra.io import load_tensors, read_json, sidecar_path
 from icm_core.models.base_model import package_folder
 from icm_core.models.identity import ModelLoadError
+from icm_core.models.prefix import decoder_stack
 
 
 if TYPE_CHECKING:
@@ -132,12 +133,18 @@ def text_hidden_state_vector(
 
 @torch.no_grad()
 def last_token_hidden_states(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """Last-layer hidden state at the last position of every block: [N, hidden]."""
+    """Last-layer hidden state at the last position of every block: [N, hidden]. Where the model has a decoder stack
+    (``icm_core.models.prefix.decoder_stack``) only that runs: the LM head's logits over the vocabulary and the
+    key/value cache are not needed for a hidden state (the same numbers, about a fifth fewer FLOPs)."""
     device = next(model.parameters()).device
+    inner = decoder_stack(model)
     rows = []
     for batch in blocks.split(batch_size):
-        out = model(input_ids=batch.to(device), output_hidden_states=True)
-        rows.append(out.hidden_states[-1][:, -1, :].float().cpu())
+        if inner is not None:
+            last = inner(input_ids=batch.to(device), use_cache=False).last_hidden_state
+        else:
+            last = model(input_ids=batch.to(device), output_hidden_states=True).hidden_states[-1]
+        rows.append(last[:, -1, :].float().cpu())
     return torch.cat(rows)
 
 

@@ -25,9 +25,16 @@ from icm_core.infra.resume import (
     restore_training_state,
     training_state,
 )
-from icm_core.lora.adapters import adapter_config_dict, lora_config_for, lora_state_dict, write_adapter
+from icm_core.lora.adapters import (
+    adapter_config_dict,
+    first_adapted_layer,
+    lora_config_for,
+    lora_state_dict,
+    write_adapter,
+)
 from icm_core.lora.config import LoraTrainConfig
 from icm_core.lora.trajectory import TRAJECTORY_INDEX, Trajectory
+from icm_core.models.prefix import block_states, decoder_stack, layers_from
 
 
 def checkpoint_steps(cfg: LoraTrainConfig) -> list[int]:
@@ -59,11 +66,17 @@ def train_lora(
     base_model_id: str,
     on_step: Callable[[int, float], None] | None = None,
     resume: Resumer | None = None,
+    reuse_prefix: bool = True,
 ) -> Trajectory:
     """Fine-tune a LoRA adapter on ``train_blocks`` [N, T] and save its trajectory to ``out_dir``.
 
     ``base_model`` is wrapped in place by peft; pass a freshly loaded model. With ``resume``, training
     state is saved every ``resume.every["steps"]`` steps and a saved state is continued from.
+
+    When the run sees its blocks more than once (``steps * batch_size > N``) and the adapters sit above layer 0,
+    the frozen layers below the lowest adapted one run once per block (``icm_core.models.prefix``) and every step
+    runs only the layers from there up; the same arithmetic to float rounding. ``reuse_prefix=False`` always runs
+    the whole model.
     """
     from peft import get_peft_model
 
@@ -79,16 +92,28 @@ def train_lora(
     model.train()
     batch_order = torch.Generator().manual_seed(cfg.seed)
 
-    # 2) Batches are drawn by epochs over a seeded permutation, so a run is reproducible.
+    # 2) Blocks seen more than once: the layers below the lowest adapted one (frozen, no dropout) give the same
+    #    states every time, so they run once per block, here, and each step starts at that layer.
+    start = first_adapted_layer(lora_state_dict(model).keys())
+    states = None
+    repeats = cfg.steps * cfg.batch_size > train_blocks.shape[0]
+    if reuse_prefix and repeats and start > 0 and decoder_stack(model) is not None:
+        states = block_states(model, train_blocks, start, cfg.batch_size)
+
+    # 3) Batches are drawn by epochs over a seeded permutation, so a run is reproducible.
     def batches():
         while True:
             for idx in torch.randperm(train_blocks.shape[0], generator=batch_order).split(cfg.batch_size):
-                yield train_blocks[idx].to(device)
+                yield idx, train_blocks[idx].to(device)
 
-    def causal_lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=batch, labels=batch).loss
+    def causal_lm_loss(model: torch.nn.Module, item: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        idx, batch = item
+        if states is None:
+            return model(input_ids=batch, labels=batch).loss
+        with layers_from(model, start):
+            return model(inputs_embeds=states[idx], labels=batch, use_cache=False).loss
 
-    # 3) and 4): the shared loop; the final checkpoint doubles as the category's "original LoRA".
+    # 4) and 5): the shared loop; the final checkpoint doubles as the category's "original LoRA".
     return fit_lora_trajectory(model, batches(), causal_lm_loss, cfg, out_dir, base_model_id, on_step, resume)
 
 

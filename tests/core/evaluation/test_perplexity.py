@@ -183,7 +183,7 @@ def test_gain_recovered():
 def test_scoring_from_an_adapted_layer_equals_the_whole_forward(model, tokenizer):
     """With a change confined to decoder layer 1 (as a merged adapter of the last layers), scoring only layers
     1.. on the cached states entering layer 1 gives the whole forward's NLL; the prefix runs once per block set."""
-    from icm_core.evaluation.perplexity import decoder_stack, layers_from
+    from icm_core.models.prefix import decoder_stack, layers_from
 
     blocks = eval_blocks(TEXTS, tokenizer, SEQ_LEN, 96)
     layer1 = decoder_stack(model).layers[1].self_attn.q_proj.weight

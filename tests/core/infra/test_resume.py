@@ -49,11 +49,15 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_lora_resumes_bit_identical(tmp_path, tiny_model_cfg):
+@pytest.mark.parametrize("last_n_layers", [None, 1], ids=["all-layers", "frozen-prefix-reused"])
+def test_lora_resumes_bit_identical(tmp_path, tiny_model_cfg, last_n_layers):
     from icm_core.models.base_model import load_base_model
 
-    cfg = helpers.lora_config(steps=12, checkpoint_every=2, trajectory_size=3, dropout=0.1, warmup_steps=2)
+    cfg = helpers.lora_config(
+        steps=12, checkpoint_every=2, trajectory_size=3, dropout=0.1, warmup_steps=2, last_n_layers=last_n_layers
+    )
     blocks = helpers.char_blocks(helpers.SAMPLE_TEXT, 24)
+    assert cfg.steps * cfg.batch_size > blocks.shape[0]  # blocks repeat: with last_n_layers=1 the prefix is reused
     reference = tmp_path / "reference"
     train_lora(load_base_model(tiny_model_cfg), blocks, cfg, reference, "tiny")
 

@@ -215,3 +215,38 @@ def test_bad_blocks_are_refused(fresh_base, tmp_path):
         train_lora(fresh_base(), torch.zeros(0, 8, dtype=torch.long), CFG, tmp_path / "x", "tiny")
     with pytest.raises(ValueError, match=r"\[N, T\]"):
         train_lora(fresh_base(), torch.zeros(8, dtype=torch.long), CFG, tmp_path / "y", "tiny")
+
+
+def test_reused_frozen_prefix_equals_the_whole_forward(fresh_base, tmp_path):
+    """Blocks seen more than once and adapters only in the last layer: layer 0 runs once per block, and the losses
+    and weights equal those of the run that runs the whole model every step, to float rounding."""
+    from icm_core.models.prefix import decoder_stack
+
+    blocks = helpers.char_blocks(helpers.SAMPLE_TEXT, 24)[:6]
+    cfg = helpers.lora_config(steps=9, batch_size=2, last_n_layers=1, dropout=0.1, trajectory_size=2)
+    runs = {}
+    for reuse in (False, True):
+        base = fresh_base()
+        calls: list[int] = []
+        decoder_stack(base).layers[0].register_forward_pre_hook(lambda *a, calls=calls: calls.append(1))
+        runs[reuse] = (train_lora(base, blocks, cfg, tmp_path / str(reuse), "tiny", reuse_prefix=reuse), calls)
+    (whole, whole_calls), (reused, reused_calls) = runs[False], runs[True]
+    assert len(whole_calls) == 9 and len(reused_calls) == 3  # every step vs once per block (3 batches of 2)
+    assert reused.losses == pytest.approx(whole.losses, rel=1e-5, abs=1e-6)
+    pairs = zip(load_trajectory_checkpoints(whole.folder), load_trajectory_checkpoints(reused.folder), strict=True)
+    for a, b in pairs:
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_one_pass_over_the_blocks_runs_the_whole_model(fresh_base, tmp_path):
+    from icm_core.models.prefix import decoder_stack
+
+    blocks = helpers.char_blocks(helpers.SAMPLE_TEXT, 24)[:6]
+    base = fresh_base()
+    calls: list[int] = []
+    decoder_stack(base).layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    cfg = helpers.lora_config(steps=3, batch_size=2, last_n_layers=1, trajectory_size=1)
+    train_lora(base, blocks, cfg, tmp_path / "once", "tiny")
+    assert len(calls) == 3  # nothing repeats: no prefix pass, every step runs layer 0 itself
