@@ -30,7 +30,7 @@ import torch
 
 from icm_core.data.text import DataError
 from icm_core.data.tokens import sample_blocks, token_blocks
-from icm_core.evaluation.perplexity import EvalBlocks, layers_from, prefix_states
+from icm_core.evaluation.perplexity import EvalBlocks, prefix_states
 from icm_core.generator.config import TaskVectorConfig
 from icm_core.generator.task_vectors import (
     hidden_state_task_vector,
@@ -43,6 +43,7 @@ from icm_core.lora.adapters import adapter_first_layer, write_adapter
 from icm_core.lora.arithmetic import weighted_delta_adapter
 from icm_core.models.base_model import load_base_model, load_tokenizer
 from icm_core.models.config import ModelConfig
+from icm_core.models.prefix import layers_from
 from icm_core.zeroshot.config import SelectorConfig
 from icm_core.zeroshot.from_text import DEFAULT_MAX_CHARS, plan_from_recorded, read_text_source, text_source_sha256
 from icm_core.zeroshot.selector import (
