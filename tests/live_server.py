@@ -64,7 +64,9 @@ class LiveServer:
 
     def env(self, **extra: str) -> dict[str, str]:
         """Environment for a subprocess talking to this server (CLI, worker, flow runs)."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        # Prefect's settings are this server's; a hub token is never needed offline, and one inherited from the
+        # test process would hide whether a run read it from its Secret block (tests/ops/test_shared_server.py).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "HF_TOKEN"}
         env.update(
             PREFECT_API_URL=self.api_url,
             PREFECT_HOME=str(self.home),

@@ -53,6 +53,7 @@ def test_missing_device_fails_the_run_before_any_task(workspace, monkeypatch):
 
 
 def test_hub_token_from_a_secret_block(prefect_api, monkeypatch):
+    before = os.environ.get("HF_TOKEN")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv(HUB_TOKEN_BLOCK_ENV, "test-hf-token")
     Secret(value="hf_test_value").save("test-hf-token", overwrite=True)
@@ -64,5 +65,9 @@ def test_hub_token_from_a_secret_block(prefect_api, monkeypatch):
         monkeypatch.delenv("HF_TOKEN")
         monkeypatch.setenv(HUB_TOKEN_BLOCK_ENV, "no-such-block")
         assert use_hub_token() is False and "HF_TOKEN" not in os.environ
-    finally:
-        os.environ.pop("HF_TOKEN", None)
+    finally:  # use_hub_token sets HF_TOKEN itself, outside monkeypatch's records: restore it by hand, after them
+        monkeypatch.undo()
+        if before is None:
+            os.environ.pop("HF_TOKEN", None)
+        else:
+            os.environ["HF_TOKEN"] = before
