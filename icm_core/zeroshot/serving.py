@@ -22,7 +22,7 @@ import json
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -298,8 +298,14 @@ def adapt_from_text(
     )  # fmt: skip
     selection = select_adapter(model, blocks, candidates, cfg, finetune_from=library.multitask)
     selection.seconds.update(load=loaded - started, total_with_load=time.perf_counter() - started)
+    # selection.json travels with the adapter: no path of this machine in it. The winner's folder is named relative
+    # to the library, the library and the text by name (the text's sha256 identifies its content).
+    winner = selection.winner.detail.get("folder")
+    if winner is not None:
+        relative = Path(winner).resolve().relative_to(Path(library_dir).resolve()).as_posix()
+        selection.winner = replace(selection.winner, detail={**selection.winner.detail, "folder": relative})
     return write_selection(
-        out_dir, selection, text=str(text_path), text_sha256=text_source_sha256(text_path),
-        library=str(library_dir), samples=int(blocks.shape[0]), sample_tokens=plan.tv_cfg.sample_tokens,
-        task_vector_kind=plan.kind,
+        out_dir, selection, text=Path(text_path).name, text_sha256=text_source_sha256(text_path),
+        library=Path(library_dir).resolve().name, samples=int(blocks.shape[0]),
+        sample_tokens=plan.tv_cfg.sample_tokens, task_vector_kind=plan.kind,
     )  # fmt: skip
